@@ -1,0 +1,125 @@
+"""`python -m pipeline`: run, plan, list and show recipes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, Recipe, available_recipes, load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Ray-native pipeline from image-text pairs to a trained, evaluated CLIP model.")
+console = Console(width=None if sys.stdout.isatty() else 140)
+error_console = Console(stderr=True)
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key.sub=value")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(recipe: str, overrides: list[str] | None) -> Recipe:
+    try:
+        return load_recipe(recipe, overrides or [])
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+
+
+def _print_plan(recipe: Recipe, run_name: str | None) -> None:
+    from pipeline.orchestrator import plan
+
+    run_dir, rows = plan(recipe, run_name)
+    console.print(f"[bold]{recipe.name}[/]: {recipe.description.strip()}", highlight=False)
+    console.print(f"run directory: {run_dir}   Ray: {recipe.ray.address or 'local (started by the run)'}")
+    table = Table("stage", "input", "output", "est. samples in", "notes")
+    for row in rows:
+        estimate = f"{row.estimated_in:,}" if row.estimated_in is not None else "unknown"
+        table.add_row(row.stage, row.input, row.output, estimate, row.note)
+    console.print(table)
+    train = recipe.train
+    steps = train.samples_seen // train.batch_size
+    console.print(
+        f"training budget: model {train.model}, {train.samples_seen:,} samples seen, batch {train.batch_size:,} "
+        f"({steps:,} steps), lr {train.lr:g}, warmup {train.warmup:,}, wd {train.weight_decay:g}, "
+        f"beta2 {train.beta2:g}, {train.workers} worker(s){' on GPU' if train.use_gpu else ''}",
+        highlight=False,
+    )
+    if recipe.source.pool_size:
+        console.print(f"pool size: {recipe.source.pool_size:,} samples", highlight=False)
+    console.print("dry run: nothing was started or written.")
+
+
+@app.command()
+def run(
+    recipe: Annotated[str, typer.Argument(help="recipe name (see `list`) or path to a YAML file")],
+    overrides: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the stage plan and exit")] = False,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: local)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the latest (or --run-name) run")] = False,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="run folder name under output_dir")] = None,
+) -> None:
+    """Run a recipe end to end (or print its plan with --dry-run)."""
+    extra = [f"ray.address={address}"] if address else []
+    config = _load(recipe, (overrides or []) + extra)
+    try:
+        if dry_run:
+            _print_plan(config, run_name)
+            return
+        from pipeline.orchestrator import run_pipeline
+
+        result = run_pipeline(config, run_name=run_name, resume=resume,
+                              log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        raise _fail("interrupted: rerun with --resume to continue", 130) from None
+    except (ConfigError, ValueError, RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _fail(first, 1) from None
+    table = Table("stage", "in", "kept", "dropped", "failed", "seconds")
+    for name, manifest in result.manifests.items():
+        note = " (skipped)" if name in result.skipped else ""
+        table.add_row(name + note, str(manifest.in_count), str(manifest.kept), str(manifest.n_dropped),
+                      str(manifest.n_failed), f"{manifest.seconds:.1f}")
+    console.print(table)
+    console.print(f"done: {result.run_dir} (MLflow run {result.mlflow_run_id})", highlight=False)
+
+
+@app.command("list")
+def list_() -> None:
+    """List recipes and stages."""
+    from pipeline.stage_registry import STAGES
+
+    table = Table("recipe", "description")
+    for name in available_recipes():
+        table.add_row(name, load_recipe(name).description.strip().splitlines()[0])
+    console.print(table)
+    stages = Table("stage", "what it does")
+    for spec in STAGES.values():
+        stages.add_row(spec.name, spec.summary)
+    console.print(stages)
+
+
+@app.command()
+def show(
+    recipe: Annotated[str, typer.Argument(help="recipe name or YAML path")],
+    overrides: SetOption = None,
+) -> None:
+    """Print the resolved recipe (defaults and overrides applied) as YAML."""
+    config = _load(recipe, overrides)
+    console.print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), highlight=False)
+
+
+def main() -> None:
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    try:
+        app()
+    except SystemExit as exit_:
+        sys.exit(exit_.code)

@@ -1,0 +1,164 @@
+"""Recipes: typed, validated pipeline configuration loaded from YAML.
+
+A recipe is a YAML file shipped in `pipeline/recipes/` (or any path). `--set a.b=value` overrides
+are applied before validation, so a wrong key or type is reported the same way wherever it came
+from: one line that names the key.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from stages.config_base import StrictModel
+from stages.demo_pool import DemoPoolConfig
+from stages.download import DownloadConfig
+
+RECIPES_PACKAGE = "pipeline.recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message is one line naming the key."""
+
+
+class SourceConfig(StrictModel):
+    """Where the url/caption pairs come from."""
+
+    kind: Literal["demo", "table"] = "table"
+    path: str | None = Field(None, description="parquet/csv/jsonl table, local path or fsspec URL")
+    url_col: str = "url"
+    caption_col: str = "caption"
+    pool_size: int | None = Field(None, gt=0, description="expected rows, for --dry-run estimates")
+    demo: DemoPoolConfig = DemoPoolConfig()
+
+    @model_validator(mode="after")
+    def _table_needs_path(self) -> SourceConfig:
+        if self.kind == "table" and not self.path:
+            raise ValueError("source.kind 'table' needs source.path (e.g. --set source.path=urls.parquet)")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Compute budget and optimiser of CLIP training (DataComp fixes these per scale)."""
+
+    model: str = "ViT-B-32"
+    samples_seen: int = Field(12_800_000, gt=0)
+    batch_size: int = Field(4096, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(500, ge=0)
+    weight_decay: float = Field(0.2, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.98, gt=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(None, description="existing cluster; None starts Ray locally")
+    num_cpus: int | None = Field(None, gt=0)
+    dashboard: bool = True
+    dashboard_port: int = Field(8265, gt=0, le=65535)
+    temp_dir: str | None = Field(None, description="Ray session files; default is Ray's own")
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under output_dir")
+    experiment: str | None = Field(None, description="default: the recipe name")
+
+
+class Recipe(StrictModel):
+    name: str
+    description: str = ""
+    output_dir: str = "runs"
+    seed: int = 0
+    stages: list[str] = ["demo_pool", "download"]
+    source: SourceConfig = SourceConfig(kind="demo")
+    download: DownloadConfig = DownloadConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files(RECIPES_PACKAGE).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"}:
+        if not path.exists():
+            raise ConfigError(f"recipe file not found: {path}")
+        text = path.read_text()
+    else:
+        resource = resources.files(RECIPES_PACKAGE) / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise ConfigError(
+                f"unknown recipe '{name_or_path}' (available: {', '.join(available_recipes())})"
+            )
+        text = resource.read_text()
+    try:
+        data = yaml.safe_load(text)  # safe_load: a recipe can never construct Python objects
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe '{name_or_path}' is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{name_or_path}' must be a mapping of keys to values")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value`; the value is read as a YAML scalar/list (so 3, 1e-3, true, [a, b])."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. download.image_size=64)")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, recipe: str) -> str:
+    """Turn pydantic's multi-line report into one line per problem, naming the key."""
+    problems = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(recipe)"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key")
+        else:
+            given = item.get("input")
+            shown = f" (got {given!r})" if not isinstance(given, dict | list) and given is not None else ""
+            problems.append(f"{key}: {item['msg']}{shown}")
+    return f"invalid recipe '{recipe}': " + "; ".join(problems)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe by name or path, apply overrides, validate; raise ConfigError on problems."""
+    data = apply_overrides(_read_yaml(name_or_path), overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, name_or_path)) from None

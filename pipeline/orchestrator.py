@@ -1,0 +1,190 @@
+"""Run a recipe's stages in order on Ray, check every manifest, record everything in MLflow.
+
+A run lives in one directory: `run.json` (the resolved recipe and the MLflow run id) and one
+folder per stage. A stage counts as finished when its `manifest.json` exists; `--resume` skips
+those and lets unfinished stages skip their own finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.config import ConfigError, Recipe
+from pipeline.runtime import ray_runtime
+from pipeline.serve import serve_directory
+from pipeline.stage_registry import STAGES, PlanRow, RunContext, StageSpec, validate_stages
+from pipeline.tracking import Tracker
+from stages.manifest import AccountingError, Manifest
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    mlflow_run_id: str
+    manifests: dict[str, Manifest]
+    skipped: list[str]
+
+
+def new_run_name(recipe: Recipe) -> str:
+    return f"{recipe.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_run_dir(recipe: Recipe) -> Path | None:
+    root = Path(recipe.output_dir)
+    candidates = sorted(p for p in root.glob(f"{recipe.name}-*") if (p / RUN_FILE).exists()) if root.exists() else []
+    return candidates[-1] if candidates else None
+
+
+def resolve_run_dir(recipe: Recipe, run_name: str | None, resume: bool) -> Path:
+    if run_name:
+        if "/" in run_name or run_name in {".", ".."}:
+            raise ConfigError(f"run name '{run_name}' must be a plain folder name")
+        run_dir = Path(recipe.output_dir) / run_name
+        if (run_dir / RUN_FILE).exists() and not resume:
+            raise ConfigError(f"run '{run_dir}' already exists: pass --resume to continue it")
+        if resume and not (run_dir / RUN_FILE).exists():
+            raise ConfigError(f"cannot resume: no run at '{run_dir}'")
+        return run_dir
+    if resume:
+        latest = latest_run_dir(recipe)
+        if latest is None:
+            raise ConfigError(f"cannot resume: no earlier run of '{recipe.name}' under '{recipe.output_dir}'")
+        return latest
+    return Path(recipe.output_dir) / new_run_name(recipe)
+
+
+def _recipe_record(recipe: Recipe) -> dict:
+    return json.loads(recipe.model_dump_json())
+
+
+def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
+    """Read run.json on resume (the recipe must be the same) or write a new one."""
+    path = run_dir / RUN_FILE
+    if path.exists():
+        record = json.loads(path.read_text())
+        before, now = record["recipe"], _recipe_record(recipe)
+        if before != now:
+            changed = sorted(k for k in set(_flat(before)) | set(_flat(now)) if _flat(before).get(k) != _flat(now).get(k))
+            raise ConfigError(f"cannot resume '{run_dir}': the recipe changed ({', '.join(changed[:8])}); "
+                              f"start a new run instead")
+        return record
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create run directory '{run_dir}': {err.strerror}") from None
+    record = {"recipe": _recipe_record(recipe), "mlflow_run_id": None,
+              "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    _write_run_record(run_dir, record)
+    return record
+
+
+def _write_run_record(run_dir: Path, record: dict) -> None:
+    tmp = run_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(run_dir / RUN_FILE)
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_manifest(spec: StageSpec, manifest: Manifest, ctx: RunContext) -> None:
+    """The orchestrator's two accounting rules: a stage balances, and it got what upstream kept."""
+    manifest.check_balance()
+    upstream = spec.upstream(ctx.recipe)
+    if upstream and upstream in ctx.manifests:
+        expected = ctx.manifests[upstream].kept
+        if manifest.in_count != expected:
+            raise AccountingError(
+                f"stage '{spec.name}' received {manifest.in_count} samples but '{upstream}' kept {expected}"
+            )
+
+
+@contextmanager
+def demo_server(recipe: Recipe, run_dir: Path, ctx: RunContext) -> Iterator[None]:
+    """Serve the demo pool on loopback for the whole run (same port again on resume)."""
+    if recipe.source.kind != "demo" or "demo_pool" not in recipe.stages:
+        yield
+        return
+    pool_dir = run_dir / "demo_pool"
+    files_dir = pool_dir / "files"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    port = recipe.source.demo.port
+    pool_record = pool_dir / "pool.json"
+    if pool_record.exists():  # resume: URLs (and so uids) embed the port the pool was made with
+        port = int(json.loads(pool_record.read_text())["base_url"].rsplit(":", 1)[1])
+    with serve_directory(files_dir, port, recipe.source.demo.slow_seconds) as base_url:
+        ctx.base_url = base_url
+        yield
+
+
+def run_pipeline(
+    recipe: Recipe,
+    *,
+    run_name: str | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    map_fn_factory: Callable[[], object] | None = None,
+) -> RunResult:
+    """Run every stage of `recipe`; return the manifests. Raises on any accounting error."""
+    specs = validate_stages(recipe)
+    run_dir = resolve_run_dir(recipe, run_name, resume)
+    record = load_or_create_run(run_dir, recipe)
+    tracker = Tracker(recipe, os.environ)
+    log(f"run directory: {run_dir}")
+    log(f"MLflow: {tracker.uri} (experiment '{tracker.experiment_name}')")
+    skipped: list[str] = []
+    with ray_runtime(recipe.ray, log):
+        from pipeline.executor import make_ray_map
+
+        map_fn = map_fn_factory() if map_fn_factory else make_ray_map()
+        ctx = RunContext(recipe=recipe, run_dir=run_dir, map_fn=map_fn)
+        with tracker.parent_run(run_dir.name, _recipe_record(recipe), record["mlflow_run_id"]) as parent_id:
+            record["mlflow_run_id"] = parent_id
+            _write_run_record(run_dir, record)
+            with demo_server(recipe, run_dir, ctx):
+                for spec in specs:
+                    stage_dir = ctx.stage_dir(spec.name)
+                    finished = Manifest.read(stage_dir)
+                    if finished is not None:
+                        ctx.manifests[spec.name] = finished
+                        skipped.append(spec.name)
+                        log(f"[{spec.name}] finished earlier, skipped: {finished.summary()}")
+                        continue
+                    log(f"[{spec.name}] {spec.summary}")
+                    with tracker.stage_run(spec.name, spec.params(recipe)):
+                        manifest = spec.run(ctx)
+                        try:
+                            check_manifest(spec, manifest, ctx)
+                        except AccountingError:
+                            (stage_dir / "manifest.rejected.json").write_text(manifest.model_dump_json(by_alias=True, indent=2))
+                            raise
+                        path = manifest.write(stage_dir)
+                        tracker.log_manifest(manifest, path)
+                    ctx.manifests[spec.name] = manifest
+                    log(f"[{spec.name}] {manifest.summary()}")
+    return RunResult(run_dir, record["mlflow_run_id"], ctx.manifests, skipped)
+
+
+def plan(recipe: Recipe, run_name: str | None = None) -> tuple[Path, list[PlanRow]]:
+    """The stage plan `--dry-run` prints; reads nothing but table metadata and creates nothing."""
+    specs = validate_stages(recipe)
+    run_dir = Path(recipe.output_dir) / (run_name or f"{recipe.name}-<timestamp>")
+    return run_dir, [spec.plan(recipe, run_dir) for spec in specs]
+
+
+__all__ = ["STAGES", "RunResult", "plan", "run_pipeline"]

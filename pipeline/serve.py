@@ -1,0 +1,53 @@
+"""A loopback HTTP server for the demo pool, started and stopped by the orchestrator.
+
+It serves the pool's files from one directory, bound to 127.0.0.1 only. URLs under `/slow/` are
+answered after a delay, to exercise download timeouts.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+class _PoolRequestHandler(SimpleHTTPRequestHandler):
+    slow_seconds: float = 0.0
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.startswith("/slow/"):
+            time.sleep(self.slow_seconds)
+            self.path = "/" + self.path[len("/slow/"):]
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        """Silence per-request logging: thousands of lines would hide the pipeline's output."""
+
+
+class PoolServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@contextmanager
+def serve_directory(directory: Path, port: int = 0, slow_seconds: float = 0.0) -> Iterator[str]:
+    """Serve `directory` on 127.0.0.1:`port` (0 = any free port); yield the base URL."""
+    handler = type("PoolHandler", (_PoolRequestHandler,), {"slow_seconds": slow_seconds})
+    try:
+        server = PoolServer((LOOPBACK, port), functools.partial(handler, directory=str(directory)))
+    except OSError as err:
+        raise RuntimeError(f"cannot start the demo pool server on {LOOPBACK}:{port}: {err.strerror}") from err
+    thread = threading.Thread(target=server.serve_forever, name="demo-pool-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOOPBACK}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

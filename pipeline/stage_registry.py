@@ -1,0 +1,141 @@
+"""The stages the orchestrator knows: how each is wired to the recipe, run and described.
+
+Stages themselves (in `stages/`) only see their typed config, their input location and a map
+function; this module is where the recipe and the outputs of earlier stages are turned into
+those arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, Recipe
+from stages.demo_pool import generate_pool
+from stages.download import run_download
+from stages.manifest import Manifest
+from stages.mapping import MapFn, local_map
+
+
+@dataclass
+class RunContext:
+    """What a stage adapter may read: the recipe, the run directory, earlier manifests."""
+
+    recipe: Recipe
+    run_dir: Path
+    map_fn: MapFn = local_map
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+    base_url: str | None = None
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    stage: str
+    input: str
+    output: str
+    estimated_in: int | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    summary: str
+    run: Callable[[RunContext], Manifest]
+    plan: Callable[[Recipe, Path], PlanRow]
+    params: Callable[[Recipe], dict[str, Any]]
+    upstream: Callable[[Recipe], str | None] = lambda recipe: None  # whose `kept` feeds our `in`
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def _estimated_source_rows(recipe: Recipe) -> int | None:
+    if recipe.source.kind == "demo":
+        return recipe.source.demo.n_samples
+    if recipe.source.pool_size:
+        return recipe.source.pool_size
+    path = Path(recipe.source.path or "")
+    if path.suffix == ".parquet" and path.is_file():
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows  # metadata only: touches no data
+    return None
+
+
+def _run_demo_pool(ctx: RunContext) -> Manifest:
+    if ctx.base_url is None:
+        raise RuntimeError("the demo pool server is not running")
+    return generate_pool(ctx.recipe.source.demo, ctx.stage_dir("demo_pool"), ctx.base_url)
+
+
+def _plan_demo_pool(recipe: Recipe, run_dir: Path) -> PlanRow:
+    demo = recipe.source.demo
+    return PlanRow("demo_pool", f"generated (seed {demo.seed}, {demo.n_eval} eval images)",
+                   str(run_dir / "demo_pool"), demo.n_samples, "served on 127.0.0.1 during the run")
+
+
+def download_source(recipe: Recipe, ctx: RunContext) -> tuple[str, str, str]:
+    """(table path, url column, caption column) that the download stage reads."""
+    if recipe.source.kind == "demo":
+        return ctx.manifests["demo_pool"].outputs["source"], "url", "caption"
+    return str(recipe.source.path), recipe.source.url_col, recipe.source.caption_col
+
+
+def _run_download(ctx: RunContext) -> Manifest:
+    path, url_col, caption_col = download_source(ctx.recipe, ctx)
+    return run_download(path, ctx.recipe.download, ctx.stage_dir("download"), url_col, caption_col,
+                        map_fn=ctx.map_fn)
+
+
+def _plan_download(recipe: Recipe, run_dir: Path) -> PlanRow:
+    rows = _estimated_source_rows(recipe)
+    source = "demo_pool/source.parquet" if recipe.source.kind == "demo" else str(recipe.source.path)
+    note = ""
+    if rows:
+        shards = math.ceil(rows / recipe.download.samples_per_shard)
+        # jpg at this size is roughly a tenth of its raw RGB bytes; a rough, documented guess
+        size = rows * recipe.download.image_size**2 * 3 / 10
+        note = f"{shards:,} shards of {recipe.download.samples_per_shard:,}, ~{human_bytes(size)}"
+    return PlanRow("download", source, str(run_dir / "download" / "shards"), rows, note)
+
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in [
+        StageSpec("demo_pool", "generate the demo pool, its ground truth and eval set",
+                  _run_demo_pool, _plan_demo_pool, lambda r: r.source.demo.model_dump()),
+        StageSpec("download", "img2dataset on Ray into uid-keyed webdataset shards",
+                  _run_download, _plan_download, lambda r: r.download.model_dump(),
+                  upstream=lambda r: "demo_pool" if r.source.kind == "demo" else None),
+    ]
+}
+
+
+def validate_stages(recipe: Recipe) -> list[StageSpec]:
+    """Check the recipe's stage list: names exist, no repeats, inputs come before use."""
+    seen: list[str] = []
+    for name in recipe.stages:
+        if name not in STAGES:
+            raise ConfigError(f"invalid recipe '{recipe.name}': stages: unknown stage '{name}' "
+                              f"(available: {', '.join(STAGES)})")
+        if name in seen:
+            raise ConfigError(f"invalid recipe '{recipe.name}': stages: '{name}' is listed twice")
+        seen.append(name)
+    if recipe.source.kind == "demo" and "download" in seen and "demo_pool" not in seen[: seen.index("download")]:
+        raise ConfigError(f"invalid recipe '{recipe.name}': stages: source.kind 'demo' needs 'demo_pool' "
+                          f"before 'download'")
+    if recipe.source.kind != "demo" and "demo_pool" in seen:
+        raise ConfigError(f"invalid recipe '{recipe.name}': stages: 'demo_pool' needs source.kind 'demo'")
+    return [STAGES[name] for name in recipe.stages]

@@ -1,0 +1,259 @@
+"""Generate the demo's captioned image pool, its ground truth, and a held-out evaluation set.
+
+The pool is written as files plus a url/caption table pointing at a loopback HTTP server, so the
+demo exercises the real download path. Every planted defect is recorded in `ground_truth.parquet`
+keyed by the same uid the download stage computes, so later stages can be scored against it.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from stages import demo_scenes as world
+from stages.config_base import StrictModel
+from stages.manifest import Manifest, count_reasons
+from stages.uid import compute_uid
+
+CONNECTION_REFUSED_BASE = "http://127.0.0.1:9"  # the discard port: nothing listens on loopback
+
+
+class DefectFractions(StrictModel):
+    """Fraction of the pool given each planted defect; the rest are clean scenes."""
+
+    exact_duplicate: float = Field(0.04, ge=0, le=1)
+    near_duplicate: float = Field(0.06, ge=0, le=1)
+    mismatched_caption: float = Field(0.08, ge=0, le=1)
+    low_quality: float = Field(0.06, ge=0, le=1)
+    tiny: float = Field(0.02, ge=0, le=1)
+    unsafe: float = Field(0.04, ge=0, le=1)
+    broken_url: float = Field(0.03, ge=0, le=1)
+    corrupt_file: float = Field(0.03, ge=0, le=1)
+    eval_leak: float = Field(0.02, ge=0, le=1)
+    slow: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_below_one(self) -> DefectFractions:
+        total = sum(self.model_dump().values())
+        if total > 0.9:
+            raise ValueError(f"defect fractions add up to {total:.2f}; keep them at or below 0.9")
+        return self
+
+
+class DemoPoolConfig(StrictModel):
+    n_samples: int = Field(1000, gt=0)
+    n_eval: int = Field(300, gt=0)
+    image_size: int = Field(64, ge=16, le=1024)
+    tiny_size: int = Field(10, ge=1)
+    seed: int = 0
+    port: int = Field(0, ge=0, le=65535, description="loopback port; 0 picks a free one")
+    slow_seconds: float = Field(0.0, ge=0, description="delay the server adds to 'slow' URLs")
+    defects: DefectFractions = DefectFractions()
+
+
+@dataclass
+class PoolRow:
+    url: str
+    caption: str
+    label: str | None
+    defect: str
+    detail: str = ""
+    duplicate_of: str | None = None
+    unsafe: bool = False
+    expected: str = "kept"
+
+    @property
+    def uid(self) -> str:
+        return compute_uid(self.url, self.caption)
+
+
+class _PoolWriter:
+    """Writes image bytes under files/ and remembers the rows that point at them."""
+
+    def __init__(self, files_dir: Path, base_url: str):
+        self.files_dir = files_dir
+        self.base_url = base_url.rstrip("/")
+        self.rows: list[PoolRow] = []
+
+    def add(self, name: str, payload: bytes, row: PoolRow, route: str = "") -> PoolRow:
+        (self.files_dir / name).write_bytes(payload)
+        row.url = f"{self.base_url}/{route}{name}"
+        self.rows.append(row)
+        return row
+
+
+def _defect_counts(config: DemoPoolConfig) -> dict[str, int]:
+    return {k: int(round(v * config.n_samples)) for k, v in config.defects.model_dump().items()}
+
+
+def _eval_set(config: DemoPoolConfig, eval_dir: Path, rng: np.random.Generator) -> list[tuple[str, bytes, world.Scene]]:
+    """Write the held-out set as one webdataset tar plus a labels table; return its images."""
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    names = world.class_names()
+    items, records = [], []
+    with tarfile.open(eval_dir / "00000.tar", "w") as tar:
+        for i in range(config.n_eval):
+            scene = world.random_scene(rng)
+            payload = world.encode_jpeg(world.render_scene(scene, config.image_size, rng))
+            uid = compute_uid(f"eval://{i}", scene.caption)
+            label_index = names.index(scene.label)
+            for ext, data in (("jpg", payload), ("txt", scene.caption.encode()), ("cls", str(label_index).encode())):
+                info = tarfile.TarInfo(f"{uid}.{ext}")
+                info.size = len(data)
+                info.mtime = 0
+                tar.addfile(info, BytesIO(data))
+            items.append((uid, payload, scene))
+            records.append({"uid": uid, "label": scene.label, "label_index": label_index, "caption": scene.caption})
+    pq.write_table(pa.Table.from_pylist(records), eval_dir / "labels.parquet")
+    (eval_dir / "classnames.json").write_text(json.dumps(names, indent=0))
+    return items
+
+
+def generate_pool(config: DemoPoolConfig, pool_dir: Path, base_url: str) -> Manifest:
+    """Write files/, source.parquet, ground_truth.parquet and eval/ under `pool_dir`."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(config.seed)
+    files_dir = pool_dir / "files"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    eval_items = _eval_set(config, pool_dir / "eval", np.random.default_rng(config.seed + 1))
+    counts = _defect_counts(config)
+    n_clean = config.n_samples - sum(counts.values())
+    size = config.image_size
+    pool = _PoolWriter(files_dir, base_url)
+
+    originals: list[tuple[PoolRow, bytes, world.Scene]] = []
+    for i in range(n_clean):
+        scene = world.random_scene(rng)
+        payload = world.encode_jpeg(world.render_scene(scene, size, rng))
+        row = pool.add(f"clean_{i}.jpg", payload, PoolRow("", scene.caption, scene.label, "clean"))
+        originals.append((row, payload, scene))
+
+    def pick_original() -> tuple[PoolRow, bytes, world.Scene]:
+        return originals[int(rng.integers(len(originals)))]
+
+    for i in range(counts["exact_duplicate"]):
+        source, payload, scene = pick_original()
+        pool.add(f"copy_{i}.jpg", payload, PoolRow("", source.caption, scene.label, "exact_duplicate",
+                                                    "same bytes", duplicate_of=source.uid))
+    for i in range(counts["near_duplicate"]):
+        source, payload, scene = pick_original()
+        kind, variant = _near_duplicate(payload, i, rng)
+        pool.add(f"near_{i}.jpg", variant, PoolRow("", source.caption, scene.label, "near_duplicate",
+                                                   kind, duplicate_of=source.uid))
+    for i in range(counts["mismatched_caption"]):
+        scene = world.random_scene(rng)
+        other = world.random_scene(rng)
+        while other.label == scene.label:
+            other = world.random_scene(rng)
+        payload = world.encode_jpeg(world.render_scene(scene, size, rng))
+        pool.add(f"mismatch_{i}.jpg", payload, PoolRow("", other.caption, scene.label, "mismatched_caption",
+                                                       f"image is a {scene.label}"))
+    for i in range(counts["low_quality"]):
+        scene = world.random_scene(rng)
+        image = world.render_scene(scene, size, rng)
+        kind = "noise" if i % 2 == 0 else "blur"
+        image = world.degrade_noise(image, rng) if kind == "noise" else world.degrade_blur(image)
+        pool.add(f"lowq_{i}.jpg", world.encode_jpeg(image, quality=60),
+                 PoolRow("", scene.caption, scene.label, "low_quality", kind))
+    for i in range(counts["tiny"]):
+        scene = world.random_scene(rng)
+        image = world.render_scene(scene, config.tiny_size, rng)
+        pool.add(f"tiny_{i}.jpg", world.encode_jpeg(image),
+                 PoolRow("", scene.caption, scene.label, "low_quality", "tiny", expected="dropped:too_small"))
+    for i in range(counts["unsafe"]):
+        caption = f"a {world.UNSAFE_LABEL} {rng.choice(list(world.POSITIONS))}"
+        pool.add(f"hazard_{i}.jpg", world.encode_jpeg(world.render_hazard(size, rng)),
+                 PoolRow("", caption, world.UNSAFE_LABEL, "unsafe", unsafe=True))
+    for i in range(counts["broken_url"]):
+        scene = world.random_scene(rng)
+        row = PoolRow("", scene.caption, scene.label, "broken_url")
+        if i % 2 == 0:
+            row.detail, row.expected = "404", "failed:http_404"
+            row.url = f"{pool.base_url}/missing_{i}.jpg"
+        else:
+            row.detail, row.expected = "connection refused", "failed:connection_error"
+            row.url = f"{CONNECTION_REFUSED_BASE}/refused_{i}.jpg"
+        pool.rows.append(row)
+    corrupt_payloads = {
+        "random_bytes": lambda: rng.integers(0, 256, 2048, dtype=np.uint8).tobytes(),
+        "truncated_jpeg": lambda: world.encode_jpeg(world.render_scene(world.random_scene(rng), size, rng))[:64],
+        "zero_bytes": lambda: b"",
+        "html_page": lambda: b"<!doctype html><html><body><h1>Not an image</h1></body></html>",
+    }
+    kinds = list(corrupt_payloads)
+    for i in range(counts["corrupt_file"]):
+        kind = kinds[i % len(kinds)]
+        scene = world.random_scene(rng)
+        pool.add(f"corrupt_{i}.jpg", corrupt_payloads[kind](),
+                 PoolRow("", scene.caption, scene.label, "corrupt_file", kind, expected="failed:decode_error"))
+    for i in range(counts["eval_leak"]):
+        eval_uid, payload, scene = eval_items[i % len(eval_items)]
+        kind, variant = _near_duplicate(payload, i, rng)
+        pool.add(f"leak_{i}.jpg", variant, PoolRow("", scene.caption, scene.label, "eval_leak",
+                                                   kind, duplicate_of=eval_uid))
+    for i in range(counts["slow"]):
+        scene = world.random_scene(rng)
+        payload = world.encode_jpeg(world.render_scene(scene, size, rng))
+        pool.add(f"slow_{i}.jpg", payload, PoolRow("", scene.caption, scene.label, "slow",
+                                                   f"{config.slow_seconds}s delay"), route="slow/")
+
+    order = rng.permutation(len(pool.rows))
+    rows = [pool.rows[i] for i in order]
+    _write_tables(rows, pool_dir)
+    (pool_dir / "pool.json").write_text(json.dumps({"base_url": base_url, "n_rows": len(rows),
+                                                    "config": config.model_dump()}, indent=2))
+    return Manifest(
+        stage="demo_pool",
+        **{"in": config.n_samples},
+        kept=len(rows),
+        outputs={"source": str(pool_dir / "source.parquet"), "ground_truth": str(pool_dir / "ground_truth.parquet"),
+                 "eval": str(pool_dir / "eval"), "files": str(files_dir)},
+        seconds=time.perf_counter() - started,
+        metrics={f"defect_{k}": float(v) for k, v in count_reasons([r.defect for r in rows]).items()},
+    )
+
+
+def _near_duplicate(payload: bytes, i: int, rng: np.random.Generator) -> tuple[str, bytes]:
+    """A resized, re-encoded or slightly cropped copy of an encoded image."""
+    from PIL import Image
+
+    image = Image.open(BytesIO(payload)).convert("RGB")
+    w, h = image.size
+    kind = ("resized", "reencoded", "cropped")[i % 3]
+    if kind == "resized":
+        scale = float(rng.uniform(0.7, 0.9))
+        image = image.resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BICUBIC)
+        return kind, world.encode_jpeg(image, quality=90)
+    if kind == "reencoded":
+        return kind, world.encode_jpeg(image, quality=int(rng.integers(35, 60)))
+    margin = max(1, int(round(w * 0.04)))
+    image = image.crop((margin, margin, w - margin, h - margin)).resize((w, h), Image.BICUBIC)
+    return kind, world.encode_jpeg(image, quality=90)
+
+
+def _write_tables(rows: list[PoolRow], pool_dir: Path) -> None:
+    pq.write_table(pa.table({"url": [r.url for r in rows], "caption": [r.caption for r in rows]}),
+                   pool_dir / "source.parquet")
+    pq.write_table(
+        pa.table({
+            "uid": [r.uid for r in rows],
+            "url": [r.url for r in rows],
+            "caption": [r.caption for r in rows],
+            "label": [r.label for r in rows],
+            "defect": [r.defect for r in rows],
+            "detail": [r.detail for r in rows],
+            "duplicate_of": [r.duplicate_of for r in rows],
+            "unsafe": [r.unsafe for r in rows],
+            "expected": [r.expected for r in rows],
+        }),
+        pool_dir / "ground_truth.parquet",
+    )

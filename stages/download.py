@@ -1,0 +1,303 @@
+"""Ingest: download url/caption tables into webdataset shards with img2dataset.
+
+The table is split into shard-sized parts; each part is downloaded by img2dataset's own
+`Downloader` (its HTTP, retry, resize and stats code) and written by a writer that keys every
+sample by its stable `uid`. A part is finished once img2dataset has written its stats file, which
+is what makes reruns skip finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from pydantic import Field  # noqa: E402
+
+from stages.config_base import StrictModel  # noqa: E402
+from stages.manifest import Manifest, count_reasons, merge_reasons  # noqa: E402
+from stages.mapping import MapFn, local_map  # noqa: E402
+from stages.source_table import load_source  # noqa: E402
+
+SHARD_DIGITS = 5
+PART_COLUMNS = ["url", "caption", "uid"]
+# Resizer messages that mean "this image does not meet the recipe's size rules": a policy drop,
+# not a failure of the download itself.
+POLICY_REASONS = {
+    "image too small": "too_small",
+    "aspect ratio too large": "aspect_ratio",
+    "image area too large": "too_large",
+}
+
+
+class DownloadConfig(StrictModel):
+    """img2dataset options exposed to recipes (names follow img2dataset where they exist)."""
+
+    image_size: int = Field(256, gt=0)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=0, le=100)
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float = Field(math.inf, gt=0)
+    samples_per_shard: int = Field(10_000, gt=0)
+    thread_count: int = Field(64, gt=0)
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)
+    user_agent_token: str | None = None
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    compute_hash: Literal["md5", "sha256", "sha512"] | None = "sha256"
+    extract_exif: bool = False
+
+
+@dataclass(frozen=True)
+class DownloadPart:
+    """One shard's worth of input rows, downloaded by one task."""
+
+    index: int
+    input_path: str
+    shards_dir: str
+    n_rows: int
+
+
+@dataclass
+class PartResult:
+    index: int
+    n_in: int
+    kept: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+def shard_name(index: int) -> str:
+    return f"{index:0{SHARD_DIGITS}d}"
+
+
+def classify_failure(status: str | None, error: str | None) -> str | None:
+    """Map img2dataset's (status, error_message) to a short reason; None for a success."""
+    if status == "success":
+        return None
+    message = (error or "").strip()
+    lowered = message.lower()
+    if status == "failed_to_resize":
+        if message in POLICY_REASONS:
+            return POLICY_REASONS[message]
+        return "decode_error"
+    if lowered.startswith("http error"):
+        code = message.split(":")[0].split()[-1]
+        return f"http_{code}"
+    if "timed out" in lowered or "timeout" in lowered:
+        return "timeout"
+    if "unknown url type" in lowered or "no host given" in lowered or "invalid url" in lowered:
+        return "invalid_url"
+    if "x-robots-tag" in lowered:
+        return "disallowed_by_robots"
+    if "hash mismatch" in lowered:
+        return "hash_mismatch"
+    if "connection" in lowered or "urlopen error" in lowered or "remote end closed" in lowered:
+        return "connection_error"
+    return "download_error"
+
+
+def is_policy_drop(reason: str) -> bool:
+    return reason in POLICY_REASONS.values()
+
+
+def _writer_class():
+    """Build the uid-keyed writer lazily: importing img2dataset pulls in heavy modules."""
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    class UidKeyedWebDatasetWriter(WebDatasetSampleWriter):
+        """img2dataset's webdataset writer, keyed by uid and with a `reason` column."""
+
+        def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
+            schema = schema.append(pa.field("reason", pa.string()))
+            super().__init__(shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format)
+
+        def write(self, img_str, key, caption, meta):
+            meta["key"] = meta["uid"]
+            meta["reason"] = classify_failure(meta.get("status"), meta.get("error_message"))
+            super().write(img_str, meta["uid"], caption, meta)
+
+    return UidKeyedWebDatasetWriter
+
+
+def _build_downloader(config: DownloadConfig, shards_dir: str):
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+
+    resizer = Resizer(
+        image_size=config.image_size,
+        resize_mode=config.resize_mode,
+        resize_only_if_bigger=config.resize_only_if_bigger,
+        encode_quality=config.encode_quality,
+        encode_format=config.encode_format,
+        min_image_size=config.min_image_size,
+        max_aspect_ratio=config.max_aspect_ratio,
+    )
+    return Downloader(
+        sample_writer_class=_writer_class(),
+        resizer=resizer,
+        thread_count=config.thread_count,
+        save_caption=True,
+        extract_exif=config.extract_exif,
+        output_folder=shards_dir,
+        column_list=PART_COLUMNS,
+        timeout=config.timeout,
+        number_sample_per_shard=config.samples_per_shard,
+        oom_shard_count=SHARD_DIGITS,
+        compute_hash=config.compute_hash,
+        verify_hash_type=None,
+        encode_format=config.encode_format,
+        retries=config.retries,
+        user_agent_token=config.user_agent_token,
+        disallowed_header_directives=config.disallowed_header_directives,
+    )
+
+
+def stats_path(shards_dir: str | Path, index: int) -> Path:
+    return Path(shards_dir) / f"{shard_name(index)}_stats.json"
+
+
+def summarize_part(part: DownloadPart, part_uids: list[str], seconds: float, skipped: bool) -> PartResult:
+    """Count the part's outcomes from its parquet, cross-checked with img2dataset's stats."""
+    parquet_path = Path(part.shards_dir) / f"{shard_name(part.index)}.parquet"
+    table = pq.read_table(parquet_path, columns=["uid", "status", "reason"])
+    stats = json.loads(stats_path(part.shards_dir, part.index).read_text())
+    statuses = table.column("status").to_pylist()
+    kept = statuses.count("success")
+    reasons = [r for r in table.column("reason").to_pylist() if r is not None]
+    dropped = count_reasons([r for r in reasons if is_policy_drop(r)])
+    failed = count_reasons([r for r in reasons if not is_policy_drop(r)])
+    # img2dataset drops a sample without a parquet row if its writer raises: count those as lost.
+    missing = set(part_uids) - set(table.column("uid").to_pylist())
+    if missing:
+        failed = merge_reasons(failed, {"lost_in_downloader": len(missing)})
+    if stats["successes"] != kept:
+        raise RuntimeError(
+            f"shard {shard_name(part.index)}: parquet says {kept} successes, "
+            f"img2dataset stats say {stats['successes']}"
+        )
+    return PartResult(part.index, part.n_rows, kept, dropped, failed, seconds, skipped)
+
+
+def download_part(part: DownloadPart, config: DownloadConfig) -> PartResult:
+    """Download one part unless its shard is already complete."""
+    part_uids = _part_uids(part)
+    if stats_path(part.shards_dir, part.index).exists():
+        return summarize_part(part, part_uids, 0.0, skipped=True)
+    started = time.perf_counter()
+    downloader = _build_downloader(config, part.shards_dir)
+    downloader.download_shard((part.index, part.input_path))  # raises on failure: task retries
+    return summarize_part(part, part_uids, time.perf_counter() - started, skipped=False)
+
+
+def _part_uids(part: DownloadPart) -> list[str]:
+    path = Path(part.input_path)
+    if path.exists():
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_file(source).read_all().column("uid").to_pylist()
+    # finished parts have had their input removed by img2dataset: read uids from the parquet
+    parquet_path = Path(part.shards_dir) / f"{shard_name(part.index)}.parquet"
+    return pq.read_table(parquet_path, columns=["uid"]).column("uid").to_pylist()
+
+
+def drop_duplicate_rows(table: pa.Table) -> tuple[pa.Table, int]:
+    """Keep the first row of each uid; identical url+caption rows are one sample."""
+    uids = table.column("uid").to_pylist()
+    seen: set[str] = set()
+    mask = []
+    for uid in uids:
+        mask.append(uid not in seen)
+        seen.add(uid)
+    n_dropped = mask.count(False)
+    return (table.filter(pa.array(mask)) if n_dropped else table), n_dropped
+
+
+def plan_parts(table: pa.Table, config: DownloadConfig, stage_dir: Path) -> list[DownloadPart]:
+    """Split the (deduplicated) table into parts; write inputs only for unfinished parts."""
+    shards_dir = stage_dir / "shards"
+    inputs_dir = stage_dir / "part_inputs"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    inputs_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    n_parts = math.ceil(table.num_rows / config.samples_per_shard)
+    for index in range(n_parts):
+        chunk = table.slice(index * config.samples_per_shard, config.samples_per_shard)
+        input_path = inputs_dir / f"{shard_name(index)}.arrow"
+        if not stats_path(shards_dir, index).exists():
+            _write_arrow(chunk.select(PART_COLUMNS), input_path)
+        parts.append(DownloadPart(index, str(input_path), str(shards_dir), chunk.num_rows))
+    return parts
+
+
+def _write_arrow(table: pa.Table, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    tmp.replace(path)
+
+
+def run_download(
+    source_path: str,
+    config: DownloadConfig,
+    stage_dir: Path,
+    url_col: str = "url",
+    caption_col: str = "caption",
+    map_fn: MapFn = local_map,
+) -> Manifest:
+    """Download every row of the source table into `stage_dir/shards`; return the manifest."""
+    started = time.perf_counter()
+    table = load_source(source_path, url_col, caption_col)
+    n_in = table.num_rows
+    table, n_duplicate_rows = drop_duplicate_rows(table)
+    parts = plan_parts(table, config, stage_dir)
+    results = map_fn(
+        lambda part: download_part(part, config), parts, desc="download", weight=lambda r: r.n_in
+    )
+    dropped = merge_reasons(*(r.dropped for r in results))
+    if n_duplicate_rows:
+        dropped = merge_reasons(dropped, {"duplicate_row": n_duplicate_rows})
+    seconds = time.perf_counter() - started
+    kept = sum(r.kept for r in results)
+    downloaded = sum(r.n_in for r in results if not r.skipped)
+    download_seconds = sum(r.seconds for r in results if not r.skipped)
+    shards = [str(Path(p.shards_dir) / f"{shard_name(p.index)}.tar") for p in parts]
+    return Manifest(
+        stage="download",
+        **{"in": n_in},
+        kept=kept,
+        dropped=dropped,
+        failed=merge_reasons(*(r.failed for r in results)),
+        outputs={
+            "shards_dir": str(stage_dir / "shards"),
+            "shards": _brace_pattern(stage_dir / "shards", len(parts)),
+            "n_shards": str(len(shards)),
+        },
+        seconds=seconds,
+        metrics={
+            "samples_per_second": n_in / seconds if seconds > 0 else 0.0,
+            "parts_skipped": float(sum(r.skipped for r in results)),
+            "task_seconds": download_seconds,
+            "rows_downloaded": float(downloaded),
+        },
+    )
+
+
+def _brace_pattern(shards_dir: Path, n: int) -> str:
+    """webdataset/open_clip style shard list, e.g. dir/{00000..00003}.tar."""
+    if n == 1:
+        return str(shards_dir / f"{shard_name(0)}.tar")
+    return str(shards_dir / f"{{{shard_name(0)}..{shard_name(n - 1)}}}.tar")
