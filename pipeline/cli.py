@@ -13,8 +13,12 @@ from rich.table import Table
 
 from pipeline.config import ConfigError, Recipe, available_recipes, load_recipe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Ray-native pipeline from image-text pairs to a trained, evaluated CLIP model.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Ray-native pipeline from image-text pairs to a trained, evaluated CLIP model.",
+)
 console = Console(width=None if sys.stdout.isatty() else 140)
 error_console = Console(stderr=True)
 
@@ -75,8 +79,12 @@ def run(
             return
         from pipeline.orchestrator import run_pipeline
 
-        result = run_pipeline(config, run_name=run_name, resume=resume,
-                              log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+        result = run_pipeline(
+            config,
+            run_name=run_name,
+            resume=resume,
+            log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+        )
     except KeyboardInterrupt:
         raise _fail("interrupted: rerun with --resume to continue", 130) from None
     except (ConfigError, ValueError, RuntimeError, OSError) as err:
@@ -85,8 +93,14 @@ def run(
     table = Table("stage", "in", "kept", "dropped", "failed", "seconds")
     for name, manifest in result.manifests.items():
         note = " (skipped)" if name in result.skipped else ""
-        table.add_row(name + note, str(manifest.in_count), str(manifest.kept), str(manifest.n_dropped),
-                      str(manifest.n_failed), f"{manifest.seconds:.1f}")
+        table.add_row(
+            name + note,
+            str(manifest.in_count),
+            str(manifest.kept),
+            str(manifest.n_dropped),
+            str(manifest.n_failed),
+            f"{manifest.seconds:.1f}",
+        )
     console.print(table)
     console.print(f"done: {result.run_dir} (MLflow run {result.mlflow_run_id})", highlight=False)
 

@@ -85,8 +85,9 @@ class Recipe(StrictModel):
 
 
 def available_recipes() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files(RECIPES_PACKAGE).iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files(RECIPES_PACKAGE).iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _read_yaml(name_or_path: str) -> dict[str, Any]:
@@ -98,9 +99,7 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
     else:
         resource = resources.files(RECIPES_PACKAGE) / f"{name_or_path}.yaml"
         if not resource.is_file():
-            raise ConfigError(
-                f"unknown recipe '{name_or_path}' (available: {', '.join(available_recipes())})"
-            )
+            raise ConfigError(f"unknown recipe '{name_or_path}' (available: {', '.join(available_recipes())})")
         text = resource.read_text()
     try:
         data = yaml.safe_load(text)  # safe_load: a recipe can never construct Python objects

@@ -33,8 +33,13 @@ def make_ray_map(max_retries: int = 2, num_cpus: float = 1, console: Console | N
         results: list[R | None] = [None] * len(items)
         pending = list(index_of)
         samples, started = 0, time.perf_counter()
-        columns = [TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+        columns = [
+            TextColumn(f"[bold]{desc}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+        ]
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task(desc, total=len(items), rate="")
             while pending:
@@ -47,9 +52,7 @@ def make_ray_map(max_retries: int = 2, num_cpus: float = 1, console: Console | N
                         for other in pending:
                             ray.cancel(other)
                         cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                        raise StageTaskError(
-                            f"{desc}: item {i} failed after {max_retries} retries: {cause}"
-                        ) from None
+                        raise StageTaskError(f"{desc}: item {i} failed after {max_retries} retries: {cause}") from None
                     if weight is not None:
                         samples += weight(results[i])
                     elapsed = time.perf_counter() - started

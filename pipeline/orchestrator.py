@@ -38,9 +38,14 @@ def new_run_name(recipe: Recipe) -> str:
 
 
 def latest_run_dir(recipe: Recipe) -> Path | None:
+    """The most recently created run of this recipe under its output_dir, whatever its folder name."""
     root = Path(recipe.output_dir)
-    candidates = sorted(p for p in root.glob(f"{recipe.name}-*") if (p / RUN_FILE).exists()) if root.exists() else []
-    return candidates[-1] if candidates else None
+    runs = []
+    for record_path in root.glob(f"*/{RUN_FILE}") if root.exists() else []:
+        record = json.loads(record_path.read_text())
+        if record["recipe"]["name"] == recipe.name:
+            runs.append((record["created"], record_path.parent.name, record_path.parent))
+    return max(runs)[2] if runs else None
 
 
 def resolve_run_dir(recipe: Recipe, run_name: str | None, resume: bool) -> Path:
@@ -72,16 +77,22 @@ def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
         record = json.loads(path.read_text())
         before, now = record["recipe"], _recipe_record(recipe)
         if before != now:
-            changed = sorted(k for k in set(_flat(before)) | set(_flat(now)) if _flat(before).get(k) != _flat(now).get(k))
-            raise ConfigError(f"cannot resume '{run_dir}': the recipe changed ({', '.join(changed[:8])}); "
-                              f"start a new run instead")
+            changed = sorted(
+                k for k in set(_flat(before)) | set(_flat(now)) if _flat(before).get(k) != _flat(now).get(k)
+            )
+            raise ConfigError(
+                f"cannot resume '{run_dir}': the recipe changed ({', '.join(changed[:8])}); start a new run instead"
+            )
         return record
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot create run directory '{run_dir}': {err.strerror}") from None
-    record = {"recipe": _recipe_record(recipe), "mlflow_run_id": None,
-              "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    record = {
+        "recipe": _recipe_record(recipe),
+        "mlflow_run_id": None,
+        "created": datetime.now(UTC).isoformat(timespec="microseconds"),
+    }
     _write_run_record(run_dir, record)
     return record
 
@@ -166,15 +177,17 @@ def run_pipeline(
                         log(f"[{spec.name}] finished earlier, skipped: {finished.summary()}")
                         continue
                     log(f"[{spec.name}] {spec.summary}")
-                    with tracker.stage_run(spec.name, spec.params(recipe)):
+                    with tracker.stage_run(parent_id, spec.name, spec.params(recipe)) as stage_run_id:
                         manifest = spec.run(ctx)
                         try:
                             check_manifest(spec, manifest, ctx)
                         except AccountingError:
-                            (stage_dir / "manifest.rejected.json").write_text(manifest.model_dump_json(by_alias=True, indent=2))
+                            (stage_dir / "manifest.rejected.json").write_text(
+                                manifest.model_dump_json(by_alias=True, indent=2)
+                            )
                             raise
                         path = manifest.write(stage_dir)
-                        tracker.log_manifest(manifest, path)
+                        tracker.log_manifest(stage_run_id, manifest, path)
                     ctx.manifests[spec.name] = manifest
                     log(f"[{spec.name}] {manifest.summary()}")
     return RunResult(run_dir, record["mlflow_run_id"], ctx.manifests, skipped)

@@ -23,7 +23,7 @@ class _PoolRequestHandler(SimpleHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.startswith("/slow/"):
             time.sleep(self.slow_seconds)
-            self.path = "/" + self.path[len("/slow/"):]
+            self.path = "/" + self.path[len("/slow/") :]
         super().do_GET()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
@@ -33,6 +33,9 @@ class _PoolRequestHandler(SimpleHTTPRequestHandler):
 class PoolServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 drops connections from img2dataset's many threads,
+    # which then wait a full SYN retransmit (1 s) or time out.
+    request_queue_size = 1024
 
 
 @contextmanager

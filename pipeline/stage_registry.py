@@ -82,8 +82,13 @@ def _run_demo_pool(ctx: RunContext) -> Manifest:
 
 def _plan_demo_pool(recipe: Recipe, run_dir: Path) -> PlanRow:
     demo = recipe.source.demo
-    return PlanRow("demo_pool", f"generated (seed {demo.seed}, {demo.n_eval} eval images)",
-                   str(run_dir / "demo_pool"), demo.n_samples, "served on 127.0.0.1 during the run")
+    return PlanRow(
+        "demo_pool",
+        f"generated (seed {demo.seed}, {demo.n_eval} eval images)",
+        str(run_dir / "demo_pool"),
+        demo.n_samples,
+        "served on 127.0.0.1 during the run",
+    )
 
 
 def download_source(recipe: Recipe, ctx: RunContext) -> tuple[str, str, str]:
@@ -95,8 +100,7 @@ def download_source(recipe: Recipe, ctx: RunContext) -> tuple[str, str, str]:
 
 def _run_download(ctx: RunContext) -> Manifest:
     path, url_col, caption_col = download_source(ctx.recipe, ctx)
-    return run_download(path, ctx.recipe.download, ctx.stage_dir("download"), url_col, caption_col,
-                        map_fn=ctx.map_fn)
+    return run_download(path, ctx.recipe.download, ctx.stage_dir("download"), url_col, caption_col, map_fn=ctx.map_fn)
 
 
 def _plan_download(recipe: Recipe, run_dir: Path) -> PlanRow:
@@ -114,11 +118,21 @@ def _plan_download(recipe: Recipe, run_dir: Path) -> PlanRow:
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
-        StageSpec("demo_pool", "generate the demo pool, its ground truth and eval set",
-                  _run_demo_pool, _plan_demo_pool, lambda r: r.source.demo.model_dump()),
-        StageSpec("download", "img2dataset on Ray into uid-keyed webdataset shards",
-                  _run_download, _plan_download, lambda r: r.download.model_dump(),
-                  upstream=lambda r: "demo_pool" if r.source.kind == "demo" else None),
+        StageSpec(
+            "demo_pool",
+            "generate the demo pool, its ground truth and eval set",
+            _run_demo_pool,
+            _plan_demo_pool,
+            lambda r: r.source.demo.model_dump(),
+        ),
+        StageSpec(
+            "download",
+            "img2dataset on Ray into uid-keyed webdataset shards",
+            _run_download,
+            _plan_download,
+            lambda r: r.download.model_dump(),
+            upstream=lambda r: "demo_pool" if r.source.kind == "demo" else None,
+        ),
     ]
 }
 
@@ -128,14 +142,16 @@ def validate_stages(recipe: Recipe) -> list[StageSpec]:
     seen: list[str] = []
     for name in recipe.stages:
         if name not in STAGES:
-            raise ConfigError(f"invalid recipe '{recipe.name}': stages: unknown stage '{name}' "
-                              f"(available: {', '.join(STAGES)})")
+            raise ConfigError(
+                f"invalid recipe '{recipe.name}': stages: unknown stage '{name}' (available: {', '.join(STAGES)})"
+            )
         if name in seen:
             raise ConfigError(f"invalid recipe '{recipe.name}': stages: '{name}' is listed twice")
         seen.append(name)
     if recipe.source.kind == "demo" and "download" in seen and "demo_pool" not in seen[: seen.index("download")]:
-        raise ConfigError(f"invalid recipe '{recipe.name}': stages: source.kind 'demo' needs 'demo_pool' "
-                          f"before 'download'")
+        raise ConfigError(
+            f"invalid recipe '{recipe.name}': stages: source.kind 'demo' needs 'demo_pool' before 'download'"
+        )
     if recipe.source.kind != "demo" and "demo_pool" in seen:
         raise ConfigError(f"invalid recipe '{recipe.name}': stages: 'demo_pool' needs source.kind 'demo'")
     return [STAGES[name] for name in recipe.stages]

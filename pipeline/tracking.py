@@ -7,6 +7,7 @@ server; `MLFLOW_TRACKING_URI` or the recipe's `tracking.uri` point it at a real 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,35 +59,59 @@ def manifest_metrics(manifest: Manifest) -> dict[str, float]:
 
 
 class Tracker:
-    """Owns the MLflow parent run of one pipeline run."""
+    """Owns the MLflow parent run of one pipeline run.
+
+    Everything goes through one `MlflowClient` bound to one URI. MLflow's fluent API keeps global
+    state (and `mlflow.set_tracking_uri` even rewrites MLFLOW_TRACKING_URI in os.environ), which
+    would make a second run in the same process log into the first run's store.
+    """
 
     def __init__(self, recipe: Recipe, environ: Mapping[str, str]):
-        import mlflow
+        from mlflow import MlflowClient
 
-        self._mlflow = mlflow
         self.uri = tracking_uri(recipe, environ)
         self.experiment_name = recipe.tracking.experiment or recipe.name
-        self.artifact_root = (Path(recipe.output_dir).absolute() / "mlartifacts").as_uri()
-        mlflow.set_tracking_uri(self.uri)
-        self.client = mlflow.MlflowClient(self.uri)
+        self.client = MlflowClient(self.uri)
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         if experiment is None:
-            location = self.artifact_root if self.uri.startswith("sqlite:") else None
+            # a local store keeps artifacts beside its database, not in ./mlruns of the cwd
+            artifacts = (Path(recipe.output_dir).absolute() / "mlartifacts").as_uri()
+            location = artifacts if self.uri.startswith("sqlite:") else None
             self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
         else:
             self.experiment_id = experiment.experiment_id
 
     @contextmanager
+    def _run(self, run_id: str) -> Iterator[str]:
+        """Mark the run FINISHED, FAILED or KILLED (Ctrl-C) when the block ends."""
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.client.set_terminated(run_id, status="KILLED")
+            raise
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit for params
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    @contextmanager
     def parent_run(self, run_name: str, params: Mapping[str, Any], run_id: str | None) -> Iterator[str]:
         """Start (or reopen, on resume) the parent run; yield its id."""
-        mlflow = self._mlflow
-        with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                              experiment_id=self.experiment_id) as run:
-            if run_id is None:
-                mlflow.log_params(flatten(params))
-            else:
-                self._close_orphaned_children(run.info.run_id)
-            yield run.info.run_id
+        if run_id is None:
+            run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
+            self._log_params(run_id, params)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            self._close_orphaned_children(run_id)
+        with self._run(run_id):
+            yield run_id
 
     def _close_orphaned_children(self, parent_id: str) -> None:
         """Stage runs of a killed process stay RUNNING forever; mark them KILLED on resume."""
@@ -98,14 +123,18 @@ class Tracker:
             self.client.set_terminated(run.info.run_id, status="KILLED")
 
     @contextmanager
-    def stage_run(self, stage: str, params: Mapping[str, Any]) -> Iterator[str]:
-        mlflow = self._mlflow
-        with mlflow.start_run(run_name=stage, nested=True, experiment_id=self.experiment_id) as run:
-            mlflow.set_tag("stage", stage)
-            if params:
-                mlflow.log_params(flatten(params))
-            yield run.info.run_id
+    def stage_run(self, parent_id: str, stage: str, params: Mapping[str, Any]) -> Iterator[str]:
+        tags = {"mlflow.parentRunId": parent_id, "stage": stage}
+        run_id = self.client.create_run(self.experiment_id, run_name=stage, tags=tags).info.run_id
+        if params:
+            self._log_params(run_id, params)
+        with self._run(run_id):
+            yield run_id
 
-    def log_manifest(self, manifest: Manifest, manifest_path: Path) -> None:
-        self._mlflow.log_metrics(manifest_metrics(manifest))
-        self._mlflow.log_artifact(str(manifest_path))
+    def log_manifest(self, run_id: str, manifest: Manifest, manifest_path: Path) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in manifest_metrics(manifest).items()]
+        self.client.log_batch(run_id, metrics=metrics)
+        self.client.log_artifact(run_id, str(manifest_path))

@@ -142,37 +142,55 @@ def generate_pool(config: DemoPoolConfig, pool_dir: Path, base_url: str) -> Mani
 
     for i in range(counts["exact_duplicate"]):
         source, payload, scene = pick_original()
-        pool.add(f"copy_{i}.jpg", payload, PoolRow("", source.caption, scene.label, "exact_duplicate",
-                                                    "same bytes", duplicate_of=source.uid))
+        pool.add(
+            f"copy_{i}.jpg",
+            payload,
+            PoolRow("", source.caption, scene.label, "exact_duplicate", "same bytes", duplicate_of=source.uid),
+        )
     for i in range(counts["near_duplicate"]):
         source, payload, scene = pick_original()
         kind, variant = _near_duplicate(payload, i, rng)
-        pool.add(f"near_{i}.jpg", variant, PoolRow("", source.caption, scene.label, "near_duplicate",
-                                                   kind, duplicate_of=source.uid))
+        pool.add(
+            f"near_{i}.jpg",
+            variant,
+            PoolRow("", source.caption, scene.label, "near_duplicate", kind, duplicate_of=source.uid),
+        )
     for i in range(counts["mismatched_caption"]):
         scene = world.random_scene(rng)
         other = world.random_scene(rng)
         while other.label == scene.label:
             other = world.random_scene(rng)
         payload = world.encode_jpeg(world.render_scene(scene, size, rng))
-        pool.add(f"mismatch_{i}.jpg", payload, PoolRow("", other.caption, scene.label, "mismatched_caption",
-                                                       f"image is a {scene.label}"))
+        pool.add(
+            f"mismatch_{i}.jpg",
+            payload,
+            PoolRow("", other.caption, scene.label, "mismatched_caption", f"image is a {scene.label}"),
+        )
     for i in range(counts["low_quality"]):
         scene = world.random_scene(rng)
         image = world.render_scene(scene, size, rng)
         kind = "noise" if i % 2 == 0 else "blur"
         image = world.degrade_noise(image, rng) if kind == "noise" else world.degrade_blur(image)
-        pool.add(f"lowq_{i}.jpg", world.encode_jpeg(image, quality=60),
-                 PoolRow("", scene.caption, scene.label, "low_quality", kind))
+        pool.add(
+            f"lowq_{i}.jpg",
+            world.encode_jpeg(image, quality=60),
+            PoolRow("", scene.caption, scene.label, "low_quality", kind),
+        )
     for i in range(counts["tiny"]):
         scene = world.random_scene(rng)
         image = world.render_scene(scene, config.tiny_size, rng)
-        pool.add(f"tiny_{i}.jpg", world.encode_jpeg(image),
-                 PoolRow("", scene.caption, scene.label, "low_quality", "tiny", expected="dropped:too_small"))
+        pool.add(
+            f"tiny_{i}.jpg",
+            world.encode_jpeg(image),
+            PoolRow("", scene.caption, scene.label, "low_quality", "tiny", expected="dropped:too_small"),
+        )
     for i in range(counts["unsafe"]):
         caption = f"a {world.UNSAFE_LABEL} {rng.choice(list(world.POSITIONS))}"
-        pool.add(f"hazard_{i}.jpg", world.encode_jpeg(world.render_hazard(size, rng)),
-                 PoolRow("", caption, world.UNSAFE_LABEL, "unsafe", unsafe=True))
+        pool.add(
+            f"hazard_{i}.jpg",
+            world.encode_jpeg(world.render_hazard(size, rng)),
+            PoolRow("", caption, world.UNSAFE_LABEL, "unsafe", unsafe=True),
+        )
     for i in range(counts["broken_url"]):
         scene = world.random_scene(rng)
         row = PoolRow("", scene.caption, scene.label, "broken_url")
@@ -193,30 +211,43 @@ def generate_pool(config: DemoPoolConfig, pool_dir: Path, base_url: str) -> Mani
     for i in range(counts["corrupt_file"]):
         kind = kinds[i % len(kinds)]
         scene = world.random_scene(rng)
-        pool.add(f"corrupt_{i}.jpg", corrupt_payloads[kind](),
-                 PoolRow("", scene.caption, scene.label, "corrupt_file", kind, expected="failed:decode_error"))
+        pool.add(
+            f"corrupt_{i}.jpg",
+            corrupt_payloads[kind](),
+            PoolRow("", scene.caption, scene.label, "corrupt_file", kind, expected="failed:decode_error"),
+        )
     for i in range(counts["eval_leak"]):
         eval_uid, payload, scene = eval_items[i % len(eval_items)]
         kind, variant = _near_duplicate(payload, i, rng)
-        pool.add(f"leak_{i}.jpg", variant, PoolRow("", scene.caption, scene.label, "eval_leak",
-                                                   kind, duplicate_of=eval_uid))
+        pool.add(
+            f"leak_{i}.jpg", variant, PoolRow("", scene.caption, scene.label, "eval_leak", kind, duplicate_of=eval_uid)
+        )
     for i in range(counts["slow"]):
         scene = world.random_scene(rng)
         payload = world.encode_jpeg(world.render_scene(scene, size, rng))
-        pool.add(f"slow_{i}.jpg", payload, PoolRow("", scene.caption, scene.label, "slow",
-                                                   f"{config.slow_seconds}s delay"), route="slow/")
+        pool.add(
+            f"slow_{i}.jpg",
+            payload,
+            PoolRow("", scene.caption, scene.label, "slow", f"{config.slow_seconds}s delay"),
+            route="slow/",
+        )
 
     order = rng.permutation(len(pool.rows))
     rows = [pool.rows[i] for i in order]
     _write_tables(rows, pool_dir)
-    (pool_dir / "pool.json").write_text(json.dumps({"base_url": base_url, "n_rows": len(rows),
-                                                    "config": config.model_dump()}, indent=2))
+    (pool_dir / "pool.json").write_text(
+        json.dumps({"base_url": base_url, "n_rows": len(rows), "config": config.model_dump()}, indent=2)
+    )
     return Manifest(
         stage="demo_pool",
         **{"in": config.n_samples},
         kept=len(rows),
-        outputs={"source": str(pool_dir / "source.parquet"), "ground_truth": str(pool_dir / "ground_truth.parquet"),
-                 "eval": str(pool_dir / "eval"), "files": str(files_dir)},
+        outputs={
+            "source": str(pool_dir / "source.parquet"),
+            "ground_truth": str(pool_dir / "ground_truth.parquet"),
+            "eval": str(pool_dir / "eval"),
+            "files": str(files_dir),
+        },
         seconds=time.perf_counter() - started,
         metrics={f"defect_{k}": float(v) for k, v in count_reasons([r.defect for r in rows]).items()},
     )
@@ -241,19 +272,22 @@ def _near_duplicate(payload: bytes, i: int, rng: np.random.Generator) -> tuple[s
 
 
 def _write_tables(rows: list[PoolRow], pool_dir: Path) -> None:
-    pq.write_table(pa.table({"url": [r.url for r in rows], "caption": [r.caption for r in rows]}),
-                   pool_dir / "source.parquet")
     pq.write_table(
-        pa.table({
-            "uid": [r.uid for r in rows],
-            "url": [r.url for r in rows],
-            "caption": [r.caption for r in rows],
-            "label": [r.label for r in rows],
-            "defect": [r.defect for r in rows],
-            "detail": [r.detail for r in rows],
-            "duplicate_of": [r.duplicate_of for r in rows],
-            "unsafe": [r.unsafe for r in rows],
-            "expected": [r.expected for r in rows],
-        }),
+        pa.table({"url": [r.url for r in rows], "caption": [r.caption for r in rows]}), pool_dir / "source.parquet"
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "uid": [r.uid for r in rows],
+                "url": [r.url for r in rows],
+                "caption": [r.caption for r in rows],
+                "label": [r.label for r in rows],
+                "defect": [r.defect for r in rows],
+                "detail": [r.detail for r in rows],
+                "duplicate_of": [r.duplicate_of for r in rows],
+                "unsafe": [r.unsafe for r in rows],
+                "expected": [r.expected for r in rows],
+            }
+        ),
         pool_dir / "ground_truth.parquet",
     )

@@ -20,7 +20,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from pydantic import Field  # noqa: E402
 
@@ -187,8 +186,7 @@ def summarize_part(part: DownloadPart, part_uids: list[str], seconds: float, ski
         failed = merge_reasons(failed, {"lost_in_downloader": len(missing)})
     if stats["successes"] != kept:
         raise RuntimeError(
-            f"shard {shard_name(part.index)}: parquet says {kept} successes, "
-            f"img2dataset stats say {stats['successes']}"
+            f"shard {shard_name(part.index)}: parquet says {kept} successes, img2dataset stats say {stats['successes']}"
         )
     return PartResult(part.index, part.n_rows, kept, dropped, failed, seconds, skipped)
 
@@ -264,9 +262,7 @@ def run_download(
     n_in = table.num_rows
     table, n_duplicate_rows = drop_duplicate_rows(table)
     parts = plan_parts(table, config, stage_dir)
-    results = map_fn(
-        lambda part: download_part(part, config), parts, desc="download", weight=lambda r: r.n_in
-    )
+    results = map_fn(lambda part: download_part(part, config), parts, desc="download", weight=lambda r: r.n_in)
     dropped = merge_reasons(*(r.dropped for r in results))
     if n_duplicate_rows:
         dropped = merge_reasons(dropped, {"duplicate_row": n_duplicate_rows})

@@ -48,10 +48,11 @@ class Manifest(BaseModel):
         """Raise AccountingError unless every input sample is kept, dropped or failed once."""
         accounted = self.kept + self.n_dropped + self.n_failed
         if accounted != self.in_count:
+            gap = self.in_count - accounted
+            what = f"{gap} samples lost" if gap > 0 else f"{-gap} samples counted twice"
             raise AccountingError(
                 f"stage '{self.stage}' does not balance: in={self.in_count} but kept={self.kept} "
-                f"+ dropped={self.n_dropped} + failed={self.n_failed} = {accounted} "
-                f"({self.in_count - accounted:+d} samples unaccounted for)"
+                f"+ dropped={self.n_dropped} + failed={self.n_failed} = {accounted} ({what})"
             )
 
     def summary(self) -> str:

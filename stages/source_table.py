@@ -35,8 +35,31 @@ def detect_format(path: str) -> str:
     return SUPPORTED_FORMATS[suffix]
 
 
+def expand_table_paths(path: str) -> list[str]:
+    """A file, a folder of tables or a glob (e.g. DataComp's metadata folder) -> sorted files."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    protocol = path.split("://")[0] + "://" if "://" in path else ""
+    if any(ch in fs_path for ch in "*?["):
+        files = sorted(fs.glob(fs_path))
+    elif fs.isdir(fs_path):
+        files = sorted(f for f in fs.find(fs_path) if PurePosixPath(f).suffix.lower() in SUPPORTED_FORMATS)
+    else:
+        return [path]
+    if not files:
+        raise SourceTableError(f"{path}: no {'/'.join(sorted(SUPPORTED_FORMATS))} tables found")
+    return [protocol + f if protocol else f for f in files]
+
+
 def read_table(path: str) -> pa.Table:
-    """Read a table from a local path or fsspec URL, raising SourceTableError on any failure."""
+    """Read one table (or a folder/glob of them) from a local path or fsspec URL."""
+    files = expand_table_paths(path)
+    if len(files) > 1:
+        tables = [read_table(f) for f in files]
+        try:
+            return pa.concat_tables(tables, promote_options="default")
+        except pa.ArrowInvalid as err:
+            raise SourceTableError(f"{path}: tables do not share a schema: {str(err).splitlines()[0]}") from err
+    path = files[0]
     fmt = detect_format(path)
     try:
         with fsspec.open(path, "rb") as f:
@@ -60,9 +83,7 @@ def normalise_table(table: pa.Table, url_col: str, caption_col: str, source: str
     """
     for col in (url_col, caption_col):
         if col not in table.column_names:
-            raise SourceTableError(
-                f"{source}: missing column '{col}' (columns are: {', '.join(table.column_names)})"
-            )
+            raise SourceTableError(f"{source}: missing column '{col}' (columns are: {', '.join(table.column_names)})")
     urls = table.column(url_col)
     captions = table.column(caption_col)
     for name, column in ((url_col, urls), (caption_col, captions)):
@@ -70,9 +91,7 @@ def normalise_table(table: pa.Table, url_col: str, caption_col: str, source: str
             if pa.types.is_null(column.type):
                 column = column.cast(pa.string())
             else:
-                raise SourceTableError(
-                    f"{source}: column '{name}' must hold strings, found {column.type}"
-                )
+                raise SourceTableError(f"{source}: column '{name}' must hold strings, found {column.type}")
     urls = pc.fill_null(urls.cast(pa.string()), "")
     captions = pc.fill_null(captions.cast(pa.string()), "")
     uids = [compute_uid(u, c) for u, c in zip(urls.to_pylist(), captions.to_pylist(), strict=True)]

@@ -1,0 +1,133 @@
+"""Rewrite webdataset shards into shards of a target size, optionally keeping only some uids.
+
+Used to materialise subsets. Input samples are the successful rows of the shards' parquet
+tables; each one ends up kept, dropped (`not_selected`) or failed (`missing_in_tar` when a tar is
+truncated or lacks the sample), so a broken input shard shows up in the counts, not as a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from stages.manifest import Manifest
+
+SHARD_DIGITS = 5
+
+
+def read_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) per sample; stops quietly at a truncated end."""
+    current_key, current = None, {}
+    try:
+        with tarfile.open(tar_path, "r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = Path(member.name).name
+                key, _, ext = name.partition(".")
+                data = tar.extractfile(member).read()
+                if key != current_key and current:
+                    yield current_key, current
+                    current = {}
+                current_key = key
+                current[ext] = data
+    except (tarfile.ReadError, EOFError, OSError):
+        pass  # truncated shard: the samples not yielded are counted as missing by the caller
+    if current:
+        yield current_key, current
+
+
+def _successful_rows(parquet_paths: Iterable[Path]) -> pa.Table:
+    tables = [pq.read_table(p) for p in parquet_paths]
+    table = pa.concat_tables(tables, promote_options="default")
+    if "status" in table.column_names:
+        table = table.filter(pc.equal(table.column("status"), "success"))
+    return table
+
+
+class _ShardWriter:
+    def __init__(self, output_dir: Path, samples_per_shard: int):
+        self.output_dir = output_dir
+        self.samples_per_shard = samples_per_shard
+        self.index = -1
+        self.count = 0
+        self.tar: tarfile.TarFile | None = None
+        self.shards: list[str] = []
+
+    def write(self, key: str, sample: dict[str, bytes]) -> None:
+        if self.tar is None or self.count == self.samples_per_shard:
+            self._roll()
+        for ext, data in sorted(sample.items()):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def _roll(self) -> None:
+        self.close()
+        self.index += 1
+        self.count = 0
+        path = self.output_dir / f"{self.index:0{SHARD_DIGITS}d}.tar"
+        self.tar = tarfile.open(path, "w")  # noqa: SIM115 (closed by close(), one shard at a time)
+        self.shards.append(str(path))
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+
+def reshard(
+    shard_paths: list[str | Path],
+    output_dir: Path,
+    samples_per_shard: int,
+    keep_uids: set[str] | None = None,
+    stage: str = "reshard",
+) -> Manifest:
+    """Copy the samples of `shard_paths` (those in `keep_uids`, if given) into new shards."""
+    started = time.perf_counter()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tars = [Path(p) for p in shard_paths]
+    rows = _successful_rows(t.with_suffix(".parquet") for t in tars)
+    wanted = rows if keep_uids is None else rows.filter(pc.is_in(rows.column("uid"), pa.array(sorted(keep_uids))))
+    wanted_uids = set(wanted.column("uid").to_pylist())
+    writer = _ShardWriter(output_dir, samples_per_shard)
+    written: list[str] = []
+    seen: set[str] = set()
+    try:
+        for tar_path in tars:
+            for key, sample in read_tar_samples(tar_path):
+                if key in wanted_uids and key not in seen:
+                    writer.write(key, sample)
+                    written.append(key)
+                    seen.add(key)
+    finally:
+        writer.close()
+    _write_shard_tables(wanted, written, writer.shards, samples_per_shard)
+    n_missing = len(wanted_uids) - len(written)
+    return Manifest(
+        stage=stage,
+        **{"in": rows.num_rows},
+        kept=len(written),
+        dropped={"not_selected": rows.num_rows - wanted.num_rows} if rows.num_rows != wanted.num_rows else {},
+        failed={"missing_in_tar": n_missing} if n_missing else {},
+        outputs={"shards_dir": str(output_dir), "n_shards": str(len(writer.shards))},
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_shard_tables(rows: pa.Table, order: list[str], shards: list[str], per_shard: int) -> None:
+    """One parquet beside each output tar, rows in the tar's order."""
+    position = {uid: i for i, uid in enumerate(rows.column("uid").to_pylist())}
+    for n, shard in enumerate(shards):
+        uids = order[n * per_shard : (n + 1) * per_shard]
+        table = rows.take(pa.array([position[u] for u in uids], pa.int64()))
+        pq.write_table(table, Path(shard).with_suffix(".parquet"))

@@ -1,0 +1,63 @@
+"""Shared fixtures: one local Ray cluster and one served demo pool per test session."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+from pipeline.config import Recipe, load_recipe  # noqa: E402
+from pipeline.runtime import WORKER_ENV  # noqa: E402
+from pipeline.serve import serve_directory  # noqa: E402
+from stages.demo_pool import DemoPoolConfig, generate_pool  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster; its session files stay in a short temp dir (socket paths are length-limited)."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": WORKER_ENV},
+    )
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def served_pool(tmp_path_factory):
+    """A small demo pool served on loopback for the whole session: (pool_dir, base_url)."""
+    pool_dir = tmp_path_factory.mktemp("pool")
+    (pool_dir / "files").mkdir()
+    with serve_directory(pool_dir / "files") as base_url:
+        generate_pool(DemoPoolConfig(n_samples=300, n_eval=40, seed=3), pool_dir, base_url)
+        yield pool_dir, base_url
+
+
+def small_demo_overrides(output_dir: Path) -> list[str]:
+    return [
+        f"output_dir={output_dir}",
+        "source.demo.n_samples=160",
+        "source.demo.n_eval=30",
+        "download.samples_per_shard=50",
+        "ray.dashboard=false",
+    ]
+
+
+@pytest.fixture
+def small_demo(tmp_path) -> Recipe:
+    return load_recipe("demo", small_demo_overrides(tmp_path / "runs"))

@@ -1,0 +1,97 @@
+"""Recipe loading, overrides and one-line validation errors."""
+
+import pytest
+
+from pipeline.config import ConfigError, available_recipes, load_recipe
+from pipeline.stage_registry import validate_stages
+
+
+def test_all_shipped_recipes_load_and_have_valid_stage_lists():
+    names = available_recipes()
+    for required in ["demo", "laion_a", "datacomp_small", "datacomp_medium", "datacomp_large", "datacomp_xlarge"]:
+        assert required in names
+    for name in names:
+        validate_stages(load_recipe(name))
+
+
+def test_datacomp_recipes_carry_published_scale_figures():
+    expected = {
+        "datacomp_small": (12_800_000, "ViT-B-32", 4096, 5e-4, 500),
+        "datacomp_medium": (128_000_000, "ViT-B-32", 4096, 5e-4, 500),
+        "datacomp_large": (1_280_000_000, "ViT-B-16", 8192, 5e-4, 500),
+        "datacomp_xlarge": (12_800_000_000, "ViT-L-14", 90112, 1e-3, 10_000),
+    }
+    for name, (pool, model, batch, lr, warmup) in expected.items():
+        recipe = load_recipe(name)
+        assert recipe.source.pool_size == pool
+        assert recipe.train.samples_seen == pool
+        assert (recipe.train.model, recipe.train.batch_size, recipe.train.lr, recipe.train.warmup) == (
+            model,
+            batch,
+            lr,
+            warmup,
+        )
+
+
+def test_overrides_are_typed_and_nested():
+    recipe = load_recipe("demo", ["download.image_size=32", "download.timeout=2.5", "ray.dashboard=false"])
+    assert recipe.download.image_size == 32
+    assert recipe.download.timeout == 2.5
+    assert recipe.ray.dashboard is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["download.image_sz=64"], "download.image_sz: unknown key"),
+        (["download.image_size=big"], "download.image_size"),
+        (["download.encode_quality=101"], "download.encode_quality"),
+        (["colour=red"], "colour: unknown key"),
+        (["source.demo.defects.unsafe=0.95"], "defect fractions add up"),
+        (["download=3"], "download"),
+        (["seed.x=1"], "seed: Input should be a valid integer"),
+        (["download.image_size.x=1"], "'download.image_size' is not a section"),
+        (["noequals"], "must look like key=value"),
+        (["source.kind=table"], "needs source.path"),
+    ],
+)
+def test_bad_overrides_give_one_line_errors_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_recipe("demo", overrides)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_unknown_recipe_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'.*demo"):
+        load_recipe("nope")
+
+
+def test_recipe_yaml_cannot_construct_python_objects(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned > pwned.txt']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(str(evil))
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_recipe_file_that_is_not_a_mapping(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_recipe(str(bad))
+
+
+@pytest.mark.parametrize(
+    ("stages", "expected"),
+    [
+        ("[demo_pool, dedupe]", "unknown stage 'dedupe'"),
+        ("[download]", "needs 'demo_pool' before 'download'"),
+        ("[demo_pool, demo_pool]", "listed twice"),
+    ],
+)
+def test_stage_list_is_checked(stages, expected):
+    recipe = load_recipe("demo", [f"stages={stages}"])
+    with pytest.raises(ConfigError, match=expected):
+        validate_stages(recipe)

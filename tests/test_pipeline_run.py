@@ -1,0 +1,114 @@
+"""End to end on a real local Ray cluster: stages, manifests, MLflow run tree, resume, accounting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import stage_registry
+from pipeline.config import ConfigError
+from pipeline.orchestrator import run_pipeline
+from stages.manifest import AccountingError, Manifest
+
+
+def _client(recipe) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{recipe.output_dir}/mlflow.db")
+
+
+def _runs(recipe):
+    client = _client(recipe)
+    return client.search_runs([client.get_experiment_by_name(recipe.name).experiment_id])
+
+
+def test_demo_run_records_manifests_and_mlflow_tree(ray_cluster, small_demo):
+    result = run_pipeline(small_demo, run_name="r1", log=lambda m: None)
+    pool, download = result.manifests["demo_pool"], result.manifests["download"]
+    assert pool.in_count == pool.kept == 160
+    assert download.in_count == 160
+    download.check_balance()
+    assert download.kept < 160 and download.failed and download.dropped
+    on_disk = Manifest.read(result.run_dir / "download")
+    assert on_disk == download
+
+    runs = _runs(small_demo)
+    parent = next(r for r in runs if r.info.run_id == result.mlflow_run_id)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["demo_pool", "download"]
+    assert parent.data.params["download.samples_per_shard"] == "50"
+    assert parent.info.status == "FINISHED"
+    child = next(r for r in children if r.info.run_name == "download")
+    assert child.data.metrics["in"] == 160
+    assert child.data.metrics["kept"] == download.kept
+    for reason, count in download.failed.items():
+        assert child.data.metrics[f"failed.{reason}"] == count
+    assert child.data.params["image_size"] == "64"
+    client = _client(small_demo)
+    artifacts = client.list_artifacts(child.info.run_id)
+    assert [a.path for a in artifacts] == ["manifest.json"]
+    local = client.download_artifacts(child.info.run_id, "manifest.json", str(small_demo.output_dir))
+    assert json.loads(Path(local).read_text())["kept"] == download.kept
+
+
+def test_resume_skips_finished_stages_and_finished_shards(ray_cluster, small_demo):
+    first = run_pipeline(small_demo, run_name="r2", log=lambda m: None)
+    again = run_pipeline(small_demo, run_name="r2", resume=True, log=lambda m: None)
+    assert again.skipped == ["demo_pool", "download"]
+    assert again.mlflow_run_id == first.mlflow_run_id
+    # a run killed inside the download stage: no stage manifest, one shard without its stats
+    (first.run_dir / "download" / "manifest.json").unlink()
+    (first.run_dir / "download" / "shards" / "00002_stats.json").unlink()
+    resumed = run_pipeline(small_demo, resume=True, log=lambda m: None)  # latest run of the recipe
+    assert resumed.run_dir == first.run_dir
+    assert resumed.skipped == ["demo_pool"]
+    download = resumed.manifests["download"]
+    assert download.metrics["parts_skipped"] == 3 and download.metrics["rows_downloaded"] == 50
+    assert (download.kept, download.failed, download.dropped) == (
+        first.manifests["download"].kept,
+        first.manifests["download"].failed,
+        first.manifests["download"].dropped,
+    )
+    runs = _runs(small_demo)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.mlflow_run_id]
+    assert sorted(r.info.run_name for r in children) == ["demo_pool", "download", "download"]
+
+
+def test_resume_refuses_a_changed_recipe_and_a_missing_run(ray_cluster, small_demo):
+    with pytest.raises(ConfigError, match="no earlier run"):
+        run_pipeline(small_demo, resume=True, log=lambda m: None)
+    run_pipeline(small_demo, run_name="r3", log=lambda m: None)
+    with pytest.raises(ConfigError, match="already exists"):
+        run_pipeline(small_demo, run_name="r3", log=lambda m: None)
+    changed = small_demo.model_copy(update={"seed": 5})
+    with pytest.raises(ConfigError, match="recipe changed.*seed"):
+        run_pipeline(changed, run_name="r3", resume=True, log=lambda m: None)
+
+
+def test_a_stage_that_loses_a_sample_fails_the_run(ray_cluster, small_demo, monkeypatch):
+    real = stage_registry.STAGES["download"]
+
+    def lossy(ctx):
+        manifest = real.run(ctx)
+        return manifest.model_copy(update={"kept": manifest.kept - 1})  # one sample vanishes
+
+    monkeypatch.setitem(stage_registry.STAGES, "download", dataclasses.replace(real, run=lossy))
+    with pytest.raises(AccountingError, match=r"stage 'download' does not balance: in=160 .*\(1 samples lost\)"):
+        run_pipeline(small_demo, run_name="lossy", log=lambda m: None)
+    assert not (Path(small_demo.output_dir) / "lossy" / "download" / "manifest.json").exists()
+    runs = _runs(small_demo)
+    assert {r.info.run_name: r.info.status for r in runs}["download"] == "FAILED"
+
+
+def test_a_stage_that_receives_more_than_upstream_kept_fails(ray_cluster, small_demo, monkeypatch):
+    real = stage_registry.STAGES["download"]
+
+    def inflating(ctx):
+        m = real.run(ctx)
+        return m.model_copy(update={"in_count": m.in_count + 1, "failed": {**m.failed, "extra": 1}})
+
+    monkeypatch.setitem(stage_registry.STAGES, "download", dataclasses.replace(real, run=inflating))
+    with pytest.raises(AccountingError, match="received 161 samples but 'demo_pool' kept 160"):
+        run_pipeline(small_demo, run_name="inflate", log=lambda m: None)
