@@ -15,8 +15,10 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from stages.config_base import StrictModel
+from stages.dedupe import DedupeConfig
 from stages.demo_pool import DemoPoolConfig
 from stages.download import DownloadConfig
+from stages.hash_shards import HashConfig
 
 RECIPES_PACKAGE = "pipeline.recipes"
 
@@ -76,9 +78,11 @@ class Recipe(StrictModel):
     description: str = ""
     output_dir: str = "runs"
     seed: int = 0
-    stages: list[str] = ["demo_pool", "download"]
+    stages: list[str] = ["demo_pool", "download", "phash", "dedupe"]
     source: SourceConfig = SourceConfig(kind="demo")
     download: DownloadConfig = DownloadConfig()
+    phash: HashConfig = HashConfig()
+    dedupe: DedupeConfig = DedupeConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()

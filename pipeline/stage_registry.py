@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from pipeline.config import ConfigError, Recipe
+from stages.dedupe import run_dedupe
 from stages.demo_pool import generate_pool
+from stages.demo_truth import dedupe_quality
 from stages.download import run_download
+from stages.hash_shards import run_hash
 from stages.manifest import Manifest
 from stages.mapping import MapFn, local_map
 
@@ -115,6 +120,47 @@ def _plan_download(recipe: Recipe, run_dir: Path) -> PlanRow:
     return PlanRow("download", source, str(run_dir / "download" / "shards"), rows, note)
 
 
+def _run_phash(ctx: RunContext) -> Manifest:
+    shards_dir = Path(ctx.manifests["download"].outputs["shards_dir"])
+    return run_hash(shards_dir, ctx.recipe.phash, ctx.stage_dir("phash"), map_fn=ctx.map_fn)
+
+
+def _plan_phash(recipe: Recipe, run_dir: Path) -> PlanRow:
+    return PlanRow(
+        "phash",
+        str(run_dir / "download" / "shards"),
+        str(run_dir / "phash" / "hashes"),
+        _estimated_source_rows(recipe),
+        "64-bit pHash per image, imagehash-compatible",
+    )
+
+
+def _run_dedupe(ctx: RunContext) -> Manifest:
+    config = ctx.recipe.dedupe
+    demo = ctx.recipe.source.kind == "demo"
+    if demo:  # the demo's held-out set is always protected from leakage
+        eval_tar = str(Path(ctx.manifests["demo_pool"].outputs["eval"]) / "*.tar")
+        config = config.model_copy(update={"eval_sets": [*config.eval_sets, eval_tar]})
+    manifest = run_dedupe(Path(ctx.manifests["phash"].outputs["hashes_dir"]), config, ctx.stage_dir("dedupe"))
+    if demo:
+        truth = pq.read_table(ctx.manifests["demo_pool"].outputs["ground_truth"])
+        decisions = pq.read_table(manifest.outputs["decisions"])
+        manifest.metrics.update(dedupe_quality(decisions, truth))
+    return manifest
+
+
+def _plan_dedupe(recipe: Recipe, run_dir: Path) -> PlanRow:
+    d = recipe.dedupe
+    evals = len(d.eval_sets) + (1 if recipe.source.kind == "demo" else 0)
+    return PlanRow(
+        "dedupe",
+        str(run_dir / "phash" / "hashes"),
+        str(run_dir / "dedupe" / "decisions.parquet"),
+        _estimated_source_rows(recipe),
+        f"Hamming <= {d.max_distance}, keep {d.keep}, {evals} eval set(s)",
+    )
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
@@ -132,6 +178,22 @@ STAGES: dict[str, StageSpec] = {
             _plan_download,
             lambda r: r.download.model_dump(),
             upstream=lambda r: "demo_pool" if r.source.kind == "demo" else None,
+        ),
+        StageSpec(
+            "phash",
+            "perceptual hash of every image, batched, one Ray task per shard",
+            _run_phash,
+            _plan_phash,
+            lambda r: r.phash.model_dump(),
+            upstream=lambda r: "download",
+        ),
+        StageSpec(
+            "dedupe",
+            "near-duplicate clusters and eval-set leakage over all hashes",
+            _run_dedupe,
+            _plan_dedupe,
+            lambda r: r.dedupe.model_dump(),
+            upstream=lambda r: "phash",
         ),
     ]
 }
@@ -152,6 +214,9 @@ def validate_stages(recipe: Recipe) -> list[StageSpec]:
         raise ConfigError(
             f"invalid recipe '{recipe.name}': stages: source.kind 'demo' needs 'demo_pool' before 'download'"
         )
+    for stage, needs in (("phash", "download"), ("dedupe", "phash")):
+        if stage in seen and needs not in seen[: seen.index(stage)]:
+            raise ConfigError(f"invalid recipe '{recipe.name}': stages: '{stage}' needs '{needs}' before it")
     if recipe.source.kind != "demo" and "demo_pool" in seen:
         raise ConfigError(f"invalid recipe '{recipe.name}': stages: 'demo_pool' needs source.kind 'demo'")
     return [STAGES[name] for name in recipe.stages]

@@ -265,8 +265,8 @@ def _near_duplicate(payload: bytes, i: int, rng: np.random.Generator) -> tuple[s
         image = image.resize((max(8, int(w * scale)), max(8, int(h * scale))), Image.BICUBIC)
         return kind, world.encode_jpeg(image, quality=90)
     if kind == "reencoded":
-        return kind, world.encode_jpeg(image, quality=int(rng.integers(35, 60)))
-    margin = max(1, int(round(w * 0.04)))
+        return kind, world.encode_jpeg(image, quality=int(rng.integers(50, 76)))
+    margin = max(1, int(round(w * 0.025)))
     image = image.crop((margin, margin, w - margin, h - margin)).resize((w, h), Image.BICUBIC)
     return kind, world.encode_jpeg(image, quality=90)
 

@@ -90,8 +90,26 @@ def _background(scene: Scene, size: int, rng: np.random.Generator) -> Image.Imag
         period = max(4, size // 8)
         dots = ((yy % period) - period / 2) ** 2 + ((xx % period) - period / 2) ** 2 < (period / 5) ** 2
         base[dots] -= 45
+    base += _shading(size, rng)[..., None]
     base += rng.normal(0, 3, base.shape)
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def _shading(size: int, rng: np.random.Generator, amplitude: float = 22.0) -> np.ndarray:
+    """Smooth random lighting: a few low spatial frequencies, different in every image.
+
+    Real photos differ in their low frequencies; without this, perceptual hashes of two
+    unrelated scenes with the same layout would collide.
+    """
+    coords = (np.arange(size) + 0.5) / size
+    field = np.zeros((size, size), dtype=np.float32)
+    for u in range(4):
+        for v in range(4):
+            if u == v == 0:
+                continue
+            weight = rng.normal(0, amplitude / (1 + u + v))
+            field += weight * np.outer(np.cos(np.pi * u * coords), np.cos(np.pi * v * coords)).astype(np.float32)
+    return field
 
 
 def _polygon(cx: float, cy: float, r: float, n: int, rotation: float = 0.0) -> list[tuple[float, float]]:
@@ -143,8 +161,8 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Ima
     """Render a scene as an RGB image of `size` x `size` pixels."""
     image = _background(scene, size, rng)
     fx, fy = POSITIONS[scene.position]
-    jitter = rng.normal(0, 0.03, 2)
-    r = SIZES[scene.size] * size * 0.32
+    jitter = rng.normal(0, 0.06, 2)
+    r = SIZES[scene.size] * size * 0.32 * float(rng.uniform(0.85, 1.15))
     cx = float(np.clip(fx + jitter[0], 0.2, 0.8)) * size
     cy = float(np.clip(fy + jitter[1], 0.2, 0.8)) * size
     mask = _shape_mask(scene.shape, size, cx, cy, r)

@@ -86,7 +86,8 @@ def test_recipe_file_that_is_not_a_mapping(tmp_path):
 @pytest.mark.parametrize(
     ("stages", "expected"),
     [
-        ("[demo_pool, dedupe]", "unknown stage 'dedupe'"),
+        ("[demo_pool, embed]", "unknown stage 'embed'"),
+        ("[demo_pool, download, dedupe]", "'dedupe' needs 'phash' before it"),
         ("[download]", "needs 'demo_pool' before 'download'"),
         ("[demo_pool, demo_pool]", "listed twice"),
     ],

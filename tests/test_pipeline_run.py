@@ -37,7 +37,7 @@ def test_demo_run_records_manifests_and_mlflow_tree(ray_cluster, small_demo):
     runs = _runs(small_demo)
     parent = next(r for r in runs if r.info.run_id == result.mlflow_run_id)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["demo_pool", "download"]
+    assert sorted(r.info.run_name for r in children) == ["dedupe", "demo_pool", "download", "phash"]
     assert parent.data.params["download.samples_per_shard"] == "50"
     assert parent.info.status == "FINISHED"
     child = next(r for r in children if r.info.run_name == "download")
@@ -56,14 +56,14 @@ def test_demo_run_records_manifests_and_mlflow_tree(ray_cluster, small_demo):
 def test_resume_skips_finished_stages_and_finished_shards(ray_cluster, small_demo):
     first = run_pipeline(small_demo, run_name="r2", log=lambda m: None)
     again = run_pipeline(small_demo, run_name="r2", resume=True, log=lambda m: None)
-    assert again.skipped == ["demo_pool", "download"]
+    assert again.skipped == ["demo_pool", "download", "phash", "dedupe"]
     assert again.mlflow_run_id == first.mlflow_run_id
     # a run killed inside the download stage: no stage manifest, one shard without its stats
     (first.run_dir / "download" / "manifest.json").unlink()
     (first.run_dir / "download" / "shards" / "00002_stats.json").unlink()
     resumed = run_pipeline(small_demo, resume=True, log=lambda m: None)  # latest run of the recipe
     assert resumed.run_dir == first.run_dir
-    assert resumed.skipped == ["demo_pool"]
+    assert resumed.skipped == ["demo_pool", "phash", "dedupe"]
     download = resumed.manifests["download"]
     assert download.metrics["parts_skipped"] == 3 and download.metrics["rows_downloaded"] == 50
     assert (download.kept, download.failed, download.dropped) == (
@@ -73,7 +73,7 @@ def test_resume_skips_finished_stages_and_finished_shards(ray_cluster, small_dem
     )
     runs = _runs(small_demo)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.mlflow_run_id]
-    assert sorted(r.info.run_name for r in children) == ["demo_pool", "download", "download"]
+    assert sorted(r.info.run_name for r in children) == ["dedupe", "demo_pool", "download", "download", "phash"]
 
 
 def test_resume_refuses_a_changed_recipe_and_a_missing_run(ray_cluster, small_demo):

@@ -1,0 +1,159 @@
+"""Dedupe benchmarks: pHash throughput vs imagehash, and near-duplicate search at scale.
+
+    .venv/bin/python benchmarks/dedupe.py --images 4000 --sizes 1000000 10000000
+
+(1) Hashing: the same JPEG shards hashed by a plain `imagehash.phash` loop (decode + hash, one
+    process) and by our code, both as the batched kernel in one process and as the phash stage
+    on Ray (one task per shard). Prints images/s, ratios, and how many hashes differ (must be 0).
+(2) Search: n random 64-bit hashes plus 1% planted near-duplicates (up to k flipped bits); time
+    and peak traced memory of the exact multi-index search, and recall against brute force for
+    sampled queries. Run by hand, not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def write_shards(root: Path, n_images: int, size: int, per_shard: int) -> list[Path]:
+    from stages import demo_scenes as world
+
+    rng = np.random.default_rng(0)
+    shards = []
+    for start in range(0, n_images, per_shard):
+        shards.append(root / f"{len(shards):05d}.tar")
+        with tarfile.open(shards[-1], "w") as tar:
+            for i in range(start, min(start + per_shard, n_images)):
+                payload = world.encode_jpeg(world.render_scene(world.random_scene(rng), size, rng))
+                info = tarfile.TarInfo(f"{i:08d}.jpg")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return shards
+
+
+def bench_hashing(args: argparse.Namespace) -> None:
+    import imagehash
+    import ray
+    from PIL import Image
+
+    from pipeline.executor import make_ray_map
+    from pipeline.runtime import WORKER_ENV
+    from stages.hash_shards import HashConfig, read_hash_tables, run_hash
+    from stages.phash import decode_thumbnail, phash_pixels, to_hex
+    from stages.reshard import read_tar_samples
+
+    work = Path(tempfile.mkdtemp(prefix="bench-dedupe-"))
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    try:
+        shards = write_shards(work, args.images, args.image_size, args.shard_size)
+        payloads = [(k, s["jpg"]) for t in shards for k, s in read_tar_samples(t)]
+
+        started = time.perf_counter()
+        reference = {k: str(imagehash.phash(Image.open(io.BytesIO(b)))) for k, b in payloads}
+        t_loop = time.perf_counter() - started
+
+        started = time.perf_counter()
+        thumbs = np.stack([decode_thumbnail(b)[0] for _, b in payloads])
+        kernel = dict(zip((k for k, _ in payloads), (to_hex(h) for h in phash_pixels(thumbs)), strict=True))
+        t_kernel = time.perf_counter() - started
+
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            _temp_dir=ray_tmp,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": WORKER_ENV},
+        )
+        run_hash(work, HashConfig(), work / "warm", map_fn=make_ray_map())  # start the workers
+        started = time.perf_counter()
+        run_hash(work, HashConfig(), work / "stage", map_fn=make_ray_map())
+        t_stage = time.perf_counter() - started
+        table = read_hash_tables(work / "stage" / "hashes")
+        stage = {
+            u: to_hex(h)
+            for u, h in zip(table.column("uid").to_pylist(), table.column("phash").to_pylist(), strict=True)
+        }
+        ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    n = len(payloads)
+    differ_kernel = sum(reference[k] != v for k, v in kernel.items())
+    differ_stage = sum(reference[k] != stage.get(k) for k in reference)
+    print(f"[hashing] {n} JPEGs of {args.image_size}px in {len(shards)} shards, {os.cpu_count()} cores")
+    print(f"  imagehash.phash loop (1 process):   {n / t_loop:8.0f} images/s")
+    for name, seconds, differ in (
+        ("batched kernel (1 process):       ", t_kernel, differ_kernel),
+        ("phash stage (Ray, task per shard):", t_stage, differ_stage),
+    ):
+        print(f"  {name} {n / seconds:8.0f} images/s   ratio {t_loop / seconds:.2f}x   differing hashes: {differ}")
+
+
+def bench_search(n: int, k: int, queries: int) -> None:
+    from filters.hamming import band_layout, brute_force_neighbours, near_pairs_unique
+
+    rng = np.random.default_rng(n)
+    base = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
+    planted = n // 100
+    sources = rng.choice(n, planted, replace=False)
+    flips = np.zeros(planted, np.uint64)
+    for _ in range(k):
+        flips |= np.uint64(1) << rng.integers(0, 64, planted).astype(np.uint64)
+    values = np.unique(np.concatenate([base, base[sources] ^ flips]))
+    tracemalloc.start()
+    started = time.perf_counter()
+    i, j = near_pairs_unique(values, k)
+    seconds = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    found = set(zip(i.tolist(), j.tolist(), strict=True))
+    sample = np.concatenate(
+        [rng.choice(len(values), queries // 2, replace=False), np.searchsorted(values, base[sources][: queries // 2])]
+    )
+    true_pairs = missed = 0
+    brute_started = time.perf_counter()
+    for q in sample.tolist():
+        for other in brute_force_neighbours(values, q, k).tolist():
+            true_pairs += 1
+            missed += (min(q, other), max(q, other)) not in found
+    per_query = (time.perf_counter() - brute_started) / len(sample)
+    brute_total = per_query * len(values) / 2  # every hash against every later one
+    layout = band_layout(len(values), k)
+    print(
+        f"[search] n={len(values):,} k={k}: {seconds:6.1f}s, peak traced memory {peak / 2**20:,.0f} MiB, "
+        f"{len(i):,} pairs, bands {layout.widths} r={layout.radius}; "
+        f"recall on {len(sample)} sampled queries: {(true_pairs - missed)}/{true_pairs}; "
+        f"brute force extrapolated from those queries: {brute_total / 3600:,.2f} h ({brute_total / seconds:,.0f}x)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--queries", type=int, default=1000)
+    args = parser.parse_args()
+    bench_hashing(args)
+    for n in args.sizes:
+        bench_search(n, args.k, args.queries)
+
+
+if __name__ == "__main__":
+    main()

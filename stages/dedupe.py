@@ -1,0 +1,74 @@
+"""Dedupe stage: near-duplicate clusters over the whole pool's hash table, plus eval-set leakage.
+
+The matching is global (one index over every hash), so it runs once over the pyarrow table,
+not per shard. Its output is a decision per uid: `decisions.parquet` (uid, keep, reason).
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from filters.phash_dedupe import PhashDedupeParams, phash_dedupe, reason_kind
+from stages.hash_shards import image_bytes, read_hash_tables
+from stages.manifest import Manifest
+from stages.phash import decode_thumbnail, phash_pixels
+from stages.reshard import read_tar_samples
+
+
+class DedupeConfig(PhashDedupeParams):
+    eval_sets: list[str] = Field(default_factory=list, description="webdataset tars (globs ok) of evaluation images")
+    scores_path: str | None = Field(None, description="parquet with uid + score_column, for keep=highest_score")
+
+
+def hash_eval_sets(paths: list[str]) -> tuple[list[str], np.ndarray]:
+    """(keys, uint64 pHashes) of every image in the given evaluation tars."""
+    keys, thumbs = [], []
+    for pattern in paths:
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise FileNotFoundError(f"evaluation set not found: {pattern}")
+        for tar in matches:
+            for key, sample in read_tar_samples(tar):
+                payload = image_bytes(sample)
+                if payload is not None:
+                    keys.append(key)
+                    thumbs.append(decode_thumbnail(payload)[0])
+    hashes = phash_pixels(np.stack(thumbs)) if thumbs else np.zeros(0, np.uint64)
+    return keys, hashes
+
+
+def run_dedupe(hashes_dir: Path, config: DedupeConfig, stage_dir: Path) -> Manifest:
+    started = time.perf_counter()
+    table = read_hash_tables(hashes_dir)
+    if config.scores_path:
+        scores = pq.read_table(config.scores_path)
+        table = table.join(scores, keys="uid", join_type="left outer").sort_by("uid")
+    eval_keys, eval_hashes = hash_eval_sets(config.eval_sets)
+    params = PhashDedupeParams(**config.model_dump(include=set(PhashDedupeParams.model_fields)))
+    result = phash_dedupe(table, params, eval_keys, eval_hashes)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    decisions = stage_dir / "decisions.parquet"
+    pq.write_table(result.to_table(phash=table.column("phash")), decisions)
+    seconds = time.perf_counter() - started
+    kept = int(result.keep.sum())
+    return Manifest(
+        stage="dedupe",
+        **{"in": table.num_rows},
+        kept=kept,
+        dropped=result.reason_counts(reason_kind),
+        outputs={"decisions": str(decisions)},
+        seconds=seconds,
+        metrics={"eval_images": float(len(eval_keys)), "kept_fraction": kept / max(table.num_rows, 1)},
+    )
+
+
+def kept_uids(decisions: Path) -> set[str]:
+    table = pq.read_table(decisions, columns=["uid", "keep"])
+    return set(table.filter(pc.equal(table.column("keep"), True)).column("uid").to_pylist())
