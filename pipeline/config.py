@@ -18,7 +18,9 @@ from stages.config_base import StrictModel
 from stages.dedupe import DedupeConfig
 from stages.demo_pool import DemoPoolConfig
 from stages.download import DownloadConfig
+from stages.evaluate import EvaluateConfig
 from stages.hash_shards import HashConfig
+from stages.train import TrainConfig
 
 RECIPES_PACKAGE = "pipeline.recipes"
 
@@ -44,20 +46,8 @@ class SourceConfig(StrictModel):
         return self
 
 
-class TrainConfig(StrictModel):
-    """Compute budget and optimiser of CLIP training (DataComp fixes these per scale)."""
-
-    model: str = "ViT-B-32"
-    samples_seen: int = Field(12_800_000, gt=0)
-    batch_size: int = Field(4096, gt=0)
-    lr: float = Field(5e-4, gt=0)
-    warmup: int = Field(500, ge=0)
-    weight_decay: float = Field(0.2, ge=0)
-    beta1: float = Field(0.9, gt=0, lt=1)
-    beta2: float = Field(0.98, gt=0, lt=1)
-    eps: float = Field(1e-6, gt=0)
-    workers: int = Field(1, gt=0)
-    use_gpu: bool = False
+class SubsetConfig(StrictModel):
+    samples_per_shard: int = Field(10_000, gt=0)
 
 
 class RayConfig(StrictModel):
@@ -78,12 +68,14 @@ class Recipe(StrictModel):
     description: str = ""
     output_dir: str = "runs"
     seed: int = 0
-    stages: list[str] = ["demo_pool", "download", "phash", "dedupe"]
+    stages: list[str] = ["demo_pool", "download", "phash", "dedupe", "subset", "train", "evaluate"]
     source: SourceConfig = SourceConfig(kind="demo")
     download: DownloadConfig = DownloadConfig()
     phash: HashConfig = HashConfig()
     dedupe: DedupeConfig = DedupeConfig()
+    subset: SubsetConfig = SubsetConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
 

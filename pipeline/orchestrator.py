@@ -163,7 +163,7 @@ def run_pipeline(
         from pipeline.executor import make_ray_map
 
         map_fn = map_fn_factory() if map_fn_factory else make_ray_map()
-        ctx = RunContext(recipe=recipe, run_dir=run_dir, map_fn=map_fn)
+        ctx = RunContext(recipe=recipe, run_dir=run_dir, map_fn=map_fn, tracking_uri=tracker.uri)
         with tracker.parent_run(run_dir.name, _recipe_record(recipe), record["mlflow_run_id"]) as parent_id:
             record["mlflow_run_id"] = parent_id
             _write_run_record(run_dir, record)
@@ -178,6 +178,7 @@ def run_pipeline(
                         continue
                     log(f"[{spec.name}] {spec.summary}")
                     with tracker.stage_run(parent_id, spec.name, spec.params(recipe)) as stage_run_id:
+                        ctx.stage_run_id = stage_run_id
                         manifest = spec.run(ctx)
                         try:
                             check_manifest(spec, manifest, ctx)

@@ -16,13 +16,16 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, Recipe
-from stages.dedupe import run_dedupe
+from stages.dedupe import kept_uids, run_dedupe
 from stages.demo_pool import generate_pool
 from stages.demo_truth import dedupe_quality
 from stages.download import run_download
+from stages.evaluate import run_evaluate
 from stages.hash_shards import run_hash
 from stages.manifest import Manifest
 from stages.mapping import MapFn, local_map
+from stages.reshard import reshard
+from stages.train import Tracking, run_train
 
 
 @dataclass
@@ -34,6 +37,8 @@ class RunContext:
     map_fn: MapFn = local_map
     manifests: dict[str, Manifest] = field(default_factory=dict)
     base_url: str | None = None
+    tracking_uri: str | None = None
+    stage_run_id: str | None = None  # the MLflow run of the stage being run
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name
@@ -161,6 +166,92 @@ def _plan_dedupe(recipe: Recipe, run_dir: Path) -> PlanRow:
     )
 
 
+def _run_subset(ctx: RunContext) -> Manifest:
+    """The kept uids as new shards; everything left out is counted under its dedupe reason."""
+    decisions = pq.read_table(ctx.manifests["dedupe"].outputs["decisions"])
+    reasons = {
+        uid: (reason or "kept").split(":", 1)[0]
+        for uid, reason in zip(decisions.column("uid").to_pylist(), decisions.column("reason").to_pylist(), strict=True)
+    }
+    reasons_for_unhashed = {uid: "not_hashed" for uid in _download_uids(ctx) if uid not in reasons}
+    shards = sorted(Path(ctx.manifests["download"].outputs["shards_dir"]).glob("*.tar"))
+    return reshard(
+        shards,
+        ctx.stage_dir("subset") / "shards",
+        ctx.recipe.subset.samples_per_shard,
+        keep_uids=kept_uids(Path(ctx.manifests["dedupe"].outputs["decisions"])),
+        stage="subset",
+        drop_reasons={**reasons, **reasons_for_unhashed},
+    )
+
+
+def _download_uids(ctx: RunContext) -> list[str]:
+    import pyarrow.compute as pc
+
+    uids = []
+    for path in sorted(Path(ctx.manifests["download"].outputs["shards_dir"]).glob("*.parquet")):
+        table = pq.read_table(path, columns=["uid", "status"])
+        uids += table.filter(pc.equal(table.column("status"), "success")).column("uid").to_pylist()
+    return uids
+
+
+def _plan_subset(recipe: Recipe, run_dir: Path) -> PlanRow:
+    return PlanRow(
+        "subset",
+        "download shards + dedupe decisions",
+        str(run_dir / "subset" / "shards"),
+        _estimated_source_rows(recipe),
+        f"shards of {recipe.subset.samples_per_shard:,}",
+    )
+
+
+def _training_source(recipe: Recipe) -> str:
+    return "subset" if "subset" in recipe.stages else "download"
+
+
+def _run_train(ctx: RunContext) -> Manifest:
+    source = ctx.manifests[_training_source(ctx.recipe)]
+    shards = sorted(str(p) for p in Path(source.outputs["shards_dir"]).glob("*.tar"))
+    tracking = Tracking(ctx.tracking_uri, ctx.stage_run_id) if ctx.tracking_uri and ctx.stage_run_id else None
+    return run_train(shards, source.kept, ctx.recipe.train, ctx.stage_dir("train"), tracking)
+
+
+def _plan_train(recipe: Recipe, run_dir: Path) -> PlanRow:
+    t = recipe.train
+    device = "GPU" if t.use_gpu else "CPU"
+    return PlanRow(
+        "train",
+        str(run_dir / _training_source(recipe) / "shards"),
+        str(run_dir / "train" / "model"),
+        _estimated_source_rows(recipe),
+        f"{t.model}, {t.samples_seen:,} samples seen = {t.total_steps:,} steps of {t.batch_size:,}, "
+        f"{t.workers} {device} worker(s), checkpoint every {t.checkpoint_every_steps:,} steps",
+    )
+
+
+def _eval_dir(recipe: Recipe, ctx: RunContext | None = None) -> str:
+    if recipe.evaluate.eval_dir:
+        return recipe.evaluate.eval_dir
+    if ctx is not None:
+        return ctx.manifests["demo_pool"].outputs["eval"]
+    return "demo_pool/eval"
+
+
+def _run_evaluate(ctx: RunContext) -> Manifest:
+    model_dir = Path(ctx.manifests["train"].outputs["model"])
+    return run_evaluate(model_dir, Path(_eval_dir(ctx.recipe, ctx)), ctx.recipe.evaluate, ctx.stage_dir("evaluate"))
+
+
+def _plan_evaluate(recipe: Recipe, run_dir: Path) -> PlanRow:
+    return PlanRow(
+        "evaluate",
+        _eval_dir(recipe),
+        str(run_dir / "evaluate" / "results.json"),
+        None,
+        "zero-shot top-1/top-5, retrieval R@1/5/10",
+    )
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
@@ -195,6 +286,29 @@ STAGES: dict[str, StageSpec] = {
             lambda r: r.dedupe.model_dump(),
             upstream=lambda r: "phash",
         ),
+        StageSpec(
+            "subset",
+            "materialise the kept samples as new shards",
+            _run_subset,
+            _plan_subset,
+            lambda r: r.subset.model_dump(),
+            upstream=lambda r: "download",
+        ),
+        StageSpec(
+            "train",
+            "CLIP training with Ray Train (TorchTrainer), checkpoints in MLflow",
+            _run_train,
+            _plan_train,
+            lambda r: r.train.model_dump(),
+            upstream=_training_source,
+        ),
+        StageSpec(
+            "evaluate",
+            "zero-shot classification and retrieval on the held-out set",
+            _run_evaluate,
+            _plan_evaluate,
+            lambda r: r.evaluate.model_dump(),
+        ),
     ]
 }
 
@@ -214,9 +328,17 @@ def validate_stages(recipe: Recipe) -> list[StageSpec]:
         raise ConfigError(
             f"invalid recipe '{recipe.name}': stages: source.kind 'demo' needs 'demo_pool' before 'download'"
         )
-    for stage, needs in (("phash", "download"), ("dedupe", "phash")):
+    for stage, needs in (
+        ("phash", "download"),
+        ("dedupe", "phash"),
+        ("subset", "dedupe"),
+        ("train", "download"),
+        ("evaluate", "train"),
+    ):
         if stage in seen and needs not in seen[: seen.index(stage)]:
             raise ConfigError(f"invalid recipe '{recipe.name}': stages: '{stage}' needs '{needs}' before it")
+    if "evaluate" in seen and recipe.source.kind != "demo" and not recipe.evaluate.eval_dir:
+        raise ConfigError(f"invalid recipe '{recipe.name}': evaluate.eval_dir is needed outside the demo")
     if recipe.source.kind != "demo" and "demo_pool" in seen:
         raise ConfigError(f"invalid recipe '{recipe.name}': stages: 'demo_pool' needs source.kind 'demo'")
     return [STAGES[name] for name in recipe.stages]

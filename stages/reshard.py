@@ -10,14 +10,14 @@ from __future__ import annotations
 import io
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.manifest import Manifest
+from stages.manifest import Manifest, count_reasons
 
 SHARD_DIGITS = 5
 
@@ -91,8 +91,12 @@ def reshard(
     samples_per_shard: int,
     keep_uids: set[str] | None = None,
     stage: str = "reshard",
+    drop_reasons: Mapping[str, str] | None = None,
 ) -> Manifest:
-    """Copy the samples of `shard_paths` (those in `keep_uids`, if given) into new shards."""
+    """Copy the samples of `shard_paths` (those in `keep_uids`, if given) into new shards.
+
+    Samples left out are counted under `drop_reasons[uid]` (default `not_selected`).
+    """
     started = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     tars = [Path(p) for p in shard_paths]
@@ -117,10 +121,16 @@ def reshard(
         stage=stage,
         **{"in": rows.num_rows},
         kept=len(written),
-        dropped={"not_selected": rows.num_rows - wanted.num_rows} if rows.num_rows != wanted.num_rows else {},
+        dropped=_drop_counts(rows, wanted_uids, drop_reasons or {}),
         failed={"missing_in_tar": n_missing} if n_missing else {},
         outputs={"shards_dir": str(output_dir), "n_shards": str(len(writer.shards))},
         seconds=time.perf_counter() - started,
+    )
+
+
+def _drop_counts(rows: pa.Table, wanted: set[str], reasons: Mapping[str, str]) -> dict[str, int]:
+    return count_reasons(
+        [reasons.get(uid, "not_selected") for uid in rows.column("uid").to_pylist() if uid not in wanted]
     )
 
 

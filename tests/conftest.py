@@ -55,6 +55,7 @@ def small_demo_overrides(output_dir: Path) -> list[str]:
         "source.demo.n_eval=30",
         "download.samples_per_shard=50",
         "ray.dashboard=false",
+        "stages=[demo_pool, download, phash, dedupe]",
     ]
 
 

@@ -1,0 +1,111 @@
+"""Evaluate stage: zero-shot classification and image-text retrieval of a trained CLIP model.
+
+The evaluation set is a folder in the CLIP_benchmark / webdataset layout: `*.tar` shards whose
+samples carry an image, a caption (`txt`) and a class index (`cls`), plus `classnames.json`.
+Zero-shot: class names x prompt templates -> text classifier (open_clip's builder), top-1/top-5.
+Retrieval: each image's own caption among all captions and back, recall@1/5/10.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from pydantic import Field
+
+from stages import clip_models
+from stages.config_base import StrictModel
+from stages.hash_shards import image_bytes
+from stages.manifest import Manifest, count_reasons
+from stages.reshard import read_tar_samples
+
+DEFAULT_TEMPLATES = ["a {}.", "a photo of a {}.", "a small {}.", "a large {}.", "a {} on a plain background."]
+
+
+class EvaluateConfig(StrictModel):
+    eval_dir: str | None = Field(None, description="folder with *.tar and classnames.json; demo: its held-out set")
+    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    batch_size: int = Field(256, gt=0)
+    recall_at: list[int] = Field(default_factory=lambda: [1, 5, 10])
+
+
+def _load_eval_set(eval_dir: Path, preprocess) -> tuple[torch.Tensor, list[str], list[int | None], dict[str, int]]:
+    tars = sorted(glob.glob(str(eval_dir / "*.tar")))
+    if not tars:
+        raise FileNotFoundError(f"evaluation set {eval_dir}: no .tar shards")
+    images, captions, labels, failures = [], [], [], []
+    for tar in tars:
+        for _, sample in read_tar_samples(tar):
+            try:
+                with Image.open(io.BytesIO(image_bytes(sample) or b"")) as image:
+                    images.append(preprocess(image.convert("RGB")))
+            except Exception:  # noqa: BLE001 - an undecodable eval image is counted, not fatal
+                failures.append("decode_error")
+                continue
+            captions.append(sample.get("txt", b"").decode("utf-8"))
+            labels.append(int(sample["cls"]) if "cls" in sample else None)
+    return torch.stack(images), captions, labels, count_reasons(failures)
+
+
+@torch.no_grad()
+def _encode(model, tokenizer, images: torch.Tensor, captions: list[str], batch: int):
+    image_features = torch.cat(
+        [model.encode_image(images[i : i + batch], normalize=True) for i in range(0, len(images), batch)]
+    )
+    text_features = torch.cat(
+        [model.encode_text(tokenizer(captions[i : i + batch]), normalize=True) for i in range(0, len(captions), batch)]
+    )
+    return image_features, text_features
+
+
+def _recall(similarity: torch.Tensor, ks: list[int]) -> dict[int, float]:
+    """Row i's correct column is i."""
+    ranks = (similarity > similarity.diagonal()[:, None]).sum(dim=1)
+    return {k: float((ranks < k).float().mean()) for k in ks}
+
+
+def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_dir: Path) -> Manifest:
+    from open_clip import build_zero_shot_classifier
+
+    started = time.perf_counter()
+    model, preprocess, tokenizer = clip_models.load(model_dir)
+    images, captions, labels, failures = _load_eval_set(eval_dir, preprocess)
+    image_features, text_features = _encode(model, tokenizer, images, captions, config.batch_size)
+    metrics: dict[str, float] = {}
+    classnames_path = eval_dir / "classnames.json"
+    if classnames_path.exists() and all(label is not None for label in labels):
+        classnames = json.loads(classnames_path.read_text())
+        classifier = build_zero_shot_classifier(model, tokenizer, classnames, config.templates, device="cpu")
+        logits = image_features @ classifier
+        top5 = logits.topk(min(5, len(classnames)), dim=1).indices
+        target = torch.tensor(labels)
+        metrics["zeroshot_top1"] = float((top5[:, 0] == target).float().mean())
+        metrics["zeroshot_top5"] = float((top5 == target[:, None]).any(dim=1).float().mean())
+        metrics["zeroshot_chance"] = 1 / len(classnames)
+    similarity = image_features @ text_features.T
+    for k, value in _recall(similarity, config.recall_at).items():
+        metrics[f"image_to_text_recall_at_{k}"] = value
+    for k, value in _recall(similarity.T, config.recall_at).items():
+        metrics[f"text_to_image_recall_at_{k}"] = value
+    metrics["retrieval_chance_recall_at_1"] = 1 / len(captions)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    results = stage_dir / "results.json"
+    results.write_text(json.dumps(metrics, indent=2))
+    n = len(captions) + sum(failures.values())
+    return Manifest(
+        stage="evaluate",
+        **{"in": n},
+        kept=len(captions),
+        failed=failures,
+        outputs={"results": str(results)},
+        seconds=time.perf_counter() - started,
+        metrics=metrics,
+    )
+
+
+__all__ = ["EvaluateConfig", "run_evaluate"]

@@ -1,0 +1,329 @@
+"""Train stage: CLIP training with Ray Train's TorchTrainer on open_clip models.
+
+Each worker streams the shards (`stages.train_data`), trains with open_clip's ClipLoss (learnable
+temperature, local loss, gathered features), AdamW with open_clip's no-weight-decay groups,
+open_clip's cosine schedule with warmup, gradient clipping, and bf16 autocast on GPU. The budget
+is samples seen, as DataComp fixes it per scale. Every `checkpoint_every_samples` the state
+(model, optimiser, step) is reported to Ray Train as a checkpoint and copied to MLflow; a rerun
+resumes from the latest one and sees the same batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from stages.config_base import StrictModel
+from stages.manifest import Manifest
+
+STATE_FILE = "state.pt"
+STEP_FILE = "train_state.json"
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainConfig(StrictModel):
+    """Compute budget and optimiser of CLIP training (DataComp fixes the first five per scale)."""
+
+    model: str = "ViT-B-32"
+    samples_seen: int = Field(12_800_000, gt=0)
+    batch_size: int = Field(4096, gt=0, description="global batch, split evenly across workers")
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(500, ge=0, description="warmup steps")
+    weight_decay: float = Field(0.2, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.98, gt=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
+    grad_checkpointing: bool = False
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    checkpoint_every_samples: int = Field(1_000_000, gt=0)
+    log_every_steps: int = Field(10, gt=0)
+    loader_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(1000, gt=0)
+    threads_per_worker: int = Field(1, gt=0, description="torch CPU threads in each worker")
+    seed: int = 0
+    stop_at_step: int | None = Field(None, gt=0, description="stop early at this checkpoint step (staged runs)")
+    max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TrainConfig:
+        if self.batch_size % self.workers:
+            raise ValueError(f"train.batch_size {self.batch_size} must divide evenly by train.workers {self.workers}")
+        if self.samples_seen < self.batch_size:
+            raise ValueError("train.samples_seen must be at least one batch")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.samples_seen // self.batch_size
+
+    @property
+    def checkpoint_every_steps(self) -> int:
+        return max(1, self.checkpoint_every_samples // self.batch_size)
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where rank 0 logs step metrics and checkpoints: an MLflow store and the stage's run."""
+
+    uri: str
+    run_id: str
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The checkpoint folder with the highest step under a Ray Train storage path."""
+    best, best_step = None, -1
+    for step_file in storage.rglob(STEP_FILE):
+        step = json.loads(step_file.read_text())["step"]
+        if step > best_step:
+            best, best_step = step_file.parent, step
+    return best
+
+
+def _parameter_groups(model, weight_decay: float) -> list[dict]:
+    """open_clip's rule: no weight decay on gains, biases, norms and the temperature."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exclude = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    import contextlib
+    import logging
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    from open_clip import ClipLoss
+    from open_clip_train.scheduler import cosine_lr
+
+    from stages import clip_models
+    from stages.train_data import batches
+
+    config = TrainConfig.model_validate(loop_config["train"])
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip's per-model INFO lines, once per worker
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config.threads_per_worker)
+    torch.manual_seed(config.seed)
+    model, preprocess, _, tokenizer = clip_models.create(config.model)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(core, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+    )
+    schedule = cosine_lr(optimizer, config.lr, config.warmup, config.total_steps)
+    loss_fn = ClipLoss(
+        local_loss=config.local_loss,
+        gather_with_grad=config.gather_with_grad,
+        cache_labels=True,
+        rank=rank,
+        world_size=world,
+    )
+    bf16 = device.type == "cuda" and config.precision in ("auto", "bf16")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()  # a restart after a worker failure
+    resume_dir = Path(loop_config["resume_path"]) if loop_config.get("resume_path") else None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            step = _load_state(Path(folder), core, optimizer)
+    elif resume_dir is not None:
+        step = _load_state(resume_dir, core, optimizer)
+
+    tracking = Tracking(**loop_config["tracking"]) if loop_config.get("tracking") and rank == 0 else None
+    client = None
+    if tracking:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking.uri)
+    log_path = Path(loop_config["log_path"])
+    stop = min(config.total_steps, config.stop_at_step or config.total_steps)
+    per_worker = config.batch_size // world
+    every = config.checkpoint_every_steps
+    window_started, data_wait, window_steps = time.perf_counter(), 0.0, 0
+    while step < stop:
+        segment = step // every
+        segment_end = min((segment + 1) * every, stop)
+        loader = iter(
+            batches(
+                loop_config["shards"],
+                preprocess,
+                tokenizer,
+                per_worker,
+                seed=config.seed,
+                rank=rank,
+                segment=segment,
+                loader_workers=config.loader_workers,
+                shuffle_buffer=config.shuffle_buffer,
+            )
+        )
+        metrics = {}
+        while step < segment_end:
+            waited = time.perf_counter()
+            images, texts = next(loader)
+            data_wait += time.perf_counter() - waited
+            images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+            schedule(step)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                image_features, text_features, logit_scale = model(images, texts)
+                loss = loss_fn(image_features, text_features, logit_scale)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                core.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            window_steps += 1
+            if step % config.log_every_steps == 0 or step == segment_end:
+                elapsed = time.perf_counter() - window_started
+                metrics = {
+                    "loss": float(loss.detach()),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "temperature": float(1 / core.logit_scale.detach().exp()),
+                    "samples_per_second": window_steps * config.batch_size / elapsed,
+                    "samples_per_second_per_worker": window_steps * per_worker / elapsed,
+                    "data_wait_fraction": data_wait / elapsed,
+                    "samples_seen": step * config.batch_size,
+                }
+                if rank == 0:
+                    _log_step(log_path, client, tracking, step, metrics)
+                window_started, data_wait, window_steps = time.perf_counter(), 0.0, 0
+        _report(core, optimizer, config, step, metrics, rank, client, tracking)
+
+
+def _load_state(folder: Path, model, optimizer) -> int:
+    import torch
+
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _log_step(log_path: Path, client, tracking: Tracking | None, step: int, metrics: dict) -> None:
+    with log_path.open("a") as log:
+        log.write(json.dumps({"step": step, **metrics}) + "\n")
+    if client is not None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(tracking.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def _report(model, optimizer, config: TrainConfig, step: int, metrics: dict, rank: int, client, tracking) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (and copies it to MLflow)."""
+    import ray.train
+    import torch
+
+    if rank != 0:
+        ray.train.report({**metrics, "step": step})
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, Path(folder) / STATE_FILE
+        )
+        (Path(folder) / STEP_FILE).write_text(json.dumps({"step": step, "model": config.model}))
+        if client is not None:
+            client.log_artifacts(tracking.run_id, folder, f"checkpoints/step_{step:08d}")
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def run_train(
+    shards: list[str], n_samples: int, config: TrainConfig, stage_dir: Path, tracking: Tracking | None = None
+) -> Manifest:
+    """Train on `shards` (which hold `n_samples` samples); write the final model to stage_dir/model."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if not shards:
+        raise ValueError("train: no shards to train on")
+    started = time.perf_counter()
+    stage_dir = stage_dir.absolute()
+    storage = stage_dir / "ray"
+    resume = latest_checkpoint(storage)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    loop_config = {
+        "train": config.model_dump(),
+        "shards": [str(Path(s).absolute()) for s in shards],
+        "resume_path": str(resume) if resume else None,
+        "tracking": vars(tracking) if tracking else None,
+        "log_path": str(stage_dir / LOG_FILE),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.threads_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    trainer.fit()  # raises ray.train.TrainingFailedError once max_failures are spent
+    final = latest_checkpoint(storage)
+    if final is None:
+        raise RuntimeError("train: Ray Train finished without a checkpoint")
+    step = json.loads((final / STEP_FILE).read_text())["step"]
+    model_dir = _export_model(final, config.model, stage_dir / "model")
+    if tracking is not None:
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking.uri).log_artifacts(tracking.run_id, str(model_dir), "model")
+    seconds = time.perf_counter() - started
+    return Manifest(
+        stage="train",
+        **{"in": n_samples},
+        kept=n_samples,
+        outputs={"model": str(model_dir), "checkpoint": str(final), "log": str(stage_dir / LOG_FILE)},
+        seconds=seconds,
+        metrics={
+            "steps": float(step),
+            "samples_seen": float(step * config.batch_size),
+            "resumed_from_step": float(json.loads((resume / STEP_FILE).read_text())["step"]) if resume else 0.0,
+            "fit_samples_per_second": step * config.batch_size / seconds,
+        },
+    )
+
+
+def _export_model(checkpoint: Path, model_name: str, folder: Path) -> Path:
+    """The final weights alone (no optimiser state), in the layout `clip_models.load` reads."""
+    import torch
+
+    from stages import clip_models
+
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (clip_models.WEIGHTS + ".tmp")
+    torch.save(state["model"], tmp)
+    tmp.replace(folder / clip_models.WEIGHTS)
+    (folder / clip_models.MODEL_INFO).write_text(json.dumps({"model": model_name}))
+    return folder
+
+
+__all__ = ["TrainConfig", "Tracking", "run_train", "latest_checkpoint"]

@@ -1,0 +1,104 @@
+"""CLIP training on Ray Train: resume reproduces an uninterrupted run; models load safely; evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import clip_models
+from stages.download import DownloadConfig, run_download
+from stages.evaluate import EvaluateConfig, run_evaluate
+from stages.train import TrainConfig, latest_checkpoint, run_train
+
+CONFIG = TrainConfig(
+    model="demo-tiny",
+    samples_seen=32 * 6,
+    batch_size=32,
+    lr=1e-3,
+    warmup=2,
+    workers=2,
+    checkpoint_every_samples=32 * 3,
+    log_every_steps=1,
+    shuffle_buffer=50,
+)
+
+
+@pytest.fixture(scope="module")
+def shards(served_pool, tmp_path_factory):
+    pool_dir, _ = served_pool
+    stage_dir = tmp_path_factory.mktemp("train-data")
+    manifest = run_download(
+        str(pool_dir / "source.parquet"),
+        DownloadConfig(image_size=64, samples_per_shard=100, min_image_size=16, thread_count=16),
+        stage_dir,
+    )
+    return sorted(str(p) for p in (stage_dir / "shards").glob("*.tar")), manifest.kept
+
+
+def _losses(stage_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (stage_dir / "train_log.jsonl").read_text().splitlines())}
+
+
+def test_resumed_run_follows_the_uninterrupted_trajectory(ray_cluster, shards, tmp_path):
+    tars, n = shards
+    full = run_train(tars, n, CONFIG, tmp_path / "full")
+    assert full.metrics["steps"] == 6 and full.metrics["resumed_from_step"] == 0
+    # a run stopped at its first checkpoint (as a killed run would be), then resumed
+    stopped = run_train(tars, n, CONFIG.model_copy(update={"stop_at_step": 3}), tmp_path / "resumed")
+    assert stopped.metrics["steps"] == 3
+    resumed = run_train(tars, n, CONFIG, tmp_path / "resumed")
+    assert resumed.metrics["resumed_from_step"] == 3 and resumed.metrics["steps"] == 6
+    expected, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-4), step
+    assert expected[6] < expected[1]  # it learns
+    model, _, _ = clip_models.load(Path(full.outputs["model"]))
+    assert isinstance(model, torch.nn.Module)
+    assert latest_checkpoint(tmp_path / "full" / "ray").name.startswith("checkpoint_")
+
+
+def test_evaluation_reports_zero_shot_and_retrieval(ray_cluster, shards, served_pool, tmp_path):
+    tars, n = shards
+    pool_dir, _ = served_pool
+    trained = run_train(
+        tars, n, CONFIG.model_copy(update={"samples_seen": 64, "checkpoint_every_samples": 64}), tmp_path / "train"
+    )
+    manifest = run_evaluate(Path(trained.outputs["model"]), pool_dir / "eval", EvaluateConfig(), tmp_path / "eval")
+    manifest.check_balance()
+    assert manifest.kept == 40
+    for key in ["zeroshot_top1", "zeroshot_top5", "image_to_text_recall_at_1", "text_to_image_recall_at_10"]:
+        assert 0.0 <= manifest.metrics[key] <= 1.0
+    assert manifest.metrics["zeroshot_chance"] == pytest.approx(1 / 120)
+    assert json.loads((tmp_path / "eval" / "results.json").read_text()) == manifest.metrics
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        run_evaluate(Path(trained.outputs["model"]), tmp_path, EvaluateConfig(), tmp_path / "eval2")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_loading_a_malicious_checkpoint_executes_nothing(tmp_path):
+    exploit = _Exploit()
+    exploit.marker = tmp_path / "pwned"
+    (tmp_path / clip_models.WEIGHTS).write_bytes(pickle.dumps({"model": exploit}))
+    (tmp_path / clip_models.MODEL_INFO).write_text(json.dumps({"model": "demo-tiny"}))
+    with pytest.raises(pickle.UnpicklingError):
+        clip_models.load(tmp_path)
+    assert not exploit.marker.exists()
+
+
+def test_missing_model_and_bad_config_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved model"):
+        clip_models.load(tmp_path)
+    with pytest.raises(ValueError, match="must divide evenly"):
+        TrainConfig(batch_size=10, workers=3)
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        clip_models.create("no-such-model")
