@@ -63,6 +63,23 @@ def _encode(model, tokenizer, images: torch.Tensor, captions: list[str], batch: 
     return image_features, text_features
 
 
+def _classnames(eval_dir: Path) -> list[str] | None:
+    """classnames.json (ours) or classnames.txt, one per line (CLIP_benchmark's)."""
+    if (eval_dir / "classnames.json").exists():
+        return json.loads((eval_dir / "classnames.json").read_text())
+    if (eval_dir / "classnames.txt").exists():
+        return [line.strip() for line in (eval_dir / "classnames.txt").read_text().splitlines() if line.strip()]
+    return None
+
+
+def _templates(eval_dir: Path, default: list[str]) -> list[str]:
+    """CLIP_benchmark's zeroshot_classification_templates.txt ({c} placeholders) when present."""
+    path = eval_dir / "zeroshot_classification_templates.txt"
+    if not path.exists():
+        return default
+    return [line.strip().replace("{c}", "{}") for line in path.read_text().splitlines() if line.strip()]
+
+
 def _recall(similarity: torch.Tensor, ks: list[int]) -> dict[int, float]:
     """Row i's correct column is i."""
     ranks = (similarity > similarity.diagonal()[:, None]).sum(dim=1)
@@ -77,10 +94,9 @@ def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_
     images, captions, labels, failures = _load_eval_set(eval_dir, preprocess)
     image_features, text_features = _encode(model, tokenizer, images, captions, config.batch_size)
     metrics: dict[str, float] = {}
-    classnames_path = eval_dir / "classnames.json"
-    if classnames_path.exists() and all(label is not None for label in labels):
-        classnames = json.loads(classnames_path.read_text())
-        classifier = build_zero_shot_classifier(model, tokenizer, classnames, config.templates, device="cpu")
+    classnames, templates = _classnames(eval_dir), _templates(eval_dir, config.templates)
+    if classnames and all(label is not None for label in labels):
+        classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device="cpu")
         logits = image_features @ classifier
         top5 = logits.topk(min(5, len(classnames)), dim=1).indices
         target = torch.tensor(labels)

@@ -91,7 +91,7 @@ def latest_checkpoint(storage: Path) -> Path | None:
     return best
 
 
-def _parameter_groups(model, weight_decay: float) -> list[dict]:
+def parameter_groups(model, weight_decay: float) -> list[dict]:
     """open_clip's rule: no weight decay on gains, biases, norms and the temperature."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -129,7 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
     optimizer = torch.optim.AdamW(
-        _parameter_groups(core, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+        parameter_groups(core, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
     )
     schedule = cosine_lr(optimizer, config.lr, config.warmup, config.total_steps)
     loss_fn = ClipLoss(

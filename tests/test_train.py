@@ -102,3 +102,13 @@ def test_missing_model_and_bad_config_are_clear(tmp_path):
         TrainConfig(batch_size=10, workers=3)
     with pytest.raises(ValueError, match="unknown open_clip model"):
         clip_models.create("no-such-model")
+
+
+def test_clip_benchmark_layout_files_are_read(tmp_path):
+    from stages.evaluate import _classnames, _templates
+
+    (tmp_path / "classnames.txt").write_text("red circle\nblue square\n\n")
+    (tmp_path / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n{c}\n")
+    assert _classnames(tmp_path) == ["red circle", "blue square"]
+    assert _templates(tmp_path, ["unused {}"]) == ["a photo of a {}.", "{}"]
+    assert _templates(tmp_path / "none", ["a {}."]) == ["a {}."]
