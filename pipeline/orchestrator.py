@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, Recipe
 from pipeline.runtime import ray_runtime
 from pipeline.serve import serve_directory
 from pipeline.stage_registry import STAGES, PlanRow, RunContext, StageSpec, validate_stages
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, flatten
 from stages.manifest import AccountingError, Manifest
 
 RUN_FILE = "run.json"
@@ -75,11 +75,9 @@ def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
     path = run_dir / RUN_FILE
     if path.exists():
         record = json.loads(path.read_text())
-        before, now = record["recipe"], _recipe_record(recipe)
+        before, now = flatten(record["recipe"]), flatten(_recipe_record(recipe))
         if before != now:
-            changed = sorted(
-                k for k in set(_flat(before)) | set(_flat(now)) if _flat(before).get(k) != _flat(now).get(k)
-            )
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             raise ConfigError(
                 f"cannot resume '{run_dir}': the recipe changed ({', '.join(changed[:8])}); start a new run instead"
             )
@@ -101,16 +99,6 @@ def _write_run_record(run_dir: Path, record: dict) -> None:
     tmp = run_dir / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(run_dir / RUN_FILE)
-
-
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def check_manifest(spec: StageSpec, manifest: Manifest, ctx: RunContext) -> None:

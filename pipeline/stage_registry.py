@@ -170,10 +170,12 @@ def _run_subset(ctx: RunContext) -> Manifest:
     """The kept uids as new shards; everything left out is counted under its dedupe reason."""
     decisions = pq.read_table(ctx.manifests["dedupe"].outputs["decisions"])
     reasons = {
-        uid: (reason or "kept").split(":", 1)[0]
+        uid: reason.split(":", 1)[0]  # duplicate_of:<uid> -> duplicate_of
         for uid, reason in zip(decisions.column("uid").to_pylist(), decisions.column("reason").to_pylist(), strict=True)
+        if reason
     }
-    reasons_for_unhashed = {uid: "not_hashed" for uid in _download_uids(ctx) if uid not in reasons}
+    decided = set(decisions.column("uid").to_pylist())
+    reasons_for_unhashed = {uid: "not_hashed" for uid in _download_uids(ctx) if uid not in decided}
     shards = sorted(Path(ctx.manifests["download"].outputs["shards_dir"]).glob("*.tar"))
     return reshard(
         shards,

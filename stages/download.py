@@ -16,17 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from pydantic import Field  # noqa: E402
-
-from stages.config_base import StrictModel  # noqa: E402
-from stages.manifest import Manifest, count_reasons, merge_reasons  # noqa: E402
-from stages.mapping import MapFn, local_map  # noqa: E402
-from stages.source_table import load_source  # noqa: E402
+from stages.config_base import StrictModel
+from stages.manifest import Manifest, count_reasons, merge_reasons
+from stages.mapping import MapFn, local_map
+from stages.source_table import load_source
 
 SHARD_DIGITS = 5
 PART_COLUMNS = ["url", "caption", "uid"]
@@ -134,6 +131,9 @@ def _writer_class():
 
 
 def _build_downloader(config: DownloadConfig, shards_dir: str):
+    # img2dataset imports wandb (keep it off) and albumentations (which otherwise asks PyPI for updates)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
 

@@ -34,7 +34,6 @@ class Manifest(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict)
     seconds: float = 0.0
     metrics: dict[str, float] = Field(default_factory=dict)
-    config_fingerprint: str = ""
 
     @property
     def n_dropped(self) -> int:

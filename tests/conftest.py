@@ -48,6 +48,18 @@ def served_pool(tmp_path_factory):
         yield pool_dir, base_url
 
 
+@pytest.fixture(scope="session")
+def pool_shards(served_pool, tmp_path_factory):
+    """The served pool downloaded once into 64 px shards: (shards_dir, download manifest). Read-only."""
+    from stages.download import DownloadConfig, run_download
+
+    pool_dir, _ = served_pool
+    stage_dir = tmp_path_factory.mktemp("pool-download")
+    config = DownloadConfig(image_size=64, samples_per_shard=100, min_image_size=16, thread_count=16)
+    manifest = run_download(str(pool_dir / "source.parquet"), config, stage_dir)
+    return stage_dir / "shards", manifest
+
+
 def small_demo_overrides(output_dir: Path) -> list[str]:
     return [
         f"output_dir={output_dir}",

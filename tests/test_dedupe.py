@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +12,6 @@ import pytest
 from filters.phash_dedupe import PhashDedupeParams, phash_dedupe
 from stages.dedupe import DedupeConfig, run_dedupe
 from stages.demo_truth import dedupe_quality
-from stages.download import DownloadConfig, run_download
 from stages.hash_shards import HashConfig, read_hash_tables, run_hash
 from stages.phash import to_signed
 
@@ -58,15 +59,11 @@ def test_no_duplicates_keeps_everything():
 
 
 @pytest.fixture(scope="module")
-def demo_hashes(served_pool, tmp_path_factory):
+def demo_hashes(served_pool, pool_shards, tmp_path_factory):
     pool_dir, _ = served_pool
+    shards_dir, download = pool_shards
     work = tmp_path_factory.mktemp("dedupe")
-    download = run_download(
-        str(pool_dir / "source.parquet"),
-        DownloadConfig(image_size=64, samples_per_shard=100, min_image_size=16, thread_count=16),
-        work / "download",
-    )
-    hashed = run_hash(work / "download" / "shards", HashConfig(), work / "phash")
+    hashed = run_hash(shards_dir, HashConfig(), work / "phash")
     return pool_dir, work, download, hashed
 
 
@@ -76,7 +73,7 @@ def test_hash_stage_accounts_for_every_downloaded_sample(demo_hashes):
     assert hashed.in_count == download.kept == hashed.kept
     table = read_hash_tables(work / "phash" / "hashes")
     assert table.num_rows == download.kept and table.column("width").to_pylist()[0] == 64
-    again = run_hash(work / "download" / "shards", HashConfig(), work / "phash")
+    again = run_hash(Path(download.outputs["shards_dir"]), HashConfig(), work / "phash")
     assert again.metrics["shards_skipped"] == 3 and again.kept == hashed.kept
 
 
@@ -84,7 +81,7 @@ def test_hash_stage_records_truncated_and_corrupt_shards(demo_hashes, tmp_path):
     _, work, download, _ = demo_hashes
     shards = tmp_path / "shards"
     shards.mkdir()
-    for src in sorted((work / "download" / "shards").glob("0000[01].*")):
+    for src in sorted(Path(download.outputs["shards_dir"]).glob("0000[01].*")):
         (shards / src.name).write_bytes(src.read_bytes())
     tar = shards / "00000.tar"
     data = bytearray(tar.read_bytes())

@@ -5,17 +5,13 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from stages.download import DownloadConfig, run_download
 from stages.reshard import read_tar_samples, reshard
 
 
 @pytest.fixture(scope="module")
-def shards(served_pool, tmp_path_factory):
-    pool_dir, _ = served_pool
-    stage_dir = tmp_path_factory.mktemp("dl")
-    config = DownloadConfig(image_size=32, samples_per_shard=100, thread_count=16)
-    manifest = run_download(str(pool_dir / "source.parquet"), config, stage_dir)
-    return sorted((stage_dir / "shards").glob("*.tar")), manifest
+def shards(pool_shards):
+    shards_dir, download = pool_shards
+    return sorted(shards_dir.glob("*.tar")), download
 
 
 def _samples(paths):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from stages import clip_models
-from stages.download import DownloadConfig, run_download
 from stages.evaluate import EvaluateConfig, run_evaluate
 from stages.train import TrainConfig, latest_checkpoint, run_train
 
@@ -29,15 +28,9 @@ CONFIG = TrainConfig(
 
 
 @pytest.fixture(scope="module")
-def shards(served_pool, tmp_path_factory):
-    pool_dir, _ = served_pool
-    stage_dir = tmp_path_factory.mktemp("train-data")
-    manifest = run_download(
-        str(pool_dir / "source.parquet"),
-        DownloadConfig(image_size=64, samples_per_shard=100, min_image_size=16, thread_count=16),
-        stage_dir,
-    )
-    return sorted(str(p) for p in (stage_dir / "shards").glob("*.tar")), manifest.kept
+def shards(pool_shards):
+    shards_dir, download = pool_shards
+    return sorted(str(p) for p in shards_dir.glob("*.tar")), download.kept
 
 
 def _losses(stage_dir: Path) -> dict[int, float]:
