@@ -264,6 +264,8 @@ def run_train(
     stage_dir = stage_dir.absolute()
     storage = stage_dir / "ray"
     resume = latest_checkpoint(storage)
+    # read now: once the new run saves checkpoints, Ray's num_to_keep may delete this one
+    resumed_from_step = json.loads((resume / STEP_FILE).read_text())["step"] if resume else 0
     stage_dir.mkdir(parents=True, exist_ok=True)
     loop_config = {
         "train": config.model_dump(),
@@ -305,7 +307,7 @@ def run_train(
         metrics={
             "steps": float(step),
             "samples_seen": float(step * config.batch_size),
-            "resumed_from_step": float(json.loads((resume / STEP_FILE).read_text())["step"]) if resume else 0.0,
+            "resumed_from_step": float(resumed_from_step),
             "fit_samples_per_second": step * config.batch_size / seconds,
         },
     )

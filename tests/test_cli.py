@@ -80,3 +80,52 @@ def test_demo_runs_from_the_command_line(tmp_path):
     assert "[demo_pool] in=160 kept=160" in out.stdout
     assert "[download] in=160 kept=" in out.stdout
     assert "done:" in out.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_path):
+    import json
+    import signal
+    import time
+
+    import mlflow
+
+    runs = tmp_path / "runs"
+    overrides = [o for o in small_demo_overrides(runs) if not o.startswith("stages=")] + [
+        f"ray.temp_dir=/tmp/rtk{os.getpid()}",
+        "train.samples_seen=768",
+        "train.batch_size=32",
+        "train.checkpoint_every_samples=192",
+        "subset.samples_per_shard=60",
+    ]
+    args = ["run", "demo", "--run-name", "k"] + [x for o in overrides for x in ("--set", o)]
+    env = {**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    storage = runs / "k" / "train" / "ray"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(storage.rglob("train_state.json")):
+        assert first.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.5)
+    assert list(storage.rglob("train_state.json")), "no checkpoint within 4 minutes"
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    first.wait(timeout=120)
+    assert not (runs / "k" / "train" / "manifest.json").exists()
+
+    out = cli(*args, "--resume", timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[download] finished earlier, skipped" in out.stdout
+    train = json.loads((runs / "k" / "train" / "manifest.json").read_text())
+    assert train["metrics"]["resumed_from_step"] >= 6
+    assert train["metrics"]["steps"] == 24
+    assert (runs / "k" / "evaluate" / "results.json").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    experiment = client.get_experiment_by_name("demo").experiment_id
+    statuses = sorted(r.info.status for r in client.search_runs([experiment], "tags.stage = 'train'"))
+    assert "RUNNING" not in statuses and statuses.count("FINISHED") == 1 and len(statuses) == 2
