@@ -73,12 +73,19 @@ def run(
     """Run a recipe end to end (or print its plan with --dry-run)."""
     extra = [f"ray.address={address}"] if address else []
     config = _load(recipe, (overrides or []) + extra)
-    try:
-        if dry_run:
+    if dry_run:
+        try:
             _print_plan(config, run_name)
-            return
-        from pipeline.orchestrator import run_pipeline
+        except ConfigError as err:
+            raise _fail(str(err)) from None
+        return
+    _execute(config, run_name=run_name, resume=resume)
 
+
+def _execute(config: Recipe, run_name: str | None, resume: bool) -> None:
+    from pipeline.orchestrator import run_pipeline
+
+    try:
         result = run_pipeline(
             config,
             run_name=run_name,
@@ -86,7 +93,7 @@ def run(
             log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
         )
     except KeyboardInterrupt:
-        raise _fail("interrupted: rerun with --resume to continue", 130) from None
+        raise _fail("interrupted: continue with `python -m pipeline resume RUN`", 130) from None
     except (ConfigError, ValueError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _fail(first, 1) from None
@@ -103,6 +110,21 @@ def run(
         )
     console.print(table)
     console.print(f"done: {result.run_dir} (MLflow run {result.mlflow_run_id})", highlight=False)
+
+
+@app.command()
+def resume(
+    run: Annotated[str, typer.Argument(help="run folder, or run name under --output-dir")],
+    output_dir: Annotated[str, typer.Option("--output-dir", help="where runs live")] = "runs",
+) -> None:
+    """Continue a run with the recipe it was started with (its --set overrides included)."""
+    from pipeline.status import find_run, load_run_recipe
+
+    try:
+        run_dir = find_run(run, output_dir)
+    except FileNotFoundError as err:
+        raise _fail(str(err)) from None
+    _execute(load_run_recipe(run_dir), run_name=run_dir.name, resume=True)
 
 
 @app.command("list")
@@ -128,6 +150,34 @@ def show(
     """Print the resolved recipe (defaults and overrides applied) as YAML."""
     config = _load(recipe, overrides)
     console.print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), highlight=False)
+
+
+@app.command()
+def status(
+    run: Annotated[str, typer.Argument(help="run folder, or run name under --output-dir")],
+    output_dir: Annotated[str, typer.Option("--output-dir", help="where runs live")] = "runs",
+) -> None:
+    """Show each stage of a run: finished, incomplete (interrupted or failed) or pending, with counts."""
+    from pipeline.status import find_run, run_status
+
+    try:
+        run_dir = find_run(run, output_dir)
+    except FileNotFoundError as err:
+        raise _fail(str(err)) from None
+    record, stages = run_status(run_dir)
+    console.print(
+        f"run {run_dir} (recipe {record['recipe']['name']}, MLflow run {record['mlflow_run_id']})", highlight=False
+    )
+    table = Table("stage", "state", "in", "kept", "dropped", "failed", "seconds")
+    for item in stages:
+        m = item.manifest
+        counts = (
+            [str(m.in_count), str(m.kept), str(m.n_dropped), str(m.n_failed), f"{m.seconds:.1f}"] if m else [""] * 5
+        )
+        table.add_row(item.stage, item.state, *counts)
+    console.print(table)
+    if any(item.state != "finished" for item in stages):
+        console.print(f"continue with: python -m pipeline resume {run_dir}", highlight=False, markup=False)
 
 
 def main() -> None:

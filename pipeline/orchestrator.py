@@ -75,7 +75,11 @@ def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
     path = run_dir / RUN_FILE
     if path.exists():
         record = json.loads(path.read_text())
-        before, now = flatten(record["recipe"]), flatten(_recipe_record(recipe))
+        # output_dir is where the run lives, not what it computes: a moved run folder may resume
+        before, now = (
+            {k: v for k, v in flatten(r).items() if k != "output_dir"}
+            for r in (record["recipe"], _recipe_record(recipe))
+        )
         if before != now:
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
             raise ConfigError(

@@ -45,7 +45,7 @@ class DownloadConfig(StrictModel):
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=0, le=100)
     min_image_size: int = Field(0, ge=0)
-    max_aspect_ratio: float = Field(math.inf, gt=0)
+    max_aspect_ratio: float | None = Field(None, gt=0, description="None: no limit")
     samples_per_shard: int = Field(10_000, gt=0)
     thread_count: int = Field(64, gt=0)
     timeout: float = Field(10.0, gt=0)
@@ -144,7 +144,7 @@ def _build_downloader(config: DownloadConfig, shards_dir: str):
         encode_quality=config.encode_quality,
         encode_format=config.encode_format,
         min_image_size=config.min_image_size,
-        max_aspect_ratio=config.max_aspect_ratio,
+        max_aspect_ratio=config.max_aspect_ratio or math.inf,
     )
     return Downloader(
         sample_writer_class=_writer_class(),

@@ -54,6 +54,8 @@ def test_dry_run_prints_the_plan_with_published_figures_and_touches_nothing(tmp_
         (["run", "demo", "--set", "stages=[demo_pool, train]", "--dry-run"], "'train' needs 'download' before it"),
         (["run", "laion_a", "--set", "output_dir=/proc/forbidden"], "cannot create run directory"),
         (["run", "demo", "--resume", "--set", "output_dir=/tmp/definitely-empty-xyz"], "cannot resume"),
+        (["status", "no-such-run"], "no run at 'no-such-run'"),
+        (["resume", "/tmp/definitely-empty-xyz"], "no run at"),
     ],
 )
 def test_bad_input_gives_a_one_line_error_and_nonzero_exit(args, message):
@@ -118,7 +120,17 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
     first.wait(timeout=120)
     assert not (runs / "k" / "train" / "manifest.json").exists()
 
-    out = cli(*args, "--resume", timeout=400)
+    status = cli("status", "k", "--output-dir", str(runs))
+    assert status.returncode == 0, status.stderr
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in status.stdout.splitlines()
+        if line.startswith("│")
+    }
+    assert rows["download"] == "finished" and rows["train"] == "incomplete" and rows["evaluate"] == "pending"
+    assert f"python -m pipeline resume {runs / 'k'}" in status.stdout
+
+    out = cli("resume", str(runs / "k"), timeout=400)  # the recipe and its overrides come from run.json
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[download] finished earlier, skipped" in out.stdout
     train = json.loads((runs / "k" / "train" / "manifest.json").read_text())
@@ -129,3 +141,5 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
     experiment = client.get_experiment_by_name("demo").experiment_id
     statuses = sorted(r.info.status for r in client.search_runs([experiment], "tags.stage = 'train'"))
     assert "RUNNING" not in statuses and statuses.count("FINISHED") == 1 and len(statuses) == 2
+    finished = cli("status", str(runs / "k"))
+    assert finished.stdout.count("finished") == 7 and "resume" not in finished.stdout
