@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -112,18 +113,25 @@ def _execute(config: Recipe, run_name: str | None, resume: bool) -> None:
     console.print(f"done: {result.run_dir} (MLflow run {result.mlflow_run_id})", highlight=False)
 
 
-@app.command()
-def resume(
-    run: Annotated[str, typer.Argument(help="run folder, or run name under --output-dir")],
-    output_dir: Annotated[str, typer.Option("--output-dir", help="where runs live")] = "runs",
-) -> None:
-    """Continue a run with the recipe it was started with (its --set overrides included)."""
-    from pipeline.status import find_run, load_run_recipe
+RunArgument = Annotated[str, typer.Argument(help="run folder, or run name under --output-dir")]
+OutputDirOption = Annotated[str, typer.Option("--output-dir", help="where runs live")]
+
+
+def _find_run(run: str, output_dir: str) -> Path:
+    from pipeline.status import find_run
 
     try:
-        run_dir = find_run(run, output_dir)
+        return find_run(run, output_dir)
     except FileNotFoundError as err:
         raise _fail(str(err)) from None
+
+
+@app.command()
+def resume(run: RunArgument, output_dir: OutputDirOption = "runs") -> None:
+    """Continue a run with the recipe it was started with (its --set overrides included)."""
+    from pipeline.status import load_run_recipe
+
+    run_dir = _find_run(run, output_dir)
     _execute(load_run_recipe(run_dir), run_name=run_dir.name, resume=True)
 
 
@@ -153,17 +161,11 @@ def show(
 
 
 @app.command()
-def status(
-    run: Annotated[str, typer.Argument(help="run folder, or run name under --output-dir")],
-    output_dir: Annotated[str, typer.Option("--output-dir", help="where runs live")] = "runs",
-) -> None:
+def status(run: RunArgument, output_dir: OutputDirOption = "runs") -> None:
     """Show each stage of a run: finished, incomplete (interrupted or failed) or pending, with counts."""
-    from pipeline.status import find_run, run_status
+    from pipeline.status import run_status
 
-    try:
-        run_dir = find_run(run, output_dir)
-    except FileNotFoundError as err:
-        raise _fail(str(err)) from None
+    run_dir = _find_run(run, output_dir)
     record, stages = run_status(run_dir)
     console.print(
         f"run {run_dir} (recipe {record['recipe']['name']}, MLflow run {record['mlflow_run_id']})", highlight=False
