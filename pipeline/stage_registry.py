@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, Recipe
-from stages.dedupe import kept_uids, run_dedupe
+from stages.dedupe import run_dedupe
 from stages.demo_pool import generate_pool
 from stages.demo_truth import dedupe_quality
 from stages.download import run_download
@@ -168,33 +168,18 @@ def _plan_dedupe(recipe: Recipe, run_dir: Path) -> PlanRow:
 
 def _run_subset(ctx: RunContext) -> Manifest:
     """The kept uids as new shards; everything left out is counted under its dedupe reason."""
-    decisions = pq.read_table(ctx.manifests["dedupe"].outputs["decisions"])
-    reasons = {
-        uid: reason.split(":", 1)[0]  # duplicate_of:<uid> -> duplicate_of
-        for uid, reason in zip(decisions.column("uid").to_pylist(), decisions.column("reason").to_pylist(), strict=True)
-        if reason
-    }
-    decided = set(decisions.column("uid").to_pylist())
-    reasons_for_unhashed = {uid: "not_hashed" for uid in _download_uids(ctx) if uid not in decided}
+    decisions = pq.read_table(ctx.manifests["dedupe"].outputs["decisions"]).to_pydict()
+    rows = list(zip(decisions["uid"], decisions["keep"], decisions["reason"], strict=True))
     shards = sorted(Path(ctx.manifests["download"].outputs["shards_dir"]).glob("*.tar"))
     return reshard(
         shards,
         ctx.stage_dir("subset") / "shards",
         ctx.recipe.subset.samples_per_shard,
-        keep_uids=kept_uids(Path(ctx.manifests["dedupe"].outputs["decisions"])),
+        keep_uids={uid for uid, keep, _ in rows if keep},
         stage="subset",
-        drop_reasons={**reasons, **reasons_for_unhashed},
+        drop_reasons={uid: reason.split(":", 1)[0] for uid, keep, reason in rows if not keep},  # duplicate_of
+        default_reason="not_hashed",  # downloaded samples the phash stage could not decode
     )
-
-
-def _download_uids(ctx: RunContext) -> list[str]:
-    import pyarrow.compute as pc
-
-    uids = []
-    for path in sorted(Path(ctx.manifests["download"].outputs["shards_dir"]).glob("*.parquet")):
-        table = pq.read_table(path, columns=["uid", "status"])
-        uids += table.filter(pc.equal(table.column("status"), "success")).column("uid").to_pylist()
-    return uids
 
 
 def _plan_subset(recipe: Recipe, run_dir: Path) -> PlanRow:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
@@ -67,8 +66,3 @@ def run_dedupe(hashes_dir: Path, config: DedupeConfig, stage_dir: Path) -> Manif
         seconds=seconds,
         metrics={"eval_images": float(len(eval_keys)), "kept_fraction": kept / max(table.num_rows, 1)},
     )
-
-
-def kept_uids(decisions: Path) -> set[str]:
-    table = pq.read_table(decisions, columns=["uid", "keep"])
-    return set(table.filter(pc.equal(table.column("keep"), True)).column("uid").to_pylist())

@@ -92,10 +92,11 @@ def reshard(
     keep_uids: set[str] | None = None,
     stage: str = "reshard",
     drop_reasons: Mapping[str, str] | None = None,
+    default_reason: str = "not_selected",
 ) -> Manifest:
     """Copy the samples of `shard_paths` (those in `keep_uids`, if given) into new shards.
 
-    Samples left out are counted under `drop_reasons[uid]` (default `not_selected`).
+    Samples left out are counted under `drop_reasons[uid]`, or `default_reason` for uids it lacks.
     """
     started = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -121,17 +122,15 @@ def reshard(
         stage=stage,
         **{"in": rows.num_rows},
         kept=len(written),
-        dropped=_drop_counts(rows, wanted_uids, drop_reasons or {}),
+        dropped=_drop_counts(rows, wanted_uids, drop_reasons or {}, default_reason),
         failed={"missing_in_tar": n_missing} if n_missing else {},
         outputs={"shards_dir": str(output_dir), "n_shards": str(len(writer.shards))},
         seconds=time.perf_counter() - started,
     )
 
 
-def _drop_counts(rows: pa.Table, wanted: set[str], reasons: Mapping[str, str]) -> dict[str, int]:
-    return count_reasons(
-        [reasons.get(uid, "not_selected") for uid in rows.column("uid").to_pylist() if uid not in wanted]
-    )
+def _drop_counts(rows: pa.Table, wanted: set[str], reasons: Mapping[str, str], default: str) -> dict[str, int]:
+    return count_reasons([reasons.get(uid, default) for uid in rows.column("uid").to_pylist() if uid not in wanted])
 
 
 def _write_shard_tables(rows: pa.Table, order: list[str], shards: list[str], per_shard: int) -> None:
