@@ -12,11 +12,16 @@ from stages.manifest import count_reasons
 
 @dataclass
 class FilterResult:
-    """keep[i] says whether row i survives; reason[i] says why not (None when kept)."""
+    """keep[i] says whether row i survives; reason[i] says why not (None when kept).
+
+    `scores` and `threshold` (when the filter ranks samples) feed the histograms in reports.
+    """
 
     uids: list[str]
     keep: np.ndarray
     reason: list[str | None]
+    scores: np.ndarray | None = None
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.uids) == len(self.keep) == len(self.reason)):
@@ -28,3 +33,14 @@ class FilterResult:
 
     def to_table(self, **extra_columns) -> pa.Table:
         return pa.table({"uid": self.uids, "keep": self.keep, "reason": self.reason, **extra_columns})
+
+
+def from_mask(uids: list[str], keep: np.ndarray, reason: str, **extra) -> FilterResult:
+    """A result where every dropped row has the same reason."""
+    keep = np.asarray(keep, bool)
+    return FilterResult(uids, keep, [None if k else reason for k in keep.tolist()], **extra)
+
+
+def column_numpy(table: pa.Table, name: str, dtype=np.float64) -> np.ndarray:
+    """A numeric column as numpy, nulls as NaN."""
+    return table.column(name).to_numpy(zero_copy_only=False).astype(dtype)

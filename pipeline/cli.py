@@ -113,6 +113,43 @@ def _execute(config: Recipe, run_name: str | None, resume: bool) -> None:
     console.print(f"done: {result.run_dir} (MLflow run {result.mlflow_run_id})", highlight=False)
 
 
+@app.command()
+def sweep(
+    name: Annotated[str, typer.Argument(help="sweep name (pipeline/sweeps/) or path to a sweep YAML file")],
+    overrides: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the latest run of this sweep")] = False,
+) -> None:
+    """Run several filter strategies on one pool at equal training compute; print the results table."""
+    from pipeline.sweep import load_sweep, run_sweep
+
+    try:
+        config = load_sweep(name)
+        sweep_dir, rows = run_sweep(
+            config,
+            overrides or [],
+            resume=resume,
+            log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+        )
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted: continue with `python -m pipeline sweep {name} --resume`", 130) from None
+    except (ConfigError, ValueError, RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _fail(first, 1) from None
+    table = Table("strategy", "kept", "kept fraction", "zero-shot top-1", "top-5", "image→text R@1", "text→image R@1")
+    for r in rows:
+        table.add_row(
+            r.strategy,
+            str(r.kept),
+            f"{r.kept_fraction:.3f}",
+            f"{r.zeroshot_top1:.3f}",
+            f"{r.zeroshot_top5:.3f}",
+            f"{r.image_to_text_r1:.3f}",
+            f"{r.text_to_image_r1:.3f}",
+        )
+    console.print(table)
+    console.print(f"done: {sweep_dir} (table and plot in {sweep_dir / 'results'})", highlight=False)
+
+
 RunArgument = Annotated[str, typer.Argument(help="run folder, or run name under --output-dir")]
 OutputDirOption = Annotated[str, typer.Option("--output-dir", help="where runs live")]
 
@@ -144,6 +181,12 @@ def list_() -> None:
     for name in available_recipes():
         table.add_row(name, load_recipe(name).description.strip().splitlines()[0])
     console.print(table)
+    from pipeline.sweep import available_sweeps, load_sweep
+
+    sweeps = Table("sweep", "strategies")
+    for name in available_sweeps():
+        sweeps.add_row(name, ", ".join(load_sweep(name).strategies))
+    console.print(sweeps)
     stages = Table("stage", "what it does")
     for spec in STAGES.values():
         stages.add_row(spec.name, spec.summary)

@@ -18,8 +18,12 @@ from stages.config_base import StrictModel
 from stages.dedupe import DedupeConfig
 from stages.demo_pool import DemoPoolConfig
 from stages.download import DownloadConfig
+from stages.embed import EmbedConfig
 from stages.evaluate import EvaluateConfig
+from stages.filter_pool import FilterConfig
+from stages.fit_heads import HeadsConfig
 from stages.hash_shards import HashConfig
+from stages.seed_models import SeedModelsConfig
 from stages.train import TrainConfig
 
 RECIPES_PACKAGE = "pipeline.recipes"
@@ -73,6 +77,10 @@ class Recipe(StrictModel):
     download: DownloadConfig = DownloadConfig()
     phash: HashConfig = HashConfig()
     dedupe: DedupeConfig = DedupeConfig()
+    seed_models: SeedModelsConfig = SeedModelsConfig()
+    embed: EmbedConfig = EmbedConfig()
+    heads: HeadsConfig = HeadsConfig()
+    filter: FilterConfig = FilterConfig()
     subset: SubsetConfig = SubsetConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -124,15 +132,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is not a section")
-            node = child
-        node[parts[-1]] = value
+        node: Any = data
+        for i, part in enumerate(parts):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):  # filter.strategy.1.threshold=6: list items by index
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override '{text}': '{where}' is not an item of a {len(node)}-item list")
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+            else:
+                raise ConfigError(f"override '{text}': '{'.'.join(parts[:i])}' is not a section")
+            if i == len(parts) - 1:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
     return data
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,8 +142,15 @@ def run_pipeline(
     resume: bool = False,
     log: Callable[[str], None] = print,
     map_fn_factory: Callable[[], object] | None = None,
+    reuse: dict[str, Manifest] | None = None,
+    parent_run_id: str | None = None,
 ) -> RunResult:
-    """Run every stage of `recipe`; return the manifests. Raises on any accounting error."""
+    """Run every stage of `recipe`; return the manifests. Raises on any accounting error.
+
+    `reuse` holds finished stages of another run (a sweep's shared stages): they are taken as
+    done. `parent_run_id` nests this run's MLflow run under another (a sweep's).
+    """
+    reuse = reuse or {}
     specs = validate_stages(recipe)
     run_dir = resolve_run_dir(recipe, run_name, resume)
     record = load_or_create_run(run_dir, recipe)
@@ -156,13 +163,14 @@ def run_pipeline(
 
         map_fn = map_fn_factory() if map_fn_factory else make_ray_map()
         ctx = RunContext(recipe=recipe, run_dir=run_dir, map_fn=map_fn, tracking_uri=tracker.uri)
-        with tracker.parent_run(run_dir.name, _recipe_record(recipe), record["mlflow_run_id"]) as parent_id:
+        run_record = record["mlflow_run_id"]
+        with tracker.parent_run(run_dir.name, _recipe_record(recipe), run_record, parent_run_id) as parent_id:
             record["mlflow_run_id"] = parent_id
             _write_run_record(run_dir, record)
-            with demo_server(recipe, run_dir, ctx):
+            with demo_server(recipe, run_dir, ctx) if "demo_pool" not in reuse else nullcontext():
                 for spec in specs:
                     stage_dir = ctx.stage_dir(spec.name)
-                    finished = Manifest.read(stage_dir)
+                    finished = reuse.get(spec.name) or Manifest.read(stage_dir)
                     if finished is not None:
                         ctx.manifests[spec.name] = finished
                         skipped.append(spec.name)

@@ -15,16 +15,25 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from filters.heads import HeadError, load_head
+from filters.strategy import missing_columns
 from pipeline.config import ConfigError, Recipe
+from stages import clip_models
 from stages.dedupe import run_dedupe
 from stages.demo_pool import generate_pool
-from stages.demo_truth import dedupe_quality
+from stages.demo_truth import dedupe_quality, filter_quality
 from stages.download import run_download
+from stages.embed import run_embed
 from stages.evaluate import run_evaluate
+from stages.filter_pool import run_filter
+from stages.filter_report import write_report
+from stages.fit_heads import run_fit_heads
 from stages.hash_shards import run_hash
 from stages.manifest import Manifest
 from stages.mapping import MapFn, local_map
+from stages.pool_table import build_pool_table, downloaded_rows
 from stages.reshard import reshard
+from stages.seed_models import run_seed_models
 from stages.train import Tracking, run_train
 
 
@@ -166,18 +175,32 @@ def _plan_dedupe(recipe: Recipe, run_dir: Path) -> PlanRow:
     )
 
 
+def _shard_paths(ctx: RunContext) -> list[Path]:
+    return sorted(Path(ctx.manifests["download"].outputs["shards_dir"]).glob("*.tar"))
+
+
+def _decision_stage(recipe: Recipe) -> str:
+    """Whose decisions a subset materialises: the filter strategy's, else dedupe's alone."""
+    return "filter" if "filter" in recipe.stages else "dedupe"
+
+
+def _subset_reason(reason: str) -> str:
+    if reason.startswith("failed:"):
+        return reason
+    return reason.split(":", 1)[0] if reason.startswith(("duplicate_of:", "eval_duplicate_of:")) else reason
+
+
 def _run_subset(ctx: RunContext) -> Manifest:
-    """The kept uids as new shards; everything left out is counted under its dedupe reason."""
-    decisions = pq.read_table(ctx.manifests["dedupe"].outputs["decisions"]).to_pydict()
+    """The kept uids as new shards; everything left out is counted under its filter's reason."""
+    decisions = pq.read_table(ctx.manifests[_decision_stage(ctx.recipe)].outputs["decisions"]).to_pydict()
     rows = list(zip(decisions["uid"], decisions["keep"], decisions["reason"], strict=True))
-    shards = sorted(Path(ctx.manifests["download"].outputs["shards_dir"]).glob("*.tar"))
     return reshard(
-        shards,
+        _shard_paths(ctx),
         ctx.stage_dir("subset") / "shards",
         ctx.recipe.subset.samples_per_shard,
         keep_uids={uid for uid, keep, _ in rows if keep},
         stage="subset",
-        drop_reasons={uid: reason.split(":", 1)[0] for uid, keep, reason in rows if not keep},  # duplicate_of
+        drop_reasons={uid: _subset_reason(reason) for uid, keep, reason in rows if not keep},
         default_reason="not_hashed",  # downloaded samples the phash stage could not decode
     )
 
@@ -185,11 +208,146 @@ def _run_subset(ctx: RunContext) -> Manifest:
 def _plan_subset(recipe: Recipe, run_dir: Path) -> PlanRow:
     return PlanRow(
         "subset",
-        "download shards + dedupe decisions",
+        f"download shards + {_decision_stage(recipe)} decisions",
         str(run_dir / "subset" / "shards"),
         _estimated_source_rows(recipe),
         f"shards of {recipe.subset.samples_per_shard:,}",
     )
+
+
+def _labels_path(ctx: RunContext, configured: str | None) -> str:
+    if configured:
+        return configured
+    return ctx.manifests["demo_pool"].outputs["labels"]
+
+
+def _labelled_uids(ctx: RunContext) -> set[str]:
+    """uids the run's own filters were fitted on: excluded when scoring filters on the demo."""
+    if "demo_pool" not in ctx.manifests:
+        return set()
+    return set(pq.read_table(ctx.manifests["demo_pool"].outputs["labels"], columns=["uid"]).column("uid").to_pylist())
+
+
+def _run_seed_models(ctx: RunContext) -> Manifest:
+    config = ctx.recipe.seed_models
+    labels = pq.read_table(_labels_path(ctx, config.labels))
+    if "dedupe" in ctx.manifests:  # never train on duplicates or copies of evaluation images
+        decisions = pq.read_table(ctx.manifests["dedupe"].outputs["decisions"], columns=["uid", "keep"])
+        usable = set(decisions.filter(decisions.column("keep")).column("uid").to_pylist())
+    else:
+        usable = set(downloaded_rows(Path(ctx.manifests["download"].outputs["shards_dir"])).column("uid").to_pylist())
+    return run_seed_models(_shard_paths(ctx), labels, usable, config, ctx.stage_dir("seed_models"))
+
+
+def _plan_seed_models(recipe: Recipe, run_dir: Path) -> PlanRow:
+    t = recipe.seed_models.train
+    what = "reference CLIP + filtering network" if recipe.seed_models.dfn else "reference CLIP"
+    return PlanRow(
+        "seed_models",
+        recipe.seed_models.labels or "demo_pool/labels.parquet",
+        str(run_dir / "seed_models"),
+        None,
+        f"{what}: {t.model}, {t.samples_seen:,} samples seen each",
+    )
+
+
+def _embed_models(ctx: RunContext) -> tuple[str, str | None]:
+    """(scoring model, filtering network): the recipe's paths, else what seed_models trained."""
+    config = ctx.recipe.embed
+    seed = ctx.manifests.get("seed_models")
+    model = config.model or (seed.outputs["clip_model"] if seed else None)
+    dfn = config.dfn_model or (seed.outputs.get("dfn_model") if seed else None)
+    if model is None:
+        raise ValueError("embed needs embed.model (a saved model folder or checkpoint) or the seed_models stage")
+    return model, dfn
+
+
+def _run_embed(ctx: RunContext) -> Manifest:
+    model, dfn = _embed_models(ctx)
+    config = ctx.recipe.embed.model_copy(update={"dfn_model": dfn})
+    shards_dir = Path(ctx.manifests["download"].outputs["shards_dir"])
+    return run_embed(shards_dir, config, ctx.stage_dir("embed"), model)
+
+
+def _plan_embed(recipe: Recipe, run_dir: Path) -> PlanRow:
+    e = recipe.embed
+    extras = [
+        name
+        for name, on in (("dfn_score", e.dfn_model or "seed_models" in recipe.stages), ("nsfw_onnx", e.nsfw_onnx))
+        if on
+    ]
+    return PlanRow(
+        "embed",
+        str(run_dir / "download" / "shards"),
+        str(run_dir / "embed" / "embeddings"),
+        _estimated_source_rows(recipe),
+        f"{e.model or 'seed_models clip'} via Ray Data, batch {e.batch_size}; clip_score"
+        + "".join(f", {x}" for x in extras),
+    )
+
+
+def _run_heads(ctx: RunContext) -> Manifest:
+    config = ctx.recipe.heads
+    labels = pq.read_table(_labels_path(ctx, config.labels))
+    embed = ctx.manifests["embed"]
+    return run_fit_heads(
+        Path(embed.outputs["embeddings_dir"]), labels, config, ctx.stage_dir("heads"), embed.outputs["model"]
+    )
+
+
+def _plan_heads(recipe: Recipe, run_dir: Path) -> PlanRow:
+    h = recipe.heads
+    return PlanRow(
+        "heads",
+        h.labels or "demo_pool/labels.parquet",
+        str(run_dir / "heads"),
+        None,
+        f"{', '.join(h.heads)} head(s) on image embeddings, {h.epochs} epochs",
+    )
+
+
+def resolved_strategy(ctx_manifests: dict[str, Manifest], recipe: Recipe) -> list:
+    """The strategy with each head-based filter's default head set to what the heads stage fitted."""
+    heads = ctx_manifests.get("heads")
+    steps = []
+    for params in recipe.filter.strategy:
+        head = getattr(params, "head", "unset")
+        if head is None and heads is not None:
+            key = f"{params.name}_head"
+            if key in heads.outputs:
+                params = params.model_copy(update={"head": heads.outputs[key]})
+        steps.append(params)
+    return steps
+
+
+def _run_filter(ctx: RunContext) -> Manifest:
+    m = ctx.manifests
+    pool = build_pool_table(
+        Path(m["download"].outputs["shards_dir"]),
+        hashes_dir=Path(m["phash"].outputs["hashes_dir"]) if "phash" in m else None,
+        decisions_path=Path(m["dedupe"].outputs["decisions"]) if "dedupe" in m else None,
+        embeddings_dir=Path(m["embed"].outputs["embeddings_dir"]) if "embed" in m else None,
+    )
+    config = ctx.recipe.filter.model_copy(update={"strategy": resolved_strategy(m, ctx.recipe)})
+    stage_dir = ctx.stage_dir("filter")
+    manifest, result = run_filter(pool, config, stage_dir)
+    captions = dict(zip(pool.column("uid").to_pylist(), pool.column("caption").to_pylist(), strict=True))
+    report = write_report(result, captions, _shard_paths(ctx), config.examples, stage_dir / "report")
+    manifest.outputs["artifacts"] = str(report)
+    if "demo_pool" in m:
+        truth = pq.read_table(m["demo_pool"].outputs["ground_truth"])
+        manifest.metrics.update(filter_quality(result, truth, exclude=_labelled_uids(ctx)))
+    return manifest
+
+
+def _plan_filter(recipe: Recipe, run_dir: Path) -> PlanRow:
+    steps = " ∩ ".join(_describe_step(p) for p in recipe.filter.strategy) or "(keep all)"
+    return PlanRow("filter", "per-uid pool table", str(run_dir / "filter" / "decisions.parquet"), None, steps)
+
+
+def _describe_step(params) -> str:
+    fields = {k: v for k, v in params.model_dump().items() if k != "name" and v is not None}
+    return f"{params.name}({', '.join(f'{k}={v}' for k, v in fields.items())})"
 
 
 def _training_source(recipe: Recipe) -> str:
@@ -274,6 +432,36 @@ STAGES: dict[str, StageSpec] = {
             upstream=lambda r: "phash",
         ),
         StageSpec(
+            "seed_models",
+            "train the reference CLIP and filtering network on the labelled slice",
+            _run_seed_models,
+            _plan_seed_models,
+            lambda r: r.seed_models.model_dump(),
+        ),
+        StageSpec(
+            "embed",
+            "CLIP image/text embeddings and pair scores, Ray Data actor pool",
+            _run_embed,
+            _plan_embed,
+            lambda r: r.embed.model_dump(),
+            upstream=lambda r: "download",
+        ),
+        StageSpec(
+            "heads",
+            "fit the aesthetic and NSFW heads on labelled embeddings",
+            _run_heads,
+            _plan_heads,
+            lambda r: r.heads.model_dump(),
+        ),
+        StageSpec(
+            "filter",
+            "apply the filter strategy to the per-uid pool table",
+            _run_filter,
+            _plan_filter,
+            lambda r: r.filter.model_dump(),
+            upstream=lambda r: "download",
+        ),
+        StageSpec(
             "subset",
             "materialise the kept samples as new shards",
             _run_subset,
@@ -318,14 +506,96 @@ def validate_stages(recipe: Recipe) -> list[StageSpec]:
     for stage, needs in (
         ("phash", "download"),
         ("dedupe", "phash"),
-        ("subset", "dedupe"),
+        ("subset", _decision_stage(recipe)),
+        ("seed_models", "download"),
+        ("embed", "download"),
+        ("heads", "embed"),
+        ("filter", "download"),
         ("train", "download"),
         ("evaluate", "train"),
     ):
         if stage in seen and needs not in seen[: seen.index(stage)]:
             raise ConfigError(f"invalid recipe '{recipe.name}': stages: '{stage}' needs '{needs}' before it")
+    _check_models_and_labels(recipe, seen)
+    if "filter" in seen:
+        _check_strategy(recipe, seen)
     if "evaluate" in seen and recipe.source.kind != "demo" and not recipe.evaluate.eval_dir:
         raise ConfigError(f"invalid recipe '{recipe.name}': evaluate.eval_dir is needed outside the demo")
     if recipe.source.kind != "demo" and "demo_pool" in seen:
         raise ConfigError(f"invalid recipe '{recipe.name}': stages: 'demo_pool' needs source.kind 'demo'")
     return [STAGES[name] for name in recipe.stages]
+
+
+def _fail(recipe: Recipe, message: str) -> ConfigError:
+    return ConfigError(f"invalid recipe '{recipe.name}': {message}")
+
+
+def _check_models_and_labels(recipe: Recipe, seen: list[str]) -> None:
+    """Model and label files exist before any stage runs."""
+    demo = recipe.source.kind == "demo"
+    if "embed" in seen:
+        before = seen[: seen.index("embed")]
+        if not recipe.embed.model and "seed_models" not in before:
+            raise _fail(
+                recipe, "embed.model is needed (a saved model folder or checkpoint) unless seed_models runs first"
+            )
+        for key in ("model", "dfn_model"):
+            path = getattr(recipe.embed, key)
+            if path and not Path(path).exists():
+                raise _fail(recipe, f"embed.{key}: not found: {path}")
+            if path and Path(path).is_file() and not getattr(recipe.embed, f"{key}_name"):
+                raise _fail(recipe, f"embed.{key}_name: the open_clip architecture of {path} is needed")
+    for stage in ("seed_models", "heads"):
+        labels = getattr(recipe, stage).labels
+        if stage in seen and not labels and not demo:
+            raise _fail(recipe, f"{stage}.labels is needed (a parquet of labelled uids) outside the demo")
+        if stage in seen and labels and not Path(labels).exists():
+            raise _fail(recipe, f"{stage}.labels: not found: {labels}")
+
+
+def _embedding_width(recipe: Recipe) -> int | None:
+    if recipe.embed.model and Path(recipe.embed.model).exists():
+        return clip_models.embed_dim(recipe.embed.model, recipe.embed.model_name)
+    if not recipe.embed.model and "seed_models" in recipe.stages:
+        return clip_models.embed_dim(None, recipe.seed_models.train.model)
+    return None
+
+
+def _check_strategy(recipe: Recipe, seen: list[str]) -> None:
+    """Every filter of the strategy can run: its columns will exist and its head fits the embeddings."""
+    before = seen[: seen.index("filter")]
+    columns = ["uid", "caption", "original_width", "original_height"]
+    if "dedupe" in before:
+        columns += ["dedupe_keep", "dedupe_reason"]
+    if "embed" in before:
+        columns += ["image_emb", "text_emb", "clip_score"]
+        if recipe.embed.dfn_model or ("seed_models" in before and recipe.seed_models.dfn):
+            columns.append("dfn_score")
+        if recipe.embed.nsfw_onnx:
+            columns.append("nsfw_onnx")
+    hints = {
+        "dedupe_keep": "run the dedupe stage",
+        "dfn_score": "set embed.dfn_model",
+        "nsfw_onnx": "set embed.nsfw_onnx=true",
+    }
+    for name, column in missing_columns(columns, recipe.filter.strategy):
+        hint = hints.get(column, "run the embed stage")
+        raise _fail(recipe, f"filter '{name}' needs '{column}': {hint}")
+    width = _embedding_width(recipe) if "embed" in before else None
+    for params in recipe.filter.strategy:
+        head = getattr(params, "head", "unset")
+        if head == "unset" or (params.name == "nsfw" and params.backend != "head"):
+            continue
+        if head is None:
+            if "heads" not in before:
+                raise _fail(recipe, f"filter '{params.name}' needs head=<path> or the heads stage before filter")
+            continue
+        try:
+            _, info = load_head(head, "binary" if params.name == "nsfw" else "regression")
+        except HeadError as err:
+            raise _fail(recipe, f"filter '{params.name}': {err}") from None
+        if width is not None and info.input_dim != width:
+            raise _fail(
+                recipe,
+                f"filter '{params.name}': head takes {info.input_dim}-dim embeddings but the embed model gives {width}",
+            )

@@ -102,10 +102,13 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start : start + 100])
 
     @contextmanager
-    def parent_run(self, run_name: str, params: Mapping[str, Any], run_id: str | None) -> Iterator[str]:
-        """Start (or reopen, on resume) the parent run; yield its id."""
+    def parent_run(
+        self, run_name: str, params: Mapping[str, Any], run_id: str | None, nest_under: str | None = None
+    ) -> Iterator[str]:
+        """Start (or reopen, on resume) the parent run; yield its id. `nest_under`: a sweep's run."""
         if run_id is None:
-            run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
+            tags = {"mlflow.parentRunId": nest_under} if nest_under else None
+            run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
             self._log_params(run_id, params)
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -138,3 +141,5 @@ class Tracker:
         metrics = [Metric(k, v, now, 0) for k, v in manifest_metrics(manifest).items()]
         self.client.log_batch(run_id, metrics=metrics)
         self.client.log_artifact(run_id, str(manifest_path))
+        if manifest.outputs.get("artifacts"):  # a stage's report folder: plots, example grids
+            self.client.log_artifacts(run_id, manifest.outputs["artifacts"], "report")

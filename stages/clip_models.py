@@ -50,7 +50,53 @@ def load(folder: Path, device: str = "cpu"):
     if not info_path.exists() or not weights_path.exists():
         raise FileNotFoundError(f"{folder}: not a saved model (needs {MODEL_INFO} and {WEIGHTS})")
     model_name = json.loads(info_path.read_text())["model"]
+    return load_checkpoint(weights_path, model_name, device)
+
+
+def load_checkpoint(path: Path, model_name: str, device: str = "cpu"):
+    """(model, eval transform, tokenizer) from an open_clip checkpoint file (.pt/.bin/.safetensors).
+
+    Accepts a bare state dict or open_clip's training checkpoint (`state_dict`, `module.` prefixes).
+    """
     model, _, preprocess_eval, tokenizer = create(model_name)
-    state = torch.load(weights_path, map_location=device, weights_only=True)  # never unpickles code
-    model.load_state_dict(state)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device=device)
+    else:
+        state = torch.load(path, map_location=device, weights_only=True)  # never unpickles code
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ValueError(f"{path}: weights do not fit open_clip model '{model_name}': {first}") from None
     return model.to(device).eval(), preprocess_eval, tokenizer
+
+
+def load_model(path: str | Path, model_name: str | None = None, device: str = "cpu"):
+    """A saved model folder, or a checkpoint file plus its open_clip model name."""
+    path = Path(path)
+    if path.is_dir():
+        return load(path, device)
+    if not path.is_file():
+        raise FileNotFoundError(f"model not found: {path}")
+    if not model_name:
+        raise ValueError(f"{path}: a checkpoint file needs its open_clip model name (e.g. ViT-B-32)")
+    return load_checkpoint(path, model_name, device)
+
+
+def embed_dim(path: str | Path | None, model_name: str | None = None) -> int:
+    """The joint embedding width of a saved model or named architecture, without loading weights."""
+    import open_clip
+
+    register_model_configs()
+    if path and Path(path).is_dir():
+        model_name = json.loads((Path(path) / MODEL_INFO).read_text())["model"]
+    config = open_clip.get_model_config(model_name or "")
+    if config is None:
+        raise ValueError(f"unknown open_clip model '{model_name}'")
+    return int(config["embed_dim"])

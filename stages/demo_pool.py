@@ -25,6 +25,14 @@ from stages.manifest import Manifest, count_reasons
 from stages.uid import compute_uid
 
 CONNECTION_REFUSED_BASE = "http://127.0.0.1:9"  # the discard port: nothing listens on loopback
+NON_ENGLISH_CAPTIONS = [
+    "une photo de vacances au bord de la mer avec des amis",
+    "ein schönes Bild von unserem Garten im Sommer",
+    "foto del producto disponible en nuestra tienda en línea",
+    "immagine della nuova collezione di primavera in negozio",
+    "zdjęcie naszego domu w górach zimą",
+]
+GOOD_PAIR_DEFECTS = {"clean", "exact_duplicate", "near_duplicate", "slow"}
 
 
 class DefectFractions(StrictModel):
@@ -36,6 +44,7 @@ class DefectFractions(StrictModel):
     low_quality: float = Field(0.06, ge=0, le=1)
     tiny: float = Field(0.02, ge=0, le=1)
     unsafe: float = Field(0.04, ge=0, le=1)
+    bad_caption: float = Field(0.03, ge=0, le=1)
     broken_url: float = Field(0.03, ge=0, le=1)
     corrupt_file: float = Field(0.03, ge=0, le=1)
     eval_leak: float = Field(0.02, ge=0, le=1)
@@ -57,6 +66,9 @@ class DemoPoolConfig(StrictModel):
     seed: int = 0
     port: int = Field(0, ge=0, le=65535, description="loopback port; 0 picks a free one")
     slow_seconds: float = Field(0.0, ge=0, description="delay the server adds to 'slow' URLs")
+    labelled_fraction: float = Field(
+        0.3, ge=0, lt=1, description="rows given human-style labels (ratings, unsafe, good pair) for fitting filters"
+    )
     defects: DefectFractions = DefectFractions()
 
 
@@ -70,6 +82,7 @@ class PoolRow:
     duplicate_of: str | None = None
     unsafe: bool = False
     expected: str = "kept"
+    labelled: bool = False
 
     @property
     def uid(self) -> str:
@@ -171,10 +184,14 @@ def generate_pool(config: DemoPoolConfig, pool_dir: Path, base_url: str) -> Mani
         image = world.render_scene(scene, size, rng)
         kind = "noise" if i % 2 == 0 else "blur"
         image = world.degrade_noise(image, rng) if kind == "noise" else world.degrade_blur(image)
+        # as on the web, some captions admit it; that is how a CLIP's embedding comes to encode quality
+        caption = (
+            f"a {'grainy' if kind == 'noise' else 'blurry'} photo of {scene.caption}" if i % 4 < 2 else scene.caption
+        )
         pool.add(
             f"lowq_{i}.jpg",
             world.encode_jpeg(image, quality=60),
-            PoolRow("", scene.caption, scene.label, "low_quality", kind),
+            PoolRow("", caption, scene.label, "low_quality", kind),
         )
     for i in range(counts["tiny"]):
         scene = world.random_scene(rng)
@@ -190,6 +207,19 @@ def generate_pool(config: DemoPoolConfig, pool_dir: Path, base_url: str) -> Mani
             f"hazard_{i}.jpg",
             world.encode_jpeg(world.render_hazard(size, rng)),
             PoolRow("", caption, world.UNSAFE_LABEL, "unsafe", unsafe=True),
+        )
+    for i in range(counts["bad_caption"]):
+        scene = world.random_scene(rng)
+        kind = ("filename", "too_short", "not_english")[i % 3]
+        caption = {
+            "filename": f"IMG_{int(rng.integers(1000, 9999))}.jpg",
+            "too_short": scene.label,
+            "not_english": str(rng.choice(NON_ENGLISH_CAPTIONS)),
+        }[kind]
+        pool.add(
+            f"badcap_{i}.jpg",
+            world.encode_jpeg(world.render_scene(scene, size, rng)),
+            PoolRow("", caption, scene.label, "bad_caption", kind),
         )
     for i in range(counts["broken_url"]):
         scene = world.random_scene(rng)
@@ -234,7 +264,10 @@ def generate_pool(config: DemoPoolConfig, pool_dir: Path, base_url: str) -> Mani
 
     order = rng.permutation(len(pool.rows))
     rows = [pool.rows[i] for i in order]
+    for row in rows[: int(round(config.labelled_fraction * len(rows)))]:  # rows are shuffled: a random slice
+        row.labelled = True
     _write_tables(rows, pool_dir)
+    _write_labels(rows, pool_dir / "labels.parquet", rng)
     (pool_dir / "pool.json").write_text(
         json.dumps({"base_url": base_url, "n_rows": len(rows), "config": config.model_dump()}, indent=2)
     )
@@ -245,6 +278,7 @@ def generate_pool(config: DemoPoolConfig, pool_dir: Path, base_url: str) -> Mani
         outputs={
             "source": str(pool_dir / "source.parquet"),
             "ground_truth": str(pool_dir / "ground_truth.parquet"),
+            "labels": str(pool_dir / "labels.parquet"),
             "eval": str(pool_dir / "eval"),
             "files": str(files_dir),
         },
@@ -271,6 +305,27 @@ def _near_duplicate(payload: bytes, i: int, rng: np.random.Generator) -> tuple[s
     return kind, world.encode_jpeg(image, quality=90)
 
 
+def _write_labels(rows: list[PoolRow], path: Path, rng: np.random.Generator) -> None:
+    """What a labelling team would hand over for the labelled slice: ratings, flags, good pairs.
+
+    Ratings are on LAION's 1-10 aesthetic scale: degraded images get 1.5-3.5, others 5.5-8.5.
+    """
+    labelled = [r for r in rows if r.labelled]
+    low = np.array([r.defect == "low_quality" for r in labelled])
+    ratings = np.where(low, rng.uniform(1.5, 3.5, len(labelled)), rng.uniform(5.5, 8.5, len(labelled)))
+    pq.write_table(
+        pa.table(
+            {
+                "uid": [r.uid for r in labelled],
+                "rating": ratings.astype(np.float32),
+                "unsafe": [r.unsafe for r in labelled],
+                "good_pair": [r.defect in GOOD_PAIR_DEFECTS for r in labelled],
+            }
+        ),
+        path,
+    )
+
+
 def _write_tables(rows: list[PoolRow], pool_dir: Path) -> None:
     pq.write_table(
         pa.table({"url": [r.url for r in rows], "caption": [r.caption for r in rows]}), pool_dir / "source.parquet"
@@ -287,6 +342,7 @@ def _write_tables(rows: list[PoolRow], pool_dir: Path) -> None:
                 "duplicate_of": [r.duplicate_of for r in rows],
                 "unsafe": [r.unsafe for r in rows],
                 "expected": [r.expected for r in rows],
+                "labelled": [r.labelled for r in rows],
             }
         ),
         pool_dir / "ground_truth.parquet",

@@ -54,3 +54,36 @@ def dedupe_quality(decisions: pa.Table, ground_truth: pa.Table) -> dict[str, flo
     }
     metrics.update({f"dedupe_recall_{kind}": sum(v) / len(v) for kind, v in sorted(caught.items())})
     return metrics
+
+
+# what each filter is meant to catch among the planted defects (dedupe has its own metrics above)
+FILTER_TARGETS = {
+    "basic": {"bad_caption"},
+    "clip_score": {"mismatched_caption", "bad_caption"},  # pairs whose text does not describe the image
+    "dfn": {"mismatched_caption", "bad_caption"},
+    "aesthetic": {"low_quality"},
+    "nsfw": {"unsafe"},
+}
+
+
+def filter_quality(result, ground_truth: pa.Table, exclude: set[str] | None = None) -> dict[str, float]:
+    """Per strategy step: precision and recall of its drops against the defects it targets.
+
+    `exclude` holds uids the filters were fitted on (the labelled slice); they are not scored.
+    """
+    defect = dict(zip(ground_truth.column("uid").to_pylist(), ground_truth.column("defect").to_pylist(), strict=True))
+    exclude = exclude or set()
+    metrics: dict[str, float] = {}
+    for index, (params, step) in enumerate(result.steps):
+        targets = FILTER_TARGETS.get(params.name)
+        if not targets:
+            continue
+        scored = [(uid, bool(kept)) for uid, kept in zip(result.uids, step.keep, strict=True) if uid not in exclude]
+        dropped = [uid for uid, kept in scored if not kept]
+        positives = [uid for uid, _ in scored if defect.get(uid) in targets]
+        hits = sum(defect.get(uid) in targets for uid in dropped)
+        label = result.step_label(index)
+        metrics[f"{label}.precision"] = hits / len(dropped) if dropped else 1.0
+        metrics[f"{label}.recall"] = hits / len(positives) if positives else 1.0
+        metrics[f"{label}.targets"] = float(len(positives))
+    return metrics

@@ -62,7 +62,7 @@ def image_bytes(sample: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def _expected_samples(tar: Path) -> pa.Table:
+def expected_samples(tar: Path) -> pa.Table:
     """Samples the shard should contain: successful rows of its parquet (all keys if none)."""
     parquet = tar.with_suffix(".parquet")
     if not parquet.exists():
@@ -87,7 +87,7 @@ def hash_shard(task: HashTask) -> HashResult:
     output = Path(task.output)
     if output.exists():
         return _summarize(pq.read_table(output, columns=["reason"]), skipped=True)
-    expected = _expected_samples(Path(task.tar))
+    expected = expected_samples(Path(task.tar))
     position = {uid: i for i, uid in enumerate(expected.column("uid").to_pylist())}
     thumbs, sizes = {}, {}
     reasons: dict[str, str] = {}

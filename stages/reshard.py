@@ -44,7 +44,7 @@ def read_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, byte
         yield current_key, current
 
 
-def _successful_rows(parquet_paths: Iterable[Path]) -> pa.Table:
+def successful_rows(parquet_paths: Iterable[Path]) -> pa.Table:
     tables = [pq.read_table(p) for p in parquet_paths]
     table = pa.concat_tables(tables, promote_options="default")
     if "status" in table.column_names:
@@ -101,7 +101,7 @@ def reshard(
     started = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     tars = [Path(p) for p in shard_paths]
-    rows = _successful_rows(t.with_suffix(".parquet") for t in tars)
+    rows = successful_rows(t.with_suffix(".parquet") for t in tars)
     wanted = rows if keep_uids is None else rows.filter(pc.is_in(rows.column("uid"), pa.array(sorted(keep_uids))))
     wanted_uids = set(wanted.column("uid").to_pylist())
     writer = _ShardWriter(output_dir, samples_per_shard)

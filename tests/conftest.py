@@ -71,6 +71,17 @@ def small_demo_overrides(output_dir: Path) -> list[str]:
     ]
 
 
+def fast_filter_overrides() -> list[str]:
+    """Seed models trained for a handful of steps: enough to exercise the chain, not to filter well."""
+    return [
+        "seed_models.train.samples_seen=128",
+        "seed_models.train.batch_size=32",
+        "seed_models.train.checkpoint_every_samples=128",
+        "heads.epochs=50",
+        "embed.batch_size=64",
+    ]
+
+
 @pytest.fixture
 def small_demo(tmp_path) -> Recipe:
     return load_recipe("demo", small_demo_overrides(tmp_path / "runs"))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import small_demo_overrides
+from tests.conftest import fast_filter_overrides, small_demo_overrides
 
 
 def cli(*args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -50,9 +50,10 @@ def test_dry_run_prints_the_plan_with_published_figures_and_touches_nothing(tmp_
         (["run", "nope"], "unknown recipe 'nope'"),
         (["run", "demo", "--set", "download.image_sz=64", "--dry-run"], "download.image_sz: unknown key"),
         (["run", "demo", "--set", "download.image_size=big", "--dry-run"], "download.image_size"),
-        (["run", "demo", "--set", "stages=[demo_pool, embed]", "--dry-run"], "unknown stage 'embed'"),
+        (["run", "demo", "--set", "stages=[demo_pool, embedding]", "--dry-run"], "unknown stage 'embedding'"),
         (["run", "demo", "--set", "stages=[demo_pool, train]", "--dry-run"], "'train' needs 'download' before it"),
-        (["run", "laion_a", "--set", "output_dir=/proc/forbidden"], "cannot create run directory"),
+        (["run", "demo", "--set", "output_dir=/proc/forbidden"], "cannot create run directory"),
+        (["run", "laion_a", "--dry-run"], "embed.model is needed"),
         (["run", "demo", "--resume", "--set", "output_dir=/tmp/definitely-empty-xyz"], "cannot resume"),
         (["status", "no-such-run"], "no run at 'no-such-run'"),
         (["resume", "/tmp/definitely-empty-xyz"], "no run at"),
@@ -94,6 +95,7 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
 
     runs = tmp_path / "runs"
     overrides = [o for o in small_demo_overrides(runs) if not o.startswith("stages=")] + [
+        *fast_filter_overrides(),
         f"ray.temp_dir=/tmp/rtk{os.getpid()}",
         "train.samples_seen=768",
         "train.batch_size=32",
@@ -142,4 +144,4 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
     statuses = sorted(r.info.status for r in client.search_runs([experiment], "tags.stage = 'train'"))
     assert "RUNNING" not in statuses and statuses.count("FINISHED") == 1 and len(statuses) == 2
     finished = cli("status", str(runs / "k"))
-    assert finished.stdout.count("finished") == 7 and "resume" not in finished.stdout
+    assert finished.stdout.count("finished") == 11 and "resume" not in finished.stdout

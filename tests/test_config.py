@@ -6,12 +6,22 @@ from pipeline.config import ConfigError, available_recipes, load_recipe
 from pipeline.stage_registry import validate_stages
 
 
-def test_all_shipped_recipes_load_and_have_valid_stage_lists():
+def test_all_shipped_recipes_load_and_have_valid_stage_lists(tmp_path):
     names = available_recipes()
     for required in ["demo", "laion_a", "datacomp_small", "datacomp_medium", "datacomp_large", "datacomp_xlarge"]:
         assert required in names
-    for name in names:
+    for name in [n for n in names if n != "laion_a"]:
         validate_stages(load_recipe(name))
+    # laion_a needs the user's CLIP and aesthetic head: refused without, valid with files that fit
+    with pytest.raises(ConfigError, match="embed.model is needed"):
+        validate_stages(load_recipe("laion_a"))
+    from filters.heads import EmbeddingHead, HeadInfo, save_head
+    from stages import clip_models
+
+    model, *_ = clip_models.create("demo-tiny")
+    folder = clip_models.save(model, "demo-tiny", tmp_path / "clip")
+    head = save_head(EmbeddingHead(64), HeadInfo(kind="regression", input_dim=64), tmp_path / "aesthetic")
+    validate_stages(load_recipe("laion_a", [f"embed.model={folder}", f"filter.strategy.1.head={head}"]))
 
 
 def test_datacomp_recipes_carry_published_scale_figures():
@@ -86,7 +96,8 @@ def test_recipe_file_that_is_not_a_mapping(tmp_path):
 @pytest.mark.parametrize(
     ("stages", "expected"),
     [
-        ("[demo_pool, embed]", "unknown stage 'embed'"),
+        ("[demo_pool, embedding]", "unknown stage 'embedding'"),
+        ("[demo_pool, download, heads]", "'heads' needs 'embed' before it"),
         ("[demo_pool, download, dedupe]", "'dedupe' needs 'phash' before it"),
         ("[download]", "needs 'demo_pool' before 'download'"),
         ("[demo_pool, demo_pool]", "listed twice"),

@@ -50,14 +50,16 @@ def test_ground_truth_matches_config_and_uids(served_pool):
     defects = {}
     for row in truth:
         defects[row["defect"]] = defects.get(row["defect"], 0) + 1
-    # defaults: exact 4%, near 6%, mismatched 8%, low quality 6% + tiny 2%, unsafe 4%, broken 3%, corrupt 3%, leak 2%
+    # defaults: exact 4%, near 6%, mismatched 8%, low quality 6% + tiny 2%, unsafe 4%, bad caption 3%,
+    # broken 3%, corrupt 3%, leak 2%
     assert defects == {
-        "clean": 186,
+        "clean": 177,
         "exact_duplicate": 12,
         "near_duplicate": 18,
         "mismatched_caption": 24,
         "low_quality": 24,
         "unsafe": 12,
+        "bad_caption": 9,
         "broken_url": 9,
         "corrupt_file": 9,
         "eval_leak": 6,
@@ -105,3 +107,18 @@ def test_pool_generation_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "ground_truth.parquet").read_bytes() == (
         tmp_path / "b" / "ground_truth.parquet"
     ).read_bytes()
+
+
+def test_labelled_slice_has_ratings_flags_and_good_pairs_from_the_ground_truth(served_pool):
+    pool_dir, _ = served_pool
+    truth = {r["uid"]: r for r in pq.read_table(pool_dir / "ground_truth.parquet").to_pylist()}
+    labels = pq.read_table(pool_dir / "labels.parquet").to_pylist()
+    assert len(labels) == 90 == sum(r["labelled"] for r in truth.values())  # 30% of 300
+    for row in labels:
+        defect = truth[row["uid"]]["defect"]
+        assert truth[row["uid"]]["labelled"]
+        assert (row["rating"] < 4) == (defect == "low_quality")
+        assert row["unsafe"] == (defect == "unsafe")
+        assert row["good_pair"] == (defect in {"clean", "exact_duplicate", "near_duplicate", "slow"})
+    bad = [r for r in truth.values() if r["defect"] == "bad_caption"]
+    assert {r["detail"] for r in bad} == {"filename", "too_short", "not_english"}

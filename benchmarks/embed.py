@@ -1,0 +1,154 @@
+"""Embed benchmark: the embed stage on Ray Data actor pools vs a single-process torch loop.
+
+    .venv/bin/python benchmarks/embed.py --images 3000 --model demo-tiny --size 64
+    .venv/bin/python benchmarks/embed.py --images 1000 --model ViT-B-32 --size 224
+
+Both sides embed the same webdataset shards (rendered scenes with captions) with the same
+randomly initialised open_clip model: decode, preprocess, encode image and text, cosine. The
+baseline is what one writes by hand: one process, torch's default threads, a Python loop over
+the shards in batches. The stage runs Ray Data read tasks feeding an actor pool (one model per
+actor). Prints samples/s and the ratio, measured in the same run. Run by hand, not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def write_shards(root: Path, n_images: int, size: int, per_shard: int) -> list[Path]:
+    """Shards with a parquet of expected uids beside each tar, as the download stage writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages import demo_scenes as world
+
+    rng = np.random.default_rng(0)
+    shards = []
+    for start in range(0, n_images, per_shard):
+        tar_path = root / f"{len(shards):05d}.tar"
+        keys = []
+        with tarfile.open(tar_path, "w") as tar:
+            for i in range(start, min(start + per_shard, n_images)):
+                scene = world.random_scene(rng)
+                key = f"{i:08d}"
+                for ext, data in (
+                    ("jpg", world.encode_jpeg(world.render_scene(scene, size, rng))),
+                    ("txt", scene.caption.encode()),
+                ):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                keys.append(key)
+        pq.write_table(pa.table({"uid": keys, "status": ["success"] * len(keys)}), tar_path.with_suffix(".parquet"))
+        shards.append(tar_path)
+    return shards
+
+
+def single_process_loop(shards: list[Path], model_dir: str, batch_size: int) -> int:
+    """The hand-written baseline: decode, preprocess and embed in one process."""
+    import torch
+    from PIL import Image
+
+    from stages import clip_models
+    from stages.reshard import read_tar_samples
+
+    model, preprocess, tokenizer = clip_models.load(Path(model_dir))
+    done = 0
+
+    def flush(images, captions):
+        with torch.inference_mode():
+            image = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
+            text = model.encode_text(tokenizer(captions), normalize=True)
+            (image * text).sum(dim=1).numpy()
+
+    images, captions = [], []
+    for tar in shards:
+        for _, sample in read_tar_samples(tar):
+            images.append(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+            captions.append(sample["txt"].decode())
+            if len(images) == batch_size:
+                flush(images, captions)
+                done += len(images)
+                images, captions = [], []
+    if images:
+        flush(images, captions)
+        done += len(images)
+    return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--size", type=int, default=64, help="rendered image side, px")
+    parser.add_argument("--model", default="demo-tiny")
+    parser.add_argument("--per-shard", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--actors", type=int, default=None, help="default: one per CPU (or GPU)")
+    parser.add_argument("--threads-per-actor", type=int, default=1)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from pipeline.runtime import WORKER_ENV
+    from stages import clip_models
+    from stages.embed import EmbedConfig, run_embed
+
+    work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    try:
+        (work / "shards").mkdir()
+        shards = write_shards(work / "shards", args.images, args.size, args.per_shard)
+        torch.manual_seed(0)
+        model, *_ = clip_models.create(args.model)
+        model_dir = str(clip_models.save(model, args.model, work / "model"))
+        del model
+        print(
+            f"{args.images} images of {args.size}px in {len(shards)} shards, model {args.model}, {os.cpu_count()} CPUs"
+        )
+
+        single_process_loop(shards[:1], model_dir, args.batch_size)  # warm caches, as the stage's actors warm up
+        started = time.perf_counter()
+        n = single_process_loop(shards, model_dir, args.batch_size)
+        baseline = n / (time.perf_counter() - started)
+        print(f"single-process torch loop ({torch.get_num_threads()} threads): {baseline:8.1f} samples/s")
+
+        ray.init(
+            include_dashboard=False,
+            _temp_dir=ray_tmp,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": WORKER_ENV},
+        )
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        config = EmbedConfig(batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads_per_actor)
+        run_embed(work / "shards", config.model_copy(update={"shard_glob": "00000.tar"}), work / "warm", model_dir)
+        manifest = run_embed(work / "shards", config, work / "stage", model_dir)
+        stage = manifest.kept / manifest.seconds
+        steady = manifest.metrics["steady_samples_per_second"]
+        print(f"embed stage, Ray Data actor pool:        {stage:8.1f} samples/s end to end (incl. replica start-up)")
+        print(f"                                          {steady:8.1f} samples/s steady state (after first batch)")
+        print(f"ratio: {stage / baseline:.2f}x end to end, {steady / baseline:.2f}x steady state")
+        print(json.dumps({"baseline": baseline, "stage": stage, "steady": steady, "ratio_steady": steady / baseline}))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

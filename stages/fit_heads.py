@@ -1,0 +1,78 @@
+"""Heads stage: fit the aesthetic and NSFW heads on a labelled slice of the pool's embeddings.
+
+Labels are a table of uid plus `rating` (1-10, for the aesthetic head) and/or `unsafe` (bool,
+for the NSFW head). Only labelled uids are used, so the rest of the pool stays unseen and can
+measure the heads honestly. Heads are written as `<stage>/aesthetic.pt` and `nsfw.pt`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from filters.heads import HeadInfo, fit_head, save_head
+from stages.config_base import StrictModel
+from stages.embed import embedding_matrix, read_embedding_tables
+from stages.manifest import Manifest, count_reasons
+
+HEAD_TARGETS = {"aesthetic": ("rating", "regression"), "nsfw": ("unsafe", "binary")}
+
+
+class HeadsConfig(StrictModel):
+    labels: str | None = Field(None, description="parquet: uid, rating and/or unsafe; default: the demo's labels")
+    heads: list[str] = Field(["aesthetic", "nsfw"], description="which heads to fit")
+    epochs: int = Field(300, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+
+def run_fit_heads(
+    embeddings_dir: Path, labels: pa.Table, config: HeadsConfig, stage_dir: Path, embedding_model: str
+) -> Manifest:
+    started = time.perf_counter()
+    unknown = sorted(set(config.heads) - set(HEAD_TARGETS))
+    if unknown:
+        raise ValueError(f"heads: unknown head {unknown[0]} (available: {', '.join(HEAD_TARGETS)})")
+    embedded = read_embedding_tables(embeddings_dir)
+    position = {u: i for i, u in enumerate(embedded.column("uid").to_pylist())}
+    embed_reasons = embedded.column("reason").to_pylist()
+    uids = labels.column("uid").to_pylist()
+    reasons = [embed_reasons[position[u]] if u in position else "not_embedded" for u in uids]
+    usable = np.array([r is None for r in reasons])
+    rows = np.array([position[u] for u, ok in zip(uids, usable, strict=True) if ok], np.int64)
+    vectors = embedding_matrix(embedded.take(pa.array(rows)), "image_emb") if len(rows) else np.zeros((0, 1))
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    outputs, metrics = {}, {}
+    for name in config.heads:
+        column, kind = HEAD_TARGETS[name]
+        if column not in labels.column_names:
+            raise ValueError(f"heads: the labels table has no '{column}' column for the {name} head")
+        values = pc.cast(labels.column(column), pa.float32()).to_numpy(zero_copy_only=False)[usable]
+        known = ~np.isnan(values)
+        head, fit_metrics = fit_head(
+            vectors[known], values[known], kind, epochs=config.epochs, lr=config.lr, seed=config.seed
+        )
+        info = HeadInfo(
+            kind=kind,
+            activation=True,
+            input_dim=vectors.shape[1],
+            target=column,
+            embedding_model=embedding_model,
+            metrics=fit_metrics,
+        )
+        outputs[f"{name}_head"] = str(save_head(head, info, stage_dir / name))
+        metrics.update({f"{name}_{k}": v for k, v in fit_metrics.items()})
+    return Manifest(
+        stage="heads",
+        **{"in": len(uids)},
+        kept=int(usable.sum()),
+        failed=count_reasons([r for r in reasons if r is not None]),
+        outputs=outputs,
+        seconds=time.perf_counter() - started,
+        metrics=metrics,
+    )
