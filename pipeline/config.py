@@ -94,23 +94,25 @@ def available_recipes() -> list[str]:
     )
 
 
-def _read_yaml(name_or_path: str) -> dict[str, Any]:
+def read_yaml_mapping(name_or_path: str, package: str = RECIPES_PACKAGE, kind: str = "recipe") -> dict[str, Any]:
+    """A YAML file by path, or by name from a package folder of them (recipes, sweeps)."""
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"}:
         if not path.exists():
-            raise ConfigError(f"recipe file not found: {path}")
+            raise ConfigError(f"{kind} file not found: {path}")
         text = path.read_text()
     else:
-        resource = resources.files(RECIPES_PACKAGE) / f"{name_or_path}.yaml"
+        resource = resources.files(package) / f"{name_or_path}.yaml"
         if not resource.is_file():
-            raise ConfigError(f"unknown recipe '{name_or_path}' (available: {', '.join(available_recipes())})")
+            names = sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+            raise ConfigError(f"unknown {kind} '{name_or_path}' (available: {', '.join(names)})")
         text = resource.read_text()
     try:
         data = yaml.safe_load(text)  # safe_load: a recipe can never construct Python objects
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe '{name_or_path}' is not valid YAML: {str(err).splitlines()[0]}") from err
+        raise ConfigError(f"{kind} '{name_or_path}' is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe '{name_or_path}' must be a mapping of keys to values")
+        raise ConfigError(f"{kind} '{name_or_path}' must be a mapping of keys to values")
     return data
 
 
@@ -168,7 +170,7 @@ def format_validation_error(err: ValidationError, recipe: str) -> str:
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe by name or path, apply overrides, validate; raise ConfigError on problems."""
-    data = apply_overrides(_read_yaml(name_or_path), overrides or [])
+    data = apply_overrides(read_yaml_mapping(name_or_path), overrides or [])
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:

@@ -20,11 +20,10 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
-import yaml
 from pydantic import Field, ValidationError
 
 from filters.registry import FilterParams
-from pipeline.config import ConfigError, Recipe, format_validation_error, load_recipe
+from pipeline.config import ConfigError, Recipe, format_validation_error, load_recipe, read_yaml_mapping
 from pipeline.orchestrator import RunResult, run_pipeline
 from pipeline.runtime import ray_runtime
 from pipeline.stage_registry import validate_stages
@@ -63,20 +62,9 @@ def available_sweeps() -> list[str]:
 
 
 def load_sweep(name_or_path: str) -> SweepConfig:
-    path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"}:
-        if not path.exists():
-            raise ConfigError(f"sweep file not found: {path}")
-        text = path.read_text()
-    else:
-        resource = resources.files(SWEEPS_PACKAGE) / f"{name_or_path}.yaml"
-        if not resource.is_file():
-            raise ConfigError(f"unknown sweep '{name_or_path}' (available: {', '.join(available_sweeps())})")
-        text = resource.read_text()
+    data = read_yaml_mapping(name_or_path, SWEEPS_PACKAGE, "sweep")
     try:
-        return SweepConfig.model_validate(yaml.safe_load(text))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"sweep '{name_or_path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        return SweepConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(
             format_validation_error(err, name_or_path).replace("invalid recipe", "invalid sweep")
