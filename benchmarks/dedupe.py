@@ -17,7 +17,6 @@ import io
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 import tracemalloc
@@ -28,21 +27,7 @@ import numpy as np
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-
-def write_shards(root: Path, n_images: int, size: int, per_shard: int) -> list[Path]:
-    from stages import demo_scenes as world
-
-    rng = np.random.default_rng(0)
-    shards = []
-    for start in range(0, n_images, per_shard):
-        shards.append(root / f"{len(shards):05d}.tar")
-        with tarfile.open(shards[-1], "w") as tar:
-            for i in range(start, min(start + per_shard, n_images)):
-                payload = world.encode_jpeg(world.render_scene(world.random_scene(rng), size, rng))
-                info = tarfile.TarInfo(f"{i:08d}.jpg")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return shards
+from scene_shards import write_scene_shards  # noqa: E402 (benchmarks run as scripts)
 
 
 def bench_hashing(args: argparse.Namespace) -> None:
@@ -59,7 +44,7 @@ def bench_hashing(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dedupe-"))
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     try:
-        shards = write_shards(work, args.images, args.image_size, args.shard_size)
+        shards = write_scene_shards(work, args.images, args.image_size, args.shard_size)
         payloads = [(k, s["jpg"]) for t in shards for k, s in read_tar_samples(t)]
 
         started = time.perf_counter()

@@ -15,6 +15,7 @@ vectors `image_emb`, `text_emb`, float32 `clip_score` (their cosine), optional `
 
 from __future__ import annotations
 
+import io
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -131,7 +132,7 @@ class Embedder:
             if reasons[i] is not None:
                 continue
             try:
-                with Image.open(_bytes_io(batch["image"][i])) as im:
+                with Image.open(io.BytesIO(batch["image"][i])) as im:
                     images[i] = im.convert("RGB")
             except Exception:  # noqa: BLE001 - an undecodable payload is this sample's failure
                 reasons[i] = "decode_error"
@@ -163,12 +164,6 @@ class Embedder:
 def _as_reason(value: object) -> str | None:
     """Ray Data may turn an all-None object column into NaN floats; only strings are reasons."""
     return value if isinstance(value, str) and value else None
-
-
-def _bytes_io(payload: bytes):
-    import io
-
-    return io.BytesIO(payload)
 
 
 def _shard_table(rows: dict[str, list]) -> pa.Table:

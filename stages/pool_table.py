@@ -70,10 +70,7 @@ def _missing_as(table: pa.Table, reason_column: str, value_column: str, reason: 
 
 def upstream_failure(table: pa.Table) -> list[str | None]:
     """Per row, the first reason an earlier stage could not process the sample (None if none)."""
-    columns = [c for c in ("phash_reason", "embed_reason") if c in table.column_names]
-    per_column = [table.column(c).to_pylist() for c in columns]
-    return (
-        [next((r for r in reasons if r), None) for reasons in zip(*per_column, strict=True)]
-        if columns
-        else [None] * table.num_rows
-    )
+    per_column = [table.column(c).to_pylist() for c in ("phash_reason", "embed_reason") if c in table.column_names]
+    return [next((r for r in reasons if r), None) for reasons in zip(*per_column, strict=True)] or [
+        None
+    ] * table.num_rows

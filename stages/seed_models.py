@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from stages import clip_models
@@ -77,8 +76,7 @@ def run_seed_models(
         metrics["dfn_pairs"] = float(len(curated))
     if clip_run is not None:
         metrics["clip_train_seconds"] = clip_run.seconds
-    n_good_table = int(pc.sum(pc.cast(labels.column("good_pair"), pa.int64())).as_py() or 0) if config.dfn else 0
-    metrics["labelled_good_pairs"] = float(n_good_table)
+    metrics["labelled_good_pairs"] = float(sum(good)) if config.dfn else 0.0
     return Manifest(
         stage="seed_models",
         **{"in": len(uids)},
