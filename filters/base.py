@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +14,8 @@ from stages.manifest import count_reasons
 class FilterResult:
     """keep[i] says whether row i survives; reason[i] says why not (None when kept).
 
-    `scores` and `threshold` (when the filter ranks samples) feed the histograms in reports.
+    `scores` and `threshold` (when the filter ranks samples) feed the histograms in reports;
+    `metrics` are the filter's own figures (cluster counts, removal at other settings), logged as is.
     """
 
     uids: list[str]
@@ -22,6 +23,7 @@ class FilterResult:
     reason: list[str | None]
     scores: np.ndarray | None = None
     threshold: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (len(self.uids) == len(self.keep) == len(self.reason)):

@@ -27,7 +27,7 @@ class BasicParams(StrictModel):
     min_chars: int = Field(6, ge=0, description="caption needs at least this many characters (DataComp: > 5)")
     languages: list[str] | None = Field(["en"], description="ISO 639-1 codes to keep; null keeps any language")
     min_image_side: int = Field(200, ge=0, description="shorter original side, px")
-    max_aspect_ratio: float = Field(3.0, ge=1)
+    max_aspect_ratio: float | None = Field(3.0, ge=1, description="longer / shorter side; null: any shape")
 
 
 @cache
@@ -60,7 +60,8 @@ def apply(table: pa.Table, params: BasicParams) -> FilterResult:
         rules.append(("basic:language", np.array([lang in wanted for lang in caption_languages(captions)], bool)))
     # sizes unknown (null) pass: the rule cannot judge them, and download already enforced its own minimum
     rules.append(("basic:image_size", np.isnan(short) | (short >= params.min_image_side)))
-    rules.append(("basic:aspect_ratio", np.isnan(aspect) | (aspect <= params.max_aspect_ratio)))
+    if params.max_aspect_ratio is not None:
+        rules.append(("basic:aspect_ratio", np.isnan(aspect) | (aspect <= params.max_aspect_ratio)))
     keep = np.ones(n, bool)
     reason: list[str | None] = [None] * n
     for name, passed in rules:

@@ -12,17 +12,28 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
-from filters import aesthetic, basic, clip_score, dedupe, dfn, nsfw
+from filters import (
+    aesthetic,
+    basic,
+    clip_score,
+    dedupe,
+    dfn,
+    image_based,
+    metaclip_balance,
+    nsfw,
+    semantic_dedupe,
+    text_based,
+)
 from filters.base import FilterResult
+from filters.presets import expand_presets
 
 
 @dataclass(frozen=True)
 class FilterSpec:
     apply: Callable[[pa.Table, object], FilterResult]
     needs: Callable[[object], tuple[str, ...]]
-    target: str | None = None  # what the filter is meant to catch, for ground-truth scoring on the demo
 
 
 def _static(columns: tuple[str, ...]) -> Callable[[object], tuple[str, ...]]:
@@ -36,6 +47,10 @@ FILTERS: dict[str, FilterSpec] = {
     "dfn": FilterSpec(dfn.apply, _static(dfn.NEEDS)),
     "aesthetic": FilterSpec(aesthetic.apply, _static(aesthetic.NEEDS)),
     "nsfw": FilterSpec(nsfw.apply, nsfw.needs),
+    "text_based": FilterSpec(text_based.apply, _static(text_based.NEEDS)),
+    "image_based": FilterSpec(image_based.apply, _static(image_based.NEEDS)),
+    "semantic_dedupe": FilterSpec(semantic_dedupe.apply, _static(semantic_dedupe.NEEDS)),
+    "metaclip_balance": FilterSpec(metaclip_balance.apply, _static(metaclip_balance.NEEDS)),
 }
 
 FilterParams = Annotated[
@@ -44,6 +59,13 @@ FilterParams = Annotated[
     | clip_score.ClipScoreParams
     | dfn.DfnParams
     | aesthetic.AestheticParams
-    | nsfw.NsfwParams,
+    | nsfw.NsfwParams
+    | text_based.TextBasedParams
+    | image_based.ImageBasedParams
+    | semantic_dedupe.SemanticDedupeParams
+    | metaclip_balance.MetaclipBalanceParams,
     Field(discriminator="name"),
 ]
+
+Strategy = Annotated[list[FilterParams], BeforeValidator(expand_presets)]
+"""A strategy as recipes write it: filters and preset names (see `filters.presets`), in order."""

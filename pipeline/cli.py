@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.budget import storage_estimate
 from pipeline.config import ConfigError, Recipe, available_recipes, load_recipe
 
 app = typer.Typer(
@@ -57,9 +58,35 @@ def _print_plan(recipe: Recipe, run_name: str | None) -> None:
         f"beta2 {train.beta2:g}, {train.workers} worker(s){' on GPU' if train.use_gpu else ''}",
         highlight=False,
     )
-    if recipe.source.pool_size:
-        console.print(f"pool size: {recipe.source.pool_size:,} samples", highlight=False)
+    for line in budget_lines(recipe):
+        console.print(line, highlight=False)
     console.print("dry run: nothing was started or written.")
+
+
+def budget_lines(recipe: Recipe) -> list[str]:
+    """Compute and storage estimates for the plan (see pipeline.budget for the conventions)."""
+    from pipeline.budget import training_budget
+    from pipeline.stage_registry import embedding_width, estimated_source_rows, human_bytes
+
+    lines = []
+    if "train" in recipe.stages:
+        budget = training_budget(recipe.train.model, recipe.train.samples_seen)
+        if budget.macs is None:
+            lines.append(f"compute: not estimated for {recipe.train.model} (ViT configs only)")
+        else:
+            lines.append(
+                f"compute: {budget.macs:.2g} MACs (forward, both towers, x samples seen; DataComp's measure), "
+                f"~{budget.train_flops:.2g} training FLOPs, ~{budget.reference_gpu_hours:,.1f} A100-hours at 40% MFU"
+            )
+    rows = estimated_source_rows(recipe)
+    if rows:
+        width = embedding_width(recipe) if "embed" in recipe.stages else None
+        storage = storage_estimate(rows, recipe.download.image_size, width)
+        parts = [f"shards ~{human_bytes(storage.shards)}", f"metadata ~{human_bytes(storage.metadata)}"]
+        if width:
+            parts.append(f"embeddings ~{human_bytes(storage.embeddings)}")
+        lines.append(f"storage for {rows:,} samples: " + ", ".join(parts) + f" (total ~{human_bytes(storage.total)})")
+    return lines
 
 
 @app.command()

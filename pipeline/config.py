@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from filters.presets import expand_presets
 from stages.config_base import StrictModel
 from stages.dedupe import DedupeConfig
 from stages.demo_pool import DemoPoolConfig
@@ -138,6 +139,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for i, part in enumerate(parts):
             where = ".".join(parts[: i + 1])
             if isinstance(node, list):  # filter.strategy.1.threshold=6: list items by index
+                if any(isinstance(item, str) for item in node):  # index presets by the steps they expand to
+                    try:
+                        node[:] = expand_presets(node)
+                    except ValueError as err:
+                        raise ConfigError(f"override '{text}': {err}") from None
                 if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(f"override '{text}': '{where}' is not an item of a {len(node)}-item list")
                 key: Any = int(part)

@@ -17,14 +17,16 @@ import pyarrow.parquet as pq
 
 from filters.heads import HeadError, load_head
 from filters.strategy import missing_columns
+from pipeline.budget import storage_estimate
 from pipeline.config import ConfigError, Recipe
 from stages import clip_models
+from stages.class_embeddings import write_class_embeddings
 from stages.dedupe import run_dedupe
 from stages.demo_pool import generate_pool
 from stages.demo_truth import dedupe_quality, filter_quality
 from stages.download import run_download
 from stages.embed import run_embed
-from stages.evaluate import run_evaluate
+from stages.evaluate import read_classnames, run_evaluate
 from stages.filter_pool import run_filter
 from stages.filter_report import write_report
 from stages.fit_heads import run_fit_heads
@@ -35,6 +37,8 @@ from stages.pool_table import build_pool_table, downloaded_rows
 from stages.reshard import reshard
 from stages.seed_models import run_seed_models
 from stages.train import Tracking, run_train
+
+VOCABULARY_FILTERS = ("text_based", "metaclip_balance")  # default vocabulary: the eval set's class names
 
 
 @dataclass
@@ -80,7 +84,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def _estimated_source_rows(recipe: Recipe) -> int | None:
+def estimated_source_rows(recipe: Recipe) -> int | None:
     if recipe.source.kind == "demo":
         return recipe.source.demo.n_samples
     if recipe.source.pool_size:
@@ -123,13 +127,12 @@ def _run_download(ctx: RunContext) -> Manifest:
 
 
 def _plan_download(recipe: Recipe, run_dir: Path) -> PlanRow:
-    rows = _estimated_source_rows(recipe)
+    rows = estimated_source_rows(recipe)
     source = "demo_pool/source.parquet" if recipe.source.kind == "demo" else str(recipe.source.path)
     note = ""
     if rows:
         shards = math.ceil(rows / recipe.download.samples_per_shard)
-        # jpg at this size is roughly a tenth of its raw RGB bytes; a rough, documented guess
-        size = rows * recipe.download.image_size**2 * 3 / 10
+        size = storage_estimate(rows, recipe.download.image_size, None).shards
         note = f"{shards:,} shards of {recipe.download.samples_per_shard:,}, ~{human_bytes(size)}"
     return PlanRow("download", source, str(run_dir / "download" / "shards"), rows, note)
 
@@ -144,7 +147,7 @@ def _plan_phash(recipe: Recipe, run_dir: Path) -> PlanRow:
         "phash",
         str(run_dir / "download" / "shards"),
         str(run_dir / "phash" / "hashes"),
-        _estimated_source_rows(recipe),
+        estimated_source_rows(recipe),
         "64-bit pHash per image, imagehash-compatible",
     )
 
@@ -170,7 +173,7 @@ def _plan_dedupe(recipe: Recipe, run_dir: Path) -> PlanRow:
         "dedupe",
         str(run_dir / "phash" / "hashes"),
         str(run_dir / "dedupe" / "decisions.parquet"),
-        _estimated_source_rows(recipe),
+        estimated_source_rows(recipe),
         f"Hamming <= {d.max_distance}, keep {d.keep}, {evals} eval set(s)",
     )
 
@@ -210,7 +213,7 @@ def _plan_subset(recipe: Recipe, run_dir: Path) -> PlanRow:
         "subset",
         f"download shards + {_decision_stage(recipe)} decisions",
         str(run_dir / "subset" / "shards"),
-        _estimated_source_rows(recipe),
+        estimated_source_rows(recipe),
         f"shards of {recipe.subset.samples_per_shard:,}",
     )
 
@@ -266,7 +269,18 @@ def _run_embed(ctx: RunContext) -> Manifest:
     model, dfn = _embed_models(ctx)
     config = ctx.recipe.embed.model_copy(update={"dfn_model": dfn})
     shards_dir = Path(ctx.manifests["download"].outputs["shards_dir"])
-    return run_embed(shards_dir, config, ctx.stage_dir("embed"), model)
+    manifest = run_embed(shards_dir, config, ctx.stage_dir("embed"), model)
+    classnames = eval_classnames(ctx.recipe, ctx.manifests)
+    if classnames:  # default targets of the image_based filter
+        path = write_class_embeddings(
+            model,
+            config.model_name,
+            classnames,
+            ctx.recipe.evaluate.templates,
+            ctx.stage_dir("embed") / "class_embeddings.npy",
+        )
+        manifest.outputs["class_embeddings"] = str(path)
+    return manifest
 
 
 def _plan_embed(recipe: Recipe, run_dir: Path) -> PlanRow:
@@ -280,7 +294,7 @@ def _plan_embed(recipe: Recipe, run_dir: Path) -> PlanRow:
         "embed",
         str(run_dir / "download" / "shards"),
         str(run_dir / "embed" / "embeddings"),
-        _estimated_source_rows(recipe),
+        estimated_source_rows(recipe),
         f"{e.model or 'seed_models clip'} via Ray Data, batch {e.batch_size}; clip_score"
         + "".join(f", {x}" for x in extras),
     )
@@ -306,17 +320,29 @@ def _plan_heads(recipe: Recipe, run_dir: Path) -> PlanRow:
     )
 
 
-def resolved_strategy(ctx_manifests: dict[str, Manifest], recipe: Recipe) -> list:
-    """The strategy with each head-based filter's default head set to what the heads stage fitted."""
-    heads = ctx_manifests.get("heads")
+def eval_classnames(recipe: Recipe, manifests: dict[str, Manifest]) -> list[str] | None:
+    """The evaluation set's class names: the recipe's eval_dir, else the demo's held-out set."""
+    if recipe.evaluate.eval_dir:
+        return read_classnames(Path(recipe.evaluate.eval_dir))
+    if "demo_pool" in manifests:
+        return read_classnames(Path(manifests["demo_pool"].outputs["eval"]))
+    return None
+
+
+def resolved_strategy(manifests: dict[str, Manifest], recipe: Recipe) -> list:
+    """The strategy with run-made defaults filled in: fitted heads, eval class names, class embeddings."""
+    heads = manifests.get("heads")
+    class_embeddings = manifests["embed"].outputs.get("class_embeddings") if "embed" in manifests else None
     steps = []
     for params in recipe.filter.strategy:
-        head = getattr(params, "head", "unset")
-        if head is None and heads is not None:
-            key = f"{params.name}_head"
-            if key in heads.outputs:
-                params = params.model_copy(update={"head": heads.outputs[key]})
-        steps.append(params)
+        update: dict[str, object] = {}
+        if getattr(params, "head", "unset") is None and heads is not None:
+            update["head"] = heads.outputs.get(f"{params.name}_head")
+        if params.name in VOCABULARY_FILTERS and not (params.words or params.vocabulary):
+            update["words"] = eval_classnames(recipe, manifests)
+        if params.name == "image_based" and not params.targets:
+            update["targets"] = class_embeddings
+        steps.append(params.model_copy(update={k: v for k, v in update.items() if v is not None}))
     return steps
 
 
@@ -368,7 +394,7 @@ def _plan_train(recipe: Recipe, run_dir: Path) -> PlanRow:
         "train",
         str(run_dir / _training_source(recipe) / "shards"),
         str(run_dir / "train" / "model"),
-        _estimated_source_rows(recipe),
+        estimated_source_rows(recipe),
         f"{t.model}, {t.samples_seen:,} samples seen = {t.total_steps:,} steps of {t.batch_size:,}, "
         f"{t.workers} {device} worker(s), checkpoint every {t.checkpoint_every_steps:,} steps",
     )
@@ -553,12 +579,26 @@ def _check_models_and_labels(recipe: Recipe, seen: list[str]) -> None:
             raise _fail(recipe, f"{stage}.labels: not found: {labels}")
 
 
-def _embedding_width(recipe: Recipe) -> int | None:
+def embedding_width(recipe: Recipe) -> int | None:
     if recipe.embed.model and Path(recipe.embed.model).exists():
         return clip_models.embed_dim(recipe.embed.model, recipe.embed.model_name)
     if not recipe.embed.model and "seed_models" in recipe.stages:
         return clip_models.embed_dim(None, recipe.seed_models.train.model)
     return None
+
+
+def _check_filter_inputs(recipe: Recipe, before: list[str]) -> None:
+    """Vocabulary and target files exist, and run-made defaults (eval class names) will exist."""
+    has_classes = bool(recipe.evaluate.eval_dir) or "demo_pool" in before
+    for params in recipe.filter.strategy:
+        paths = [getattr(params, key, None) for key in ("vocabulary", "targets")]
+        for path in filter(None, paths):
+            if not Path(path).is_file():
+                raise _fail(recipe, f"filter '{params.name}': file not found: {path}")
+        if params.name in VOCABULARY_FILTERS and not (params.words or params.vocabulary) and not has_classes:
+            raise _fail(recipe, f"filter '{params.name}' needs words or vocabulary (no eval class names to default to)")
+        if params.name == "image_based" and not params.targets and not (has_classes and "embed" in before):
+            raise _fail(recipe, "filter 'image_based' needs targets=<.npy> (or eval class names and the embed stage)")
 
 
 def _check_strategy(recipe: Recipe, seen: list[str]) -> None:
@@ -581,7 +621,8 @@ def _check_strategy(recipe: Recipe, seen: list[str]) -> None:
     for name, column in missing_columns(columns, recipe.filter.strategy):
         hint = hints.get(column, "run the embed stage")
         raise _fail(recipe, f"filter '{name}' needs '{column}': {hint}")
-    width = _embedding_width(recipe) if "embed" in before else None
+    _check_filter_inputs(recipe, before)
+    width = embedding_width(recipe) if "embed" in before else None
     for params in recipe.filter.strategy:
         head = getattr(params, "head", "unset")
         if head == "unset" or (params.name == "nsfw" and params.backend != "head"):

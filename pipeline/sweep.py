@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from filters.registry import FilterParams
+from filters.registry import Strategy
 from pipeline.config import ConfigError, Recipe, format_validation_error, load_recipe, read_yaml_mapping
 from pipeline.orchestrator import RunResult, run_pipeline
 from pipeline.runtime import ray_runtime
@@ -39,7 +39,7 @@ class SweepConfig(StrictModel):
     description: str = ""
     recipe: str = Field(description="base recipe: everything but filter.strategy")
     overrides: list[str] = Field(default_factory=list, description="--set overrides applied to the base recipe")
-    strategies: dict[str, list[FilterParams]] = Field(min_length=1)
+    strategies: dict[str, Strategy] = Field(min_length=1)
 
 
 @dataclass

@@ -63,6 +63,7 @@ FILTER_TARGETS = {
     "dfn": {"mismatched_caption", "bad_caption"},
     "aesthetic": {"low_quality"},
     "nsfw": {"unsafe"},
+    "semantic_dedupe": COPY_DEFECTS,  # scored by uid: dropping the original instead of its copy counts as a miss
 }
 
 
@@ -86,4 +87,6 @@ def filter_quality(result, ground_truth: pa.Table, exclude: set[str] | None = No
         metrics[f"{label}.precision"] = hits / len(dropped) if dropped else 1.0
         metrics[f"{label}.recall"] = hits / len(positives) if positives else 1.0
         metrics[f"{label}.targets"] = float(len(positives))
+        # the precision of dropping the same number at random: the floor any real filter must beat
+        metrics[f"{label}.prevalence"] = len(positives) / len(scored) if scored else 0.0
     return metrics

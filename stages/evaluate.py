@@ -63,7 +63,7 @@ def _encode(model, tokenizer, images: torch.Tensor, captions: list[str], batch: 
     return image_features, text_features
 
 
-def _classnames(eval_dir: Path) -> list[str] | None:
+def read_classnames(eval_dir: Path) -> list[str] | None:
     """classnames.json (ours) or classnames.txt, one per line (CLIP_benchmark's)."""
     if (eval_dir / "classnames.json").exists():
         return json.loads((eval_dir / "classnames.json").read_text())
@@ -72,7 +72,7 @@ def _classnames(eval_dir: Path) -> list[str] | None:
     return None
 
 
-def _templates(eval_dir: Path, default: list[str]) -> list[str]:
+def read_templates(eval_dir: Path, default: list[str]) -> list[str]:
     """CLIP_benchmark's zeroshot_classification_templates.txt ({c} placeholders) when present."""
     path = eval_dir / "zeroshot_classification_templates.txt"
     if not path.exists():
@@ -94,7 +94,7 @@ def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_
     images, captions, labels, failures = _load_eval_set(eval_dir, preprocess)
     image_features, text_features = _encode(model, tokenizer, images, captions, config.batch_size)
     metrics: dict[str, float] = {}
-    classnames, templates = _classnames(eval_dir), _templates(eval_dir, config.templates)
+    classnames, templates = read_classnames(eval_dir), read_templates(eval_dir, config.templates)
     if classnames and all(label is not None for label in labels):
         classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device="cpu")
         logits = image_features @ classifier

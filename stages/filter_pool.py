@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from filters.registry import FilterParams
+from filters.registry import Strategy
 from filters.strategy import StrategyResult, apply_strategy
 from stages.config_base import StrictModel
 from stages.manifest import Manifest, count_reasons
@@ -25,7 +25,7 @@ from stages.pool_table import upstream_failure
 
 
 class FilterConfig(StrictModel):
-    strategy: list[FilterParams] = Field(default_factory=list, description="filters, all of which must keep a sample")
+    strategy: Strategy = Field(default_factory=list, description="filters, all of which must keep a sample")
     examples: int = Field(6, ge=0, le=64, description="kept and dropped example images per filter in the report")
 
 
@@ -67,6 +67,7 @@ def run_filter(pool: pa.Table, config: FilterConfig, stage_dir: Path) -> tuple[M
         metrics[f"{label}.kept_fraction"] = float(step.keep.mean()) if len(step.keep) else 0.0
         if step.threshold is not None and np.isfinite(step.threshold):
             metrics[f"{label}.threshold"] = step.threshold
+        metrics.update({f"{label}.{key}": value for key, value in step.metrics.items()})
     kept = int(pc.sum(decisions.column("keep")).as_py() or 0)
     manifest = Manifest(
         stage="filter",

@@ -38,6 +38,8 @@ def test_dry_run_prints_the_plan_with_published_figures_and_touches_nothing(tmp_
     assert out.returncode == 0, out.stderr
     for figure in ["12,800,000,000", "ViT-L-14", "90,112", "warmup 10,000", "lr 0.001", "download"]:
         assert figure in out.stdout
+    # DataComp's own figures: 1.1e21 MACs and 450 TB of shards for xlarge
+    assert "compute: 1.1e+21 MACs" in out.stdout and "shards ~450.0 TB" in out.stdout
     assert not (tmp_path / "runs").exists()
     demo = cli("run", "demo", "--dry-run", "--set", f"output_dir={tmp_path / 'runs'}")
     assert "demo_pool" in demo.stdout and "1,000" in demo.stdout

@@ -107,3 +107,18 @@ def test_stage_list_is_checked(stages, expected):
     recipe = load_recipe("demo", [f"stages={stages}"])
     with pytest.raises(ConfigError, match=expected):
         validate_stages(recipe)
+
+
+def test_compute_estimate_matches_datacomp_published_macs():
+    """DataComp Table 2: 9.5e16 (small, B/32), 9.5e17 (medium), 2.6e19 (large, B/16), 1.1e21 (xlarge, L/14)."""
+    from pipeline.budget import forward_macs_per_sample, training_budget
+
+    for name, published in [
+        ("datacomp_small", 9.5e16),
+        ("datacomp_medium", 9.5e17),
+        ("datacomp_large", 2.6e19),
+        ("datacomp_xlarge", 1.1e21),
+    ]:
+        train = load_recipe(name).train
+        assert training_budget(train.model, train.samples_seen).macs == pytest.approx(published, rel=0.03)
+    assert forward_macs_per_sample("RN50") is None  # not a ViT: reported as not estimated, never guessed

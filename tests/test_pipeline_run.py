@@ -171,3 +171,55 @@ def test_full_chain_trains_evaluates_and_records_everything_in_mlflow(ray_cluste
         assert key in filtered.data.metrics
     dedupe = runs["dedupe"]
     assert dedupe.data.metrics["dedupe_precision"] >= 0.8  # ground truth scored and logged on the demo
+
+
+def test_datacomp_recipe_runs_in_miniature_on_a_datacomp_shaped_metadata_folder(ray_cluster, served_pool, tmp_path):
+    """`datacomp_small` pointed at parquet files with DataComp's metadata columns, shrunk by overrides."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_recipe
+
+    pool_dir, _ = served_pool
+    source = pq.read_table(pool_dir / "source.parquet")
+    metadata = tmp_path / "metadata"
+    metadata.mkdir()
+    n = source.num_rows
+    for part, rows in enumerate((slice(0, n // 2), slice(n // 2, n))):
+        chunk = source.slice(rows.start, rows.stop - rows.start)
+        table = pa.table(
+            {
+                "uid": [f"{i:032x}" for i in range(rows.start, rows.stop)],
+                "url": chunk.column("url"),
+                "text": chunk.column("caption"),
+                "clip_l14_similarity_score": pa.array([0.3] * chunk.num_rows),
+            }
+        )
+        pq.write_table(table, metadata / f"{part:08d}.parquet")
+    overrides = [
+        f"output_dir={tmp_path / 'runs'}",
+        f"source.path={metadata}",
+        "ray.dashboard=false",
+        "download.image_size=64",
+        "download.samples_per_shard=100",
+        "download.min_image_size=16",
+        "download.thread_count=16",
+        "filter.strategy.1.min_image_side=32",
+        "subset.samples_per_shard=100",
+        "train.model=demo-tiny",
+        "train.samples_seen=64",
+        "train.batch_size=32",
+        "train.workers=1",
+        "train.use_gpu=false",
+        "train.warmup=1",
+        "train.checkpoint_every_samples=64",
+    ]
+    recipe = load_recipe("datacomp_small", overrides)
+    result = run_pipeline(recipe, run_name="mini", log=lambda m: None)
+    m = result.manifests
+    assert list(m) == ["download", "phash", "dedupe", "filter", "subset", "train"]
+    assert m["download"].in_count == n
+    for manifest in m.values():
+        manifest.check_balance()
+    assert m["filter"].dropped.get("basic:caption_length", 0) + m["filter"].dropped.get("basic:language", 0) > 0
+    assert m["subset"].kept == m["filter"].kept and m["train"].metrics["samples_seen"] == 64

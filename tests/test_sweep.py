@@ -43,6 +43,18 @@ def test_shipped_sweeps_validate_and_bad_strategies_fail_before_work(tmp_path):
     assert not list(tmp_path.glob("mini-*"))
 
 
+def test_datacomp_baselines_sweep_lists_every_baseline_and_validates():
+    from filters.presets import PRESETS
+
+    sweep = load_sweep("datacomp_baselines")
+    _, per_strategy = sweep_recipes(sweep, ["output_dir=/tmp/unused"])
+    used = {step.name for recipe in per_strategy.values() for step in recipe.filter.strategy}
+    every_filter = {step["name"] for steps in PRESETS.values() for step in steps} - {"dedupe", "aesthetic"}
+    assert every_filter <= used  # dedupe and aesthetic are demo_sweep's; laion_a is its own recipe
+    assert {"none", "datacomp_1b", "laion2b", "semantic_dedupe", "metaclip_balance"} <= set(per_strategy)
+    assert [s.name for s in per_strategy["datacomp_1b"].filter.strategy] == ["image_based", "clip_score"]
+
+
 def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, tmp_path):
     sweep = load_sweep(
         _sweep_file(

@@ -98,10 +98,10 @@ def test_missing_model_and_bad_config_are_clear(tmp_path):
 
 
 def test_clip_benchmark_layout_files_are_read(tmp_path):
-    from stages.evaluate import _classnames, _templates
+    from stages.evaluate import read_classnames, read_templates
 
     (tmp_path / "classnames.txt").write_text("red circle\nblue square\n\n")
     (tmp_path / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n{c}\n")
-    assert _classnames(tmp_path) == ["red circle", "blue square"]
-    assert _templates(tmp_path, ["unused {}"]) == ["a photo of a {}.", "{}"]
-    assert _templates(tmp_path / "none", ["a {}."]) == ["a {}."]
+    assert read_classnames(tmp_path) == ["red circle", "blue square"]
+    assert read_templates(tmp_path, ["unused {}"]) == ["a photo of a {}.", "{}"]
+    assert read_templates(tmp_path / "none", ["a {}."]) == ["a {}."]

@@ -1,0 +1,48 @@
+"""k-means over unit-normalised embeddings, shared by `image_based` and `semantic_dedupe`.
+
+Centroids are fitted on at most `fit_sample` rows (a seeded sample), then every row is assigned
+in chunks, so memory stays bounded by the chunk, not by the pool.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ASSIGN_CHUNK = 65_536
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(matrix, np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)
+
+
+def fit_centroids(embeddings: np.ndarray, n_clusters: int, seed: int, fit_sample: int = 500_000) -> np.ndarray:
+    """Unit-norm centroids (spherical k-means via k-means on unit vectors)."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    rng = np.random.default_rng(seed)
+    rows = embeddings if len(embeddings) <= fit_sample else embeddings[rng.choice(len(embeddings), fit_sample, False)]
+    n_clusters = max(1, min(n_clusters, len(rows)))
+    if len(rows) <= 50_000:
+        model = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed)
+    else:
+        model = MiniBatchKMeans(n_clusters=n_clusters, n_init=1, random_state=seed, batch_size=4096)
+    model.fit(rows)
+    return unit_rows(model.cluster_centers_)
+
+
+def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the nearest centroid, its cosine similarity) per row."""
+    index = np.empty(len(embeddings), np.int64)
+    similarity = np.empty(len(embeddings), np.float32)
+    for start in range(0, len(embeddings), ASSIGN_CHUNK):
+        sims = embeddings[start : start + ASSIGN_CHUNK] @ centroids.T
+        index[start : start + len(sims)] = sims.argmax(axis=1)
+        similarity[start : start + len(sims)] = sims.max(axis=1)
+    return index, similarity
+
+
+def default_clusters(n_rows: int, wanted: int, min_rows_per_cluster: int) -> int:
+    """`wanted` clusters, but never fewer than `min_rows_per_cluster` rows per cluster on average."""
+    return max(1, min(wanted, n_rows // max(1, min_rows_per_cluster)))

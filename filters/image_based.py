@@ -1,0 +1,68 @@
+"""Image-based filter (DataComp's `image_based` baseline): keep clusters near the target classes.
+
+Cluster the pool's image embeddings with k-means; for every target embedding, take its nearest
+centroid(s); keep the samples assigned to one of those centroids. DataComp uses 100,000 clusters
+and ImageNet training images as targets. Here targets are an `.npy` matrix the user gives (any
+target images embedded with the same model), or by default the evaluation classes' zero-shot
+text embeddings that the embed stage writes. Intersect with `clip_score` for DataComp-1B.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from filters.base import FilterResult, from_mask
+from filters.clustering import default_clusters, fit_centroids, nearest_centroid, unit_rows
+from stages.config_base import StrictModel
+from stages.embed import embedding_matrix
+
+NEEDS = ("image_emb",)
+
+
+class ImageBasedParams(StrictModel):
+    name: Literal["image_based"] = "image_based"
+    targets: str | None = Field(None, description=".npy of target embeddings; default: eval class text embeddings")
+    n_clusters: int = Field(100_000, gt=0, description="k-means clusters (DataComp: 100,000)")
+    min_cluster_size: int = Field(10, gt=0, description="fewer clusters on small pools: at least this many rows each")
+    centroids_per_target: int = Field(1, gt=0, description="nearest centroids each target selects")
+    seed: int = 0
+
+
+def load_targets(path: str) -> np.ndarray:
+    try:
+        targets = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"image_based targets {path}: not a readable .npy matrix ({err})") from None
+    if targets.ndim != 2 or len(targets) == 0:
+        raise ValueError(f"image_based targets {path}: need an (n, dim) matrix, got shape {targets.shape}")
+    return unit_rows(targets)
+
+
+def selected_centroids(targets: np.ndarray, centroids: np.ndarray, per_target: int) -> np.ndarray:
+    """Indices of the centroids nearest to any target."""
+    sims = targets @ centroids.T
+    per_target = min(per_target, len(centroids))
+    return np.unique(np.argsort(-sims, axis=1)[:, :per_target])
+
+
+def apply(table: pa.Table, params: ImageBasedParams) -> FilterResult:
+    if not params.targets:
+        raise ValueError("image_based needs targets: an .npy of target embeddings, or the embed stage's classes")
+    targets = load_targets(params.targets)
+    embeddings = unit_rows(embedding_matrix(table, "image_emb"))
+    if targets.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"image_based targets are {targets.shape[1]}-dim but image embeddings {embeddings.shape[1]}")
+    n_clusters = default_clusters(len(embeddings), params.n_clusters, params.min_cluster_size)
+    centroids = fit_centroids(embeddings, n_clusters, params.seed)
+    assignment, _ = nearest_centroid(embeddings, centroids)
+    chosen = selected_centroids(targets, centroids, params.centroids_per_target)
+    keep = np.isin(assignment, chosen)
+    # score: how close the sample's cluster is to its nearest target, for the report's histogram
+    scores = (centroids @ targets.T).max(axis=1)[assignment]
+    result = from_mask(table.column("uid").to_pylist(), keep, "image_based", scores=scores)
+    result.metrics.update({"clusters": float(len(centroids)), "clusters_kept": float(len(chosen))})
+    return result

@@ -1,0 +1,70 @@
+"""Semantic de-duplication (SemDeDup, Abbas et al. 2023) on image embeddings.
+
+k-means splits the pool into clusters; inside each cluster, samples are visited from the least
+to the most typical (ascending cosine similarity to the centroid, uid breaking ties) and a sample
+is dropped when its similarity to an already kept one exceeds 1 - epsilon. Pairwise work stays
+inside clusters, so the cost is sum(cluster size^2), not pool size^2. The fraction removed at
+several epsilons is reported so users can pick epsilon for their pool.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from filters.base import FilterResult, from_mask
+from filters.clustering import default_clusters, fit_centroids, nearest_centroid, unit_rows
+from stages.config_base import StrictModel
+from stages.embed import embedding_matrix
+
+NEEDS = ("image_emb",)
+
+
+class SemanticDedupeParams(StrictModel):
+    name: Literal["semantic_dedupe"] = "semantic_dedupe"
+    epsilon: float = Field(0.05, gt=0, lt=1, description="drop when cosine similarity to a kept sample > 1 - epsilon")
+    n_clusters: int = Field(50_000, gt=0, description="k-means clusters (SemDeDup on LAION-440M: 50,000)")
+    min_cluster_size: int = Field(1_000, gt=0, description="fewer clusters on small pools: rows per cluster")
+    report_epsilons: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2])
+    seed: int = 0
+
+
+def greedy_keep(similarity: np.ndarray, thresholds: list[float]) -> list[np.ndarray]:
+    """For rows in visiting order, one keep mask per threshold: keep a row unless it is > threshold to a kept row."""
+    masks = []
+    for threshold in thresholds:
+        keep = np.zeros(len(similarity), bool)
+        for row in range(len(similarity)):
+            keep[row] = not (similarity[row, :row][keep[:row]] > threshold).any()
+        masks.append(keep)
+    return masks
+
+
+def apply(table: pa.Table, params: SemanticDedupeParams) -> FilterResult:
+    uids = table.column("uid").to_pylist()
+    embeddings = unit_rows(embedding_matrix(table, "image_emb"))
+    n = len(embeddings)
+    epsilons = [params.epsilon, *(e for e in params.report_epsilons if e != params.epsilon)]
+    thresholds = [1 - e for e in epsilons]
+    keeps = np.ones((len(epsilons), n), bool)
+    nearest = np.full(n, np.nan, np.float32)
+    if n:
+        n_clusters = default_clusters(n, params.n_clusters, params.min_cluster_size)
+        centroids = fit_centroids(embeddings, n_clusters, params.seed)
+        assignment, typicality = nearest_centroid(embeddings, centroids)
+        uid_rank = np.argsort(np.argsort(np.asarray(uids, dtype=str)))
+        for cluster in np.unique(assignment):
+            members = np.flatnonzero(assignment == cluster)
+            members = members[np.lexsort((uid_rank[members], typicality[members]))]
+            similarity = embeddings[members] @ embeddings[members].T
+            np.fill_diagonal(similarity, -1.0)
+            nearest[members] = similarity.max(axis=1) if len(members) > 1 else np.nan
+            for i, mask in enumerate(greedy_keep(similarity, thresholds)):
+                keeps[i, members] = mask
+    result = from_mask(uids, keeps[0], "semantic_dedupe", scores=nearest, threshold=thresholds[0])
+    for epsilon, keep in zip(epsilons, keeps, strict=True):
+        result.metrics[f"removed_fraction_eps_{epsilon:g}"] = float(1 - keep.mean()) if n else 0.0
+    return result

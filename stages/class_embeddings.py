@@ -1,0 +1,31 @@
+"""Zero-shot text embeddings of the evaluation classes, made with the embed stage's model.
+
+They are the default targets of the `image_based` filter: DataComp picks the clusters nearest to
+ImageNet training images; without target images, the classes' prompt embeddings (the same
+classifier zero-shot evaluation builds) stand in for them. Written once, next to the embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages import clip_models
+
+
+@torch.no_grad()
+def write_class_embeddings(
+    model_path: str, model_name: str | None, classnames: list[str], templates: list[str], out_path: Path
+) -> Path:
+    """(n_classes, dim) float32 .npy of unit-norm class embeddings (prompt-averaged, as open_clip builds them)."""
+    from open_clip import build_zero_shot_classifier
+
+    model, _, tokenizer = clip_models.load_model(model_path, model_name, "cpu")
+    classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device="cpu")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_suffix(".partial.npy")
+    np.save(partial, classifier.T.float().numpy(), allow_pickle=False)
+    partial.replace(out_path)
+    return out_path
