@@ -137,7 +137,8 @@ def _execute(config: Recipe, run_name: str | None, resume: bool) -> None:
             f"{manifest.seconds:.1f}",
         )
     console.print(table)
-    console.print(f"done: {result.run_dir} (MLflow run {result.mlflow_run_id})", highlight=False)
+    mlflow_run = result.mlflow_run_id or "not logged: see `pipeline sync`"
+    console.print(f"done: {result.run_dir} (MLflow run {mlflow_run})", highlight=False)
 
 
 @app.command()
@@ -250,6 +251,22 @@ def status(run: RunArgument, output_dir: OutputDirOption = "runs") -> None:
     console.print(table)
     if any(item.state != "finished" for item in stages):
         console.print(f"continue with: python -m pipeline resume {run_dir}", highlight=False, markup=False)
+
+
+@app.command()
+def sync(
+    run: RunArgument,
+    output_dir: OutputDirOption = "runs",
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="log here instead")] = None,
+) -> None:
+    """Log a run's folder (manifests, metrics, reports, training curve, model) to MLflow, e.g. after an outage."""
+    from pipeline.sync import sync_run
+
+    run_dir = _find_run(run, output_dir)
+    try:
+        sync_run(run_dir, tracking_uri, log=lambda m: console.print(m, markup=False, highlight=False))
+    except ConnectionError as err:
+        raise _fail(str(err), 1) from None
 
 
 def main() -> None:

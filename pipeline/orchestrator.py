@@ -28,7 +28,7 @@ RUN_FILE = "run.json"
 @dataclass
 class RunResult:
     run_dir: Path
-    mlflow_run_id: str
+    mlflow_run_id: str | None  # None when the tracking store could not be reached
     manifests: dict[str, Manifest]
     skipped: list[str]
 
@@ -66,7 +66,7 @@ def resolve_run_dir(recipe: Recipe, run_name: str | None, resume: bool) -> Path:
     return Path(recipe.output_dir) / new_run_name(recipe)
 
 
-def _recipe_record(recipe: Recipe) -> dict:
+def recipe_record(recipe: Recipe) -> dict:
     return json.loads(recipe.model_dump_json())
 
 
@@ -78,7 +78,7 @@ def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
         # output_dir is where the run lives, not what it computes: a moved run folder may resume
         before, now = (
             {k: v for k, v in flatten(r).items() if k != "output_dir"}
-            for r in (record["recipe"], _recipe_record(recipe))
+            for r in (record["recipe"], recipe_record(recipe))
         )
         if before != now:
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
@@ -91,15 +91,15 @@ def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
     except OSError as err:
         raise ConfigError(f"cannot create run directory '{run_dir}': {err.strerror}") from None
     record = {
-        "recipe": _recipe_record(recipe),
+        "recipe": recipe_record(recipe),
         "mlflow_run_id": None,
         "created": datetime.now(UTC).isoformat(timespec="microseconds"),
     }
-    _write_run_record(run_dir, record)
+    write_run_record(run_dir, record)
     return record
 
 
-def _write_run_record(run_dir: Path, record: dict) -> None:
+def write_run_record(run_dir: Path, record: dict) -> None:
     tmp = run_dir / (RUN_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(run_dir / RUN_FILE)
@@ -154,7 +154,7 @@ def run_pipeline(
     specs = validate_stages(recipe)
     run_dir = resolve_run_dir(recipe, run_name, resume)
     record = load_or_create_run(run_dir, recipe)
-    tracker = Tracker(recipe, os.environ)
+    tracker = Tracker(recipe, os.environ, warn=log)
     log(f"run directory: {run_dir}")
     log(f"MLflow: {tracker.uri} (experiment '{tracker.experiment_name}')")
     skipped: list[str] = []
@@ -164,9 +164,9 @@ def run_pipeline(
         map_fn = map_fn_factory() if map_fn_factory else make_ray_map()
         ctx = RunContext(recipe=recipe, run_dir=run_dir, map_fn=map_fn, tracking_uri=tracker.uri)
         run_record = record["mlflow_run_id"]
-        with tracker.parent_run(run_dir.name, _recipe_record(recipe), run_record, parent_run_id) as parent_id:
+        with tracker.parent_run(run_dir.name, recipe_record(recipe), run_record, parent_run_id) as parent_id:
             record["mlflow_run_id"] = parent_id
-            _write_run_record(run_dir, record)
+            write_run_record(run_dir, record)
             with demo_server(recipe, run_dir, ctx) if "demo_pool" not in reuse else nullcontext():
                 for spec in specs:
                     stage_dir = ctx.stage_dir(spec.name)
@@ -191,6 +191,10 @@ def run_pipeline(
                         tracker.log_manifest(stage_run_id, manifest, path)
                     ctx.manifests[spec.name] = manifest
                     log(f"[{spec.name}] {manifest.summary()}")
+    if tracker.problem:  # `pipeline sync` reads this to know the folder holds what MLflow lacks
+        record["mlflow_problem"] = tracker.problem
+        write_run_record(run_dir, record)
+        log(f"MLflow was unreachable ({tracker.problem}): run `python -m pipeline sync {run_dir}` when it is back")
     return RunResult(run_dir, record["mlflow_run_id"], ctx.manifests, skipped)
 
 

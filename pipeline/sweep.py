@@ -160,7 +160,7 @@ def run_sweep(
             json.dumps({"sweep": sweep.model_dump(mode="json"), "mlflow_run_id": None})
         )
     record = json.loads((sweep_dir / "sweep.json").read_text())
-    tracker = Tracker(shared, os.environ)
+    tracker = Tracker(shared, os.environ, warn=log)
     log(f"sweep directory: {sweep_dir}")
     rows: list[StrategyRow] = []
     with (
@@ -184,13 +184,13 @@ def run_sweep(
             rows.append(result_row(name, result))
             log(f"[{name}] kept {rows[-1].kept}/{rows[-1].pool}, zero-shot top-1 {rows[-1].zeroshot_top1:.3f}")
         paths = write_table(rows, sweep_dir / "results")
-        for path in paths:
-            tracker.client.log_artifact(sweep_run, str(path), "results")
-        for row in rows:
+        for path in paths if sweep_run else []:
+            tracker.call("log_artifact", sweep_run, str(path), "results")
+        for row in rows if sweep_run else []:
             for key, value in (
                 ("kept_fraction", row.kept_fraction),
                 ("zeroshot_top1", row.zeroshot_top1),
                 ("image_to_text_R1", row.image_to_text_r1),
             ):
-                tracker.client.log_metric(sweep_run, metric_key(f"{row.strategy}.{key}"), value)
+                tracker.call("log_metric", sweep_run, metric_key(f"{row.strategy}.{key}"), value)
     return sweep_dir, rows

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Recipe
 from stages.manifest import Manifest
+from stages.mlflow_sink import MlflowSink
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
@@ -64,82 +65,106 @@ class Tracker:
     Everything goes through one `MlflowClient` bound to one URI. MLflow's fluent API keeps global
     state (and `mlflow.set_tracking_uri` even rewrites MLFLOW_TRACKING_URI in os.environ), which
     would make a second run in the same process log into the first run's store.
+
+    Logging is best effort (see `stages.mlflow_sink`): when the store cannot be reached, at the
+    start or mid-run, the run goes on, run ids become None and `problem` says what happened.
     """
 
-    def __init__(self, recipe: Recipe, environ: Mapping[str, str]):
-        from mlflow import MlflowClient
-
+    def __init__(self, recipe: Recipe, environ: Mapping[str, str], warn: Callable[[str], None] | None = None):
         self.uri = tracking_uri(recipe, environ)
         self.experiment_name = recipe.tracking.experiment or recipe.name
-        self.client = MlflowClient(self.uri)
-        experiment = self.client.get_experiment_by_name(self.experiment_name)
-        if experiment is None:
+        self.sink = MlflowSink(self.uri, warn)
+        self.client = self.sink.client
+        experiment = self.sink.call("get_experiment_by_name", self.experiment_name)
+        if experiment is not None:
+            self.experiment_id: str | None = experiment.experiment_id
+        elif self.sink.online:
             # a local store keeps artifacts beside its database, not in ./mlruns of the cwd
             artifacts = (Path(recipe.output_dir).absolute() / "mlartifacts").as_uri()
             location = artifacts if self.uri.startswith("sqlite:") else None
-            self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
+            self.experiment_id = self.sink.call("create_experiment", self.experiment_name, artifact_location=location)
         else:
-            self.experiment_id = experiment.experiment_id
+            self.experiment_id = None
+
+    @property
+    def problem(self) -> str | None:
+        return self.sink.problem
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.sink.call(method, *args, **kwargs)
+
+    def _create_run(self, run_name: str, tags: dict[str, str] | None) -> str | None:
+        if self.experiment_id is None:
+            return None
+        run = self.call("create_run", self.experiment_id, run_name=run_name, tags=tags)
+        return run.info.run_id if run is not None else None
 
     @contextmanager
-    def _run(self, run_id: str) -> Iterator[str]:
+    def _run(self, run_id: str | None) -> Iterator[str | None]:
         """Mark the run FINISHED, FAILED or KILLED (Ctrl-C) when the block ends."""
         try:
             yield run_id
         except KeyboardInterrupt:
-            self.client.set_terminated(run_id, status="KILLED")
+            if run_id:
+                self.call("set_terminated", run_id, status="KILLED")
             raise
         except BaseException:
-            self.client.set_terminated(run_id, status="FAILED")
+            if run_id:
+                self.call("set_terminated", run_id, status="FAILED")
             raise
-        self.client.set_terminated(run_id, status="FINISHED")
+        if run_id:
+            self.call("set_terminated", run_id, status="FINISHED")
 
     def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit for params
-            self.client.log_batch(run_id, params=items[start : start + 100])
+            self.call("log_batch", run_id, params=items[start : start + 100])
 
     @contextmanager
     def parent_run(
         self, run_name: str, params: Mapping[str, Any], run_id: str | None, nest_under: str | None = None
-    ) -> Iterator[str]:
+    ) -> Iterator[str | None]:
         """Start (or reopen, on resume) the parent run; yield its id. `nest_under`: a sweep's run."""
         if run_id is None:
-            tags = {"mlflow.parentRunId": nest_under} if nest_under else None
-            run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
-            self._log_params(run_id, params)
+            run_id = self._create_run(run_name, {"mlflow.parentRunId": nest_under} if nest_under else None)
+            if run_id:
+                self._log_params(run_id, params)
         else:
-            self.client.update_run(run_id, status="RUNNING")
+            self.call("update_run", run_id, status="RUNNING")
             self._close_orphaned_children(run_id)
         with self._run(run_id):
             yield run_id
 
     def _close_orphaned_children(self, parent_id: str) -> None:
         """Stage runs of a killed process stay RUNNING forever; mark them KILLED on resume."""
-        orphans = self.client.search_runs(
+        if self.experiment_id is None:
+            return
+        orphans = self.call(
+            "search_runs",
             [self.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
         )
-        for run in orphans:
-            self.client.set_terminated(run.info.run_id, status="KILLED")
+        for run in orphans or []:
+            self.call("set_terminated", run.info.run_id, status="KILLED")
 
     @contextmanager
-    def stage_run(self, parent_id: str, stage: str, params: Mapping[str, Any]) -> Iterator[str]:
-        tags = {"mlflow.parentRunId": parent_id, "stage": stage}
-        run_id = self.client.create_run(self.experiment_id, run_name=stage, tags=tags).info.run_id
-        if params:
+    def stage_run(self, parent_id: str | None, stage: str, params: Mapping[str, Any]) -> Iterator[str | None]:
+        run_id = self._create_run(stage, {"mlflow.parentRunId": parent_id, "stage": stage}) if parent_id else None
+        if run_id and params:
             self._log_params(run_id, params)
         with self._run(run_id):
             yield run_id
 
-    def log_manifest(self, run_id: str, manifest: Manifest, manifest_path: Path) -> None:
+    def log_manifest(self, run_id: str | None, manifest: Manifest, manifest_path: Path) -> None:
         from mlflow.entities import Metric
 
+        if not run_id:
+            return
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in manifest_metrics(manifest).items()]
-        self.client.log_batch(run_id, metrics=metrics)
-        self.client.log_artifact(run_id, str(manifest_path))
+        self.call("log_batch", run_id, metrics=metrics)
+        self.call("log_artifact", run_id, str(manifest_path))
         if manifest.outputs.get("artifacts"):  # a stage's report folder: plots, example grids
-            self.client.log_artifacts(run_id, manifest.outputs["artifacts"], "report")
+            self.call("log_artifacts", run_id, manifest.outputs["artifacts"], "report")

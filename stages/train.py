@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 
 from stages.config_base import StrictModel
 from stages.manifest import Manifest
+from stages.mlflow_sink import MlflowSink
 
 STATE_FILE = "state.pt"
 STEP_FILE = "train_state.json"
@@ -152,11 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step = _load_state(resume_dir, core, optimizer)
 
     tracking = Tracking(**loop_config["tracking"]) if loop_config.get("tracking") and rank == 0 else None
-    client = None
-    if tracking:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking.uri)
+    client = MlflowSink(tracking.uri) if tracking else None
     log_path = Path(loop_config["log_path"])
     stop = min(config.total_steps, config.stop_at_step or config.total_steps)
     per_worker = config.batch_size // world
@@ -230,7 +227,7 @@ def _log_step(log_path: Path, client, tracking: Tracking | None, step: int, metr
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        client.log_batch(tracking.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        client.call("log_batch", tracking.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def _report(model, optimizer, config: TrainConfig, step: int, metrics: dict, rank: int, client, tracking) -> None:
@@ -247,7 +244,7 @@ def _report(model, optimizer, config: TrainConfig, step: int, metrics: dict, ran
         )
         (Path(folder) / STEP_FILE).write_text(json.dumps({"step": step, "model": config.model}))
         if client is not None:
-            client.log_artifacts(tracking.run_id, folder, f"checkpoints/step_{step:08d}")
+            client.call("log_artifacts", tracking.run_id, folder, f"checkpoints/step_{step:08d}")
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -294,9 +291,7 @@ def run_train(
     step = json.loads((final / STEP_FILE).read_text())["step"]
     model_dir = _export_model(final, config.model, stage_dir / "model")
     if tracking is not None:
-        from mlflow import MlflowClient
-
-        MlflowClient(tracking.uri).log_artifacts(tracking.run_id, str(model_dir), "model")
+        MlflowSink(tracking.uri).call("log_artifacts", tracking.run_id, str(model_dir), "model")
     seconds = time.perf_counter() - started
     return Manifest(
         stage="train",
