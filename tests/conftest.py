@@ -60,6 +60,18 @@ def pool_shards(served_pool, tmp_path_factory):
     return stage_dir / "shards", manifest
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A saved, randomly initialised demo-tiny CLIP (seeded)."""
+    import torch
+
+    from stages import clip_models
+
+    torch.manual_seed(0)
+    model, *_ = clip_models.create("demo-tiny")
+    return str(clip_models.save(model, "demo-tiny", tmp_path_factory.mktemp("model") / "demo-tiny"))
+
+
 def small_demo_overrides(output_dir: Path) -> list[str]:
     return [
         f"output_dir={output_dir}",

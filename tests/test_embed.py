@@ -11,15 +11,6 @@ from stages.embed import EmbedConfig, embedding_matrix, read_embedding_tables, r
 from stages.nsfw_onnx import OpenNsfw
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(0)
-    model, *_ = clip_models.create("demo-tiny")
-    return str(clip_models.save(model, "demo-tiny", tmp_path_factory.mktemp("model") / "demo-tiny"))
-
-
 def test_ray_data_and_local_loop_agree_and_account_for_every_sample(ray_cluster, pool_shards, tiny_model, tmp_path):
     shards_dir, download = pool_shards
     on_ray = run_embed(shards_dir, EmbedConfig(batch_size=32), tmp_path / "ray", tiny_model)
