@@ -29,7 +29,9 @@ EVAL_DUPLICATE = "eval_duplicate_of"
 class PhashDedupeParams(StrictModel):
     max_distance: int = Field(4, ge=0, le=16, description="Hamming distance within which two images are duplicates")
     eval_max_distance: int | None = Field(None, ge=0, le=16, description="default: max_distance")
-    keep: Literal["first", "largest", "highest_score"] = "first"
+    keep: Literal["first", "largest", "highest_score"] = Field(
+        "first", description="first: the lowest uid (stable across runs); largest: most pixels; highest_score"
+    )
     score_column: str | None = Field(None, description="column ranked by keep=highest_score")
 
 
@@ -49,8 +51,13 @@ def _cluster_labels(hashes: np.ndarray, max_distance: int) -> np.ndarray:
 
 
 def _priority(table: pa.Table, params: PhashDedupeParams) -> np.ndarray:
-    """Lower is better: the kept sample of a cluster is its lowest-priority row."""
-    order = np.arange(table.num_rows, dtype=np.float64)
+    """Lower is better: the kept sample of a cluster is its lowest-priority row.
+
+    "first" and every tie are decided by uid, never by row order: img2dataset writes a shard's
+    samples in the order its threads finish, so row order changes from one run to the next.
+    """
+    uids = np.asarray(table.column("uid").to_pylist(), dtype=str)
+    order = np.argsort(np.argsort(uids, kind="stable")).astype(np.float64)
     if params.keep == "first":
         return order
     if params.keep == "largest":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -122,7 +123,9 @@ def _execute(config: Recipe, run_name: str | None, resume: bool) -> None:
         )
     except KeyboardInterrupt:
         raise _fail("interrupted: continue with `python -m pipeline resume RUN`", 130) from None
-    except (ConfigError, ValueError, RuntimeError, OSError) as err:
+    except OSError as err:
+        raise _fail(_os_error_line(err, config), 1) from None
+    except (ConfigError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _fail(first, 1) from None
     table = Table("stage", "in", "kept", "dropped", "failed", "seconds")
@@ -139,6 +142,16 @@ def _execute(config: Recipe, run_name: str | None, resume: bool) -> None:
     console.print(table)
     mlflow_run = result.mlflow_run_id or "not logged: see `pipeline sync`"
     console.print(f"done: {result.run_dir} (MLflow run {mlflow_run})", highlight=False)
+
+
+def _os_error_line(err: OSError, config: Recipe) -> str:
+    if err.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device holding {config.output_dir}: free some (or set output_dir elsewhere), "
+            "then continue with `python -m pipeline resume RUN`"
+        )
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or err}{where}"
 
 
 @app.command()

@@ -34,9 +34,9 @@ class MlflowSink:
 
         fail_fast()
         self.uri = uri
-        self.client = MlflowClient(uri)
         self.problem: str | None = None
         self._warn = warn or logging.getLogger(__name__).warning
+        self.client = self._guard(MlflowClient, uri)  # a sqlite store is created (and can fail) right here
 
     @property
     def online(self) -> bool:
@@ -46,9 +46,12 @@ class MlflowSink:
         """`client.<method>(...)`, or None when the store is (or has just become) unreachable."""
         if self.problem is not None:
             return None
+        return self._guard(getattr(self.client, method), *args, **kwargs)
+
+    def _guard(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            return getattr(self.client, method)(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any store failure: network, HTTP, database
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any store failure: network, HTTP, database, disk
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             self.problem = f"{type(err).__name__}: {first}"
             self._warn(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from pathlib import Path
 
 import mlflow
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import stage_registry
@@ -74,6 +76,41 @@ def test_resume_skips_finished_stages_and_finished_shards(ray_cluster, small_dem
     runs = _runs(small_demo)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.mlflow_run_id]
     assert sorted(r.info.run_name for r in children) == ["dedupe", "demo_pool", "download", "download", "phash"]
+
+
+def _subset_uids(run_dir: Path) -> list[str]:
+    return sorted(
+        u for p in (run_dir / "subset" / "shards").glob("*.parquet") for u in pq.read_table(p)["uid"].to_pylist()
+    )
+
+
+def _counts(result) -> dict[str, tuple]:
+    return {name: (m.in_count, m.kept, m.dropped, m.failed) for name, m in result.manifests.items()}
+
+
+@pytest.mark.slow
+def test_soak_three_runs_back_to_back_on_one_output_dir_agree(ray_cluster, tmp_path):
+    """Fresh, resumed, fresh again, into one output dir and MLflow store: the same accounting every time."""
+    from pipeline.config import load_recipe
+    from tests.conftest import small_demo_overrides
+
+    overrides = [o for o in small_demo_overrides(tmp_path / "runs") if not o.startswith("stages=")]
+    with socket.socket() as sock:  # one port for all runs: the urls, and so the uids, are the same
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    recipe = load_recipe(
+        "demo", [*overrides, "stages=[demo_pool, download, phash, dedupe, subset]", f"source.demo.port={port}"]
+    )
+    first = run_pipeline(recipe, run_name="soak-a", log=lambda m: None)
+    manifests = {p: p.read_text() for p in first.run_dir.glob("*/manifest.json")}
+    resumed = run_pipeline(recipe, run_name="soak-a", resume=True, log=lambda m: None)
+    assert resumed.skipped == list(first.manifests)
+    assert {p: p.read_text() for p in first.run_dir.glob("*/manifest.json")} == manifests  # untouched
+    fresh = run_pipeline(recipe, run_name="soak-b", log=lambda m: None)
+    assert _counts(first) == _counts(resumed) == _counts(fresh)
+    kept = [_subset_uids(r.run_dir) for r in (first, fresh)]
+    assert kept[0] == kept[1] and len(kept[0]) == first.manifests["subset"].kept  # the same samples, not just counts
+    assert {r.info.status for r in _runs(recipe)} == {"FINISHED"}
 
 
 def test_resume_refuses_a_changed_recipe_and_a_missing_run(ray_cluster, small_demo):
