@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-import pyarrow as pa
 from pydantic import BeforeValidator, Field
 
 from filters import (
@@ -32,8 +31,9 @@ from filters.presets import expand_presets
 
 @dataclass(frozen=True)
 class FilterSpec:
-    apply: Callable[[pa.Table, object], FilterResult]
+    apply: Callable[..., FilterResult]
     needs: Callable[[object], tuple[str, ...]]
+    parallel: bool = False  # apply takes a map_fn too: its per-chunk work may fan out as Ray tasks
 
 
 def _static(columns: tuple[str, ...]) -> Callable[[object], tuple[str, ...]]:
@@ -48,8 +48,8 @@ FILTERS: dict[str, FilterSpec] = {
     "aesthetic": FilterSpec(aesthetic.apply, _static(aesthetic.NEEDS)),
     "nsfw": FilterSpec(nsfw.apply, nsfw.needs),
     "text_based": FilterSpec(text_based.apply, _static(text_based.NEEDS)),
-    "image_based": FilterSpec(image_based.apply, _static(image_based.NEEDS)),
-    "semantic_dedupe": FilterSpec(semantic_dedupe.apply, _static(semantic_dedupe.NEEDS)),
+    "image_based": FilterSpec(image_based.apply, _static(image_based.NEEDS), parallel=True),
+    "semantic_dedupe": FilterSpec(semantic_dedupe.apply, _static(semantic_dedupe.NEEDS), parallel=True),
     "metaclip_balance": FilterSpec(metaclip_balance.apply, _static(metaclip_balance.NEEDS)),
 }
 

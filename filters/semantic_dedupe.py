@@ -19,6 +19,7 @@ from filters.base import FilterResult, from_mask
 from filters.clustering import default_clusters, fit_centroids, nearest_centroid, unit_rows
 from stages.config_base import StrictModel
 from stages.embed import embedding_matrix
+from stages.mapping import MapFn, local_map
 
 NEEDS = ("image_emb",)
 
@@ -43,7 +44,36 @@ def greedy_keep(similarity: np.ndarray, thresholds: list[float]) -> list[np.ndar
     return masks
 
 
-def apply(table: pa.Table, params: SemanticDedupeParams) -> FilterResult:
+ClusterWork = list[tuple[np.ndarray, np.ndarray]]  # (row indices in visiting order, their embeddings)
+
+
+def _dedupe_clusters(item: tuple[ClusterWork, list[float]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per cluster: (rows, similarity to the nearest other member, one keep mask per threshold)."""
+    clusters, thresholds = item
+    out = []
+    for rows, embeddings in clusters:
+        similarity = embeddings @ embeddings.T
+        np.fill_diagonal(similarity, -1.0)
+        nearest = similarity.max(axis=1) if len(rows) > 1 else np.full(len(rows), np.nan, np.float32)
+        out.append((rows, nearest, np.stack(greedy_keep(similarity, thresholds))))
+    return out
+
+
+def _batches(clusters: ClusterWork, target_rows: int) -> list[ClusterWork]:
+    """Group clusters into work items of about `target_rows` rows (one Ray task each, not one per cluster)."""
+    batches: list[ClusterWork] = [[]]
+    size = 0
+    for cluster in clusters:
+        if size >= target_rows:
+            batches.append([])
+            size = 0
+        batches[-1].append(cluster)
+        size += len(cluster[0])
+    return batches
+
+
+def apply(table: pa.Table, params: SemanticDedupeParams, map_fn: MapFn = local_map) -> FilterResult:
+    """k-means, then the pairwise step of each cluster, batched through `map_fn`."""
     uids = table.column("uid").to_pylist()
     embeddings = unit_rows(embedding_matrix(table, "image_emb"))
     n = len(embeddings)
@@ -56,14 +86,16 @@ def apply(table: pa.Table, params: SemanticDedupeParams) -> FilterResult:
         centroids = fit_centroids(embeddings, n_clusters, params.seed)
         assignment, typicality = nearest_centroid(embeddings, centroids)
         uid_rank = np.argsort(np.argsort(np.asarray(uids, dtype=str)))
+        clusters = []
         for cluster in np.unique(assignment):
             members = np.flatnonzero(assignment == cluster)
-            members = members[np.lexsort((uid_rank[members], typicality[members]))]
-            similarity = embeddings[members] @ embeddings[members].T
-            np.fill_diagonal(similarity, -1.0)
-            nearest[members] = similarity.max(axis=1) if len(members) > 1 else np.nan
-            for i, mask in enumerate(greedy_keep(similarity, thresholds)):
-                keeps[i, members] = mask
+            members = members[np.lexsort((uid_rank[members], typicality[members]))]  # least typical first
+            clusters.append((members, embeddings[members]))
+        work = [(batch, thresholds) for batch in _batches(clusters, target_rows=max(1_000, n // 64))]
+        for results in map_fn(_dedupe_clusters, work, desc="semantic_dedupe: clusters"):
+            for rows, cluster_nearest, masks in results:
+                nearest[rows] = cluster_nearest
+                keeps[:, rows] = masks
     result = from_mask(uids, keeps[0], "semantic_dedupe", scores=nearest, threshold=thresholds[0])
     for epsilon, keep in zip(epsilons, keeps, strict=True):
         result.metrics[f"removed_fraction_eps_{epsilon:g}"] = float(1 - keep.mean()) if n else 0.0

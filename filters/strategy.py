@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from filters.base import FilterResult
 from filters.registry import FILTERS
+from stages.mapping import MapFn, local_map
 
 
 class StrategyError(ValueError):
@@ -37,7 +38,8 @@ def missing_columns(table_columns: list[str], steps: list) -> list[tuple[str, st
     return [(p.name, c) for p in steps for c in FILTERS[p.name].needs(p) if c not in table_columns]
 
 
-def apply_strategy(table: pa.Table, steps: list) -> StrategyResult:
+def apply_strategy(table: pa.Table, steps: list, map_fn: MapFn = local_map) -> StrategyResult:
+    """`map_fn` runs the chunked work of parallel filters (k-means assignment, per-cluster dedupe)."""
     missing = missing_columns(table.column_names, steps)
     if missing:
         detail = ", ".join(f"'{name}' needs column '{column}'" for name, column in missing)
@@ -47,7 +49,8 @@ def apply_strategy(table: pa.Table, steps: list) -> StrategyResult:
     reason: list[str | None] = [None] * len(uids)
     results = []
     for params in steps:
-        result = FILTERS[params.name].apply(table, params)
+        spec = FILTERS[params.name]
+        result = spec.apply(table, params, map_fn) if spec.parallel else spec.apply(table, params)
         for i in np.flatnonzero(keep & ~result.keep):
             reason[i] = result.reason[i]
         keep &= result.keep

@@ -356,7 +356,7 @@ def _run_filter(ctx: RunContext) -> Manifest:
     )
     config = ctx.recipe.filter.model_copy(update={"strategy": resolved_strategy(m, ctx.recipe)})
     stage_dir = ctx.stage_dir("filter")
-    manifest, result = run_filter(pool, config, stage_dir)
+    manifest, result = run_filter(pool, config, stage_dir, ctx.map_fn)
     captions = dict(zip(pool.column("uid").to_pylist(), pool.column("caption").to_pylist(), strict=True))
     report = write_report(result, captions, _shard_paths(ctx), config.examples, stage_dir / "report")
     manifest.outputs["artifacts"] = str(report)

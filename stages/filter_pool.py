@@ -21,6 +21,7 @@ from filters.registry import Strategy
 from filters.strategy import StrategyResult, apply_strategy
 from stages.config_base import StrictModel
 from stages.manifest import Manifest, count_reasons
+from stages.mapping import MapFn, local_map
 from stages.pool_table import upstream_failure
 
 
@@ -51,11 +52,13 @@ def decisions_table(pool: pa.Table, failure: list[str | None], result: StrategyR
     return pa.table(columns)
 
 
-def run_filter(pool: pa.Table, config: FilterConfig, stage_dir: Path) -> tuple[Manifest, StrategyResult]:
+def run_filter(
+    pool: pa.Table, config: FilterConfig, stage_dir: Path, map_fn: MapFn = local_map
+) -> tuple[Manifest, StrategyResult]:
     started = time.perf_counter()
     failure = upstream_failure(pool)
     usable = pool.filter(pa.array([f is None for f in failure]))
-    result = apply_strategy(usable, config.strategy)
+    result = apply_strategy(usable, config.strategy, map_fn)
     stage_dir.mkdir(parents=True, exist_ok=True)
     decisions = decisions_table(pool, failure, result)
     path = stage_dir / "decisions.parquet"

@@ -154,3 +154,25 @@ def test_presets_expand_and_image_based_with_clip_score_is_datacomp_1b(tmp_path)
     assert {u for u, k in zip(result.uids, apply_strategy(table, steps).keep, strict=True) if k} == {
         f"u{i:03d}" for i in range(6, 20)
     }
+
+
+def test_clustering_filters_give_the_same_uids_with_work_fanned_out_as_ray_tasks(ray_cluster, tmp_path, monkeypatch):
+    from filters import clustering
+    from pipeline.executor import make_ray_map
+
+    monkeypatch.setattr(clustering, "ASSIGN_CHUNK", 16)  # several chunks, so several tasks
+    monkeypatch.setattr(image_based, "ASSIGN_CHUNK", 16)
+    rng = np.random.default_rng(4)
+    emb = _blobs(rng, np.eye(8)[:4] * 3, 20, spread=0.3)
+    np.save(tmp_path / "t.npy", np.eye(8)[:2])
+    table = _table(image_emb=_embeddings(emb))
+    steps = STRATEGY.validate_python(
+        [
+            {"name": "image_based", "targets": str(tmp_path / "t.npy"), "n_clusters": 4, "min_cluster_size": 1},
+            {"name": "semantic_dedupe", "epsilon": 0.1, "n_clusters": 4, "min_cluster_size": 1},
+        ]
+    )
+    local = apply_strategy(table, steps)
+    on_ray = apply_strategy(table, steps, make_ray_map())
+    assert on_ray.keep.tolist() == local.keep.tolist() and on_ray.reason == local.reason
+    assert 0 < local.keep.sum() < len(emb)

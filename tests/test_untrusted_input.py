@@ -8,6 +8,7 @@ import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from stages.download import DownloadConfig, run_download
 from stages.reshard import read_tar_samples, reshard
@@ -62,3 +63,23 @@ def test_tar_member_paths_are_reduced_to_their_base_name(tmp_path):
     assert all(out in p.parents for p in _all_files(tmp_path) - {hostile, hostile.with_suffix(".parquet")})
     with tarfile.open(next(out.glob("*.tar"))) as archive:
         assert sorted(archive.getnames()) == ["abc.jpg", "abc.txt"]
+
+
+def test_demo_server_answers_on_loopback_only(tmp_path):
+    import socket
+    import urllib.request
+
+    from pipeline.serve import serve_directory
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    with serve_directory(tmp_path) as base_url:
+        port = int(base_url.rsplit(":", 1)[1])
+        assert base_url.startswith("http://127.0.0.1:")
+        assert urllib.request.urlopen(f"{base_url}/a.jpg", timeout=5).read() == b"x"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # the address other machines would use
+            probe.connect(("192.0.2.1", 9))  # TEST-NET: nothing is sent, it only picks a route
+            external = probe.getsockname()[0]
+        if external.startswith("127."):
+            return  # no non-loopback interface here
+        with pytest.raises(OSError), socket.create_connection((external, port), timeout=2):
+            pass
