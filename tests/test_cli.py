@@ -11,11 +11,26 @@ import pytest
 from tests.conftest import fast_filter_overrides, small_demo_overrides
 
 
-def cli(*args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = {**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "200"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def cli(*args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=_env()
+    )
+
+
+def start_in_background(*args: str) -> subprocess.Popen:
+    """`python -m pipeline ...` in its own process group, so a test can signal it and its children."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        start_new_session=True,
     )
 
 
@@ -104,16 +119,7 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
         "train.checkpoint_every_samples=192",
         "subset.samples_per_shard=60",
     ]
-    args = ["run", "demo", "--run-name", "k"] + [x for o in overrides for x in ("--set", o)]
-    env = {**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
+    first = start_in_background("run", "demo", "--run-name", "k", *[x for o in overrides for x in ("--set", o)])
     storage = runs / "k" / "train" / "ray"
     deadline = time.time() + 240
     while time.time() < deadline and not list(storage.rglob("train_state.json")):
@@ -178,16 +184,7 @@ def test_sigkill_mid_download_then_resume_redoes_only_unfinished_shards(tmp_path
         "download.thread_count=2",
         "download.timeout=10",
     ]
-    args = ["run", "demo", "--run-name", "x"] + [a for o in overrides for a in ("--set", o)]
-    env = {**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
+    first = start_in_background("run", "demo", "--run-name", "x", *[a for o in overrides for a in ("--set", o)])
     shards = runs / "x" / "download" / "shards"
     try:
         deadline = time.time() + 240
