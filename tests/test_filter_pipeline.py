@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -133,22 +134,40 @@ QUALITY_FLOORS = {  # step label: (min precision, min lift over prevalence, min 
 }
 
 
+FLOOR_STRATEGY = (
+    "filter.strategy=[{name: dedupe}, {name: basic, min_image_side: 32}, {name: clip_score, top_fraction: 0.8},"
+    " {name: dfn, threshold: 0.2}, {name: aesthetic, threshold: 5.0}, {name: nsfw, backend: head, threshold: 0.5}]"
+)
+
+
 @pytest.mark.slow
-def test_each_filter_beats_its_floor_on_the_demo_ground_truth(ray_cluster, tmp_path):
-    strategy = (
-        "filter.strategy=[{name: dedupe}, {name: basic, min_image_side: 32}, {name: clip_score, top_fraction: 0.8},"
-        " {name: dfn, threshold: 0.2}, {name: aesthetic, threshold: 5.0}, {name: nsfw, backend: head, threshold: 0.5},"
-        " text_based, image_based, {name: semantic_dedupe, epsilon: 0.002},"
-        " {name: metaclip_balance, t: 5, t_pool: null}]"
-    )
+def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_logs_everything(ray_cluster, tmp_path):
+    """The demo recipe end to end on its full pool: one run serves the floors, the chain and the MLflow record."""
     overrides = [
         f"output_dir={tmp_path / 'runs'}",
         "ray.dashboard=false",
-        "stages=[demo_pool, download, phash, dedupe, seed_models, embed, heads, filter]",
-        strategy,
+        FLOOR_STRATEGY,
+        "seed_models.train.samples_seen=3200",  # half the default: the floors below still hold (measured)
+        "seed_models.train.checkpoint_every_samples=3200",
+        "filter.examples=2",
+        "subset.samples_per_shard=200",
+        "train.samples_seen=128",
+        "train.batch_size=32",
+        "train.checkpoint_every_samples=64",
+        "train.log_every_steps=1",
     ]
-    result = run_pipeline(load_recipe("demo", overrides), run_name="quality", log=lambda m: None)
-    metrics = result.manifests["filter"].metrics
+    recipe = load_recipe("demo", overrides)
+    result = run_pipeline(recipe, run_name="full", log=lambda m: None)
+    m = result.manifests
+    assert list(m) == recipe.stages == [
+        "demo_pool", "download", "phash", "dedupe", "seed_models", "embed", "heads", "filter", "subset", "train",
+        "evaluate",
+    ]  # fmt: skip
+    assert m["embed"].in_count == m["filter"].in_count == m["subset"].in_count == m["download"].kept
+    assert m["subset"].kept == m["filter"].kept  # the subset is exactly what the strategy kept
+    assert m["train"].in_count == m["subset"].kept and m["train"].metrics["steps"] == 4
+
+    metrics = m["filter"].metrics
     report = {
         label: (metrics[f"{label}.precision"], metrics[f"{label}.prevalence"], metrics[f"{label}.recall"])
         for label in QUALITY_FLOORS
@@ -160,11 +179,52 @@ def test_each_filter_beats_its_floor_on_the_demo_ground_truth(ray_cluster, tmp_p
         assert precision >= min_precision, f"{label}: precision {precision:.2f} < {min_precision}"
         assert precision >= min_lift * prevalence, f"{label}: precision {precision:.2f} vs chance {prevalence:.2f}"
         assert recall >= min_recall, f"{label}: recall {recall:.2f} < {min_recall}"
-    # the filters with run-made defaults: eval class names (vocabulary) and class embeddings (targets)
-    assert metrics["6_text_based.vocabulary_size"] == 120  # the demo's eval classes
-    assert Path(result.manifests["embed"].outputs["class_embeddings"]).is_file()
-    assert 0 < metrics["7_image_based.clusters_kept"] < metrics["7_image_based.clusters"]
-    assert metrics["8_semantic_dedupe.removed_fraction_eps_0.002"] > 0
-    assert metrics["9_metaclip_balance.head_entries"] > 0
-    for label in ("6_text_based", "7_image_based", "8_semantic_dedupe", "9_metaclip_balance"):
-        assert 0 < metrics[f"{label}.kept_fraction"] < 1, label
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    train = runs["train"]
+    assert [x.step for x in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3, 4]
+    for key in ["lr", "temperature", "samples_per_second", "samples_per_second_per_worker", "data_wait_fraction"]:
+        assert key in train.data.metrics
+    checkpoints = [a.path for a in client.list_artifacts(train.info.run_id, "checkpoints")]
+    assert checkpoints == ["checkpoints/step_00000002", "checkpoints/step_00000004"]
+    assert {a.path for a in client.list_artifacts(train.info.run_id, "model")} == {
+        "model/model.json",
+        "model/weights.pt",
+    }
+    evaluate = runs["evaluate"]
+    assert 0 <= evaluate.data.metrics["zeroshot_top1"] <= 1 and "image_to_text_recall_at_5" in evaluate.data.metrics
+    assert evaluate.data.tags["mlflow.parentRunId"] == result.mlflow_run_id
+    filtered = runs["filter"]
+    artifacts = {a.path for a in client.list_artifacts(filtered.info.run_id, "report")}
+    assert {"report/3_dfn_hist.png", "report/4_aesthetic_examples.png", "report/5_nsfw_hist.png"} <= artifacts
+    for key in ("3_dfn.precision", "4_aesthetic.recall", "5_nsfw.prevalence", "1_basic.recall", "dropped.dfn"):
+        assert key in filtered.data.metrics
+    assert runs["dedupe"].data.metrics["dedupe_precision"] >= 0.8  # ground truth scored and logged
+
+    # the filters whose defaults the run makes: eval class names (vocabulary), class embeddings (targets);
+    # run on the same pool table, with their chunked work as Ray tasks
+    from pipeline.executor import make_ray_map
+    from pipeline.stage_registry import resolved_strategy
+    from stages.filter_pool import run_filter
+    from stages.pool_table import build_pool_table
+
+    later = load_recipe(
+        "demo",
+        [*overrides, "filter.strategy=[text_based, image_based, {name: semantic_dedupe, epsilon: 0.002},"
+         " {name: metaclip_balance, t: 5, t_pool: null}]"],
+    )  # fmt: skip
+    pool = build_pool_table(
+        Path(m["download"].outputs["shards_dir"]), embeddings_dir=Path(m["embed"].outputs["embeddings_dir"])
+    )
+    config = later.filter.model_copy(update={"strategy": resolved_strategy(m, later)})
+    assert Path(config.strategy[1].targets) == Path(m["embed"].outputs["class_embeddings"])
+    manifest, _ = run_filter(pool, config, tmp_path / "more", make_ray_map())
+    more = manifest.metrics
+    assert more["0_text_based.vocabulary_size"] == 120  # the demo's eval classes
+    assert 0 < more["1_image_based.clusters_kept"] < more["1_image_based.clusters"]
+    assert more["2_semantic_dedupe.removed_fraction_eps_0.002"] > 0
+    assert more["3_metaclip_balance.head_entries"] > 0
+    for label in ("0_text_based", "1_image_based", "2_semantic_dedupe", "3_metaclip_balance"):
+        assert 0 < more[f"{label}.kept_fraction"] < 1, label

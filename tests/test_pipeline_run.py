@@ -151,65 +151,6 @@ def test_a_stage_that_receives_more_than_upstream_kept_fails(ray_cluster, small_
         run_pipeline(small_demo, run_name="inflate", log=lambda m: None)
 
 
-def test_full_chain_trains_evaluates_and_records_everything_in_mlflow(ray_cluster, tmp_path):
-    from pipeline.config import load_recipe
-    from tests.conftest import fast_filter_overrides, small_demo_overrides
-
-    overrides = [o for o in small_demo_overrides(tmp_path / "runs") if not o.startswith("stages=")] + [
-        *fast_filter_overrides(),
-        "train.samples_seen=128",
-        "train.batch_size=32",
-        "train.checkpoint_every_samples=64",
-        "train.log_every_steps=1",
-        "subset.samples_per_shard=60",
-    ]
-    recipe = load_recipe("demo", overrides)
-    result = run_pipeline(recipe, run_name="full", log=lambda m: None)
-    assert list(result.manifests) == [
-        "demo_pool",
-        "download",
-        "phash",
-        "dedupe",
-        "seed_models",
-        "embed",
-        "heads",
-        "filter",
-        "subset",
-        "train",
-        "evaluate",
-    ]
-    m = result.manifests
-    assert m["embed"].in_count == m["filter"].in_count == m["subset"].in_count == m["download"].kept
-    assert m["subset"].kept == m["filter"].kept  # the subset is exactly what the strategy kept
-    assert m["train"].in_count == m["subset"].kept
-    assert result.manifests["train"].metrics["steps"] == 4
-
-    client = _client(recipe)
-    runs = {r.info.run_name: r for r in _runs(recipe)}
-    train = runs["train"]
-    history = client.get_metric_history(train.info.run_id, "loss")
-    assert [m.step for m in history] == [1, 2, 3, 4]
-    for key in ["lr", "temperature", "samples_per_second", "samples_per_second_per_worker", "data_wait_fraction"]:
-        assert key in train.data.metrics
-    checkpoints = [a.path for a in client.list_artifacts(train.info.run_id, "checkpoints")]
-    assert checkpoints == ["checkpoints/step_00000002", "checkpoints/step_00000004"]
-    assert {a.path for a in client.list_artifacts(train.info.run_id, "model")} == {
-        "model/model.json",
-        "model/weights.pt",
-    }
-    evaluate = runs["evaluate"]
-    assert 0 <= evaluate.data.metrics["zeroshot_top1"] <= 1
-    assert "image_to_text_recall_at_5" in evaluate.data.metrics
-    assert evaluate.data.tags["mlflow.parentRunId"] == result.mlflow_run_id
-    filtered = runs["filter"]
-    report = {a.path for a in client.list_artifacts(filtered.info.run_id, "report")}
-    assert {"report/2_dfn_hist.png", "report/3_aesthetic_examples.png", "report/4_nsfw_hist.png"} <= report
-    for key in ("2_dfn.precision", "3_aesthetic.recall", "4_nsfw.precision", "1_basic.recall", "dropped.dfn"):
-        assert key in filtered.data.metrics
-    dedupe = runs["dedupe"]
-    assert dedupe.data.metrics["dedupe_precision"] >= 0.8  # ground truth scored and logged on the demo
-
-
 def test_datacomp_recipe_runs_in_miniature_on_a_datacomp_shaped_metadata_folder(ray_cluster, served_pool, tmp_path):
     """`datacomp_small` pointed at parquet files with DataComp's metadata columns, shrunk by overrides."""
     import pyarrow as pa

@@ -27,6 +27,7 @@ def _overrides(tmp_path) -> list[str]:
         "train.batch_size=32",
         "train.checkpoint_every_samples=64",
         "subset.samples_per_shard=60",
+        "seed_models.dfn=false",  # no strategy here reads dfn_score: one training run fewer
     ]
 
 
