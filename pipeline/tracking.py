@@ -74,7 +74,6 @@ class Tracker:
         self.uri = tracking_uri(recipe, environ)
         self.experiment_name = recipe.tracking.experiment or recipe.name
         self.sink = MlflowSink(self.uri, warn)
-        self.client = self.sink.client
         experiment = self.sink.call("get_experiment_by_name", self.experiment_name)
         if experiment is not None:
             self.experiment_id: str | None = experiment.experiment_id
