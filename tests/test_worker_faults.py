@@ -101,8 +101,8 @@ def test_killed_download_task_is_retried_and_no_uid_is_lost_or_doubled(ray_clust
 
     pool_dir, base_url = served_pool
     source = pq.read_table(pool_dir / "source.parquet")
-    with serve_directory(pool_dir / "files", slow_seconds=0.02) as slow_url:  # slow enough to be caught mid-part
-        urls = [u.replace(base_url, slow_url) for u in source.column("url").to_pylist()]
+    with serve_directory(pool_dir / "files", slow_seconds=0.05) as slow_url:  # slow enough to be caught mid-part
+        urls = [u.replace(base_url, f"{slow_url}/slow") for u in source.column("url").to_pylist()]
         table = source.set_column(source.column_names.index("url"), "url", pa.array(urls))
         pq.write_table(table, tmp_path / "source.parquet")
         config = DownloadConfig(image_size=32, samples_per_shard=100, min_image_size=16, thread_count=4, timeout=5)
