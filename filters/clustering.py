@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.mapping import MapFn, local_map
+
 ASSIGN_CHUNK = 65_536
 
 
@@ -32,15 +34,21 @@ def fit_centroids(embeddings: np.ndarray, n_clusters: int, seed: int, fit_sample
     return unit_rows(model.cluster_centers_)
 
 
-def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the nearest centroid, its cosine similarity) per row."""
-    index = np.empty(len(embeddings), np.int64)
-    similarity = np.empty(len(embeddings), np.float32)
-    for start in range(0, len(embeddings), ASSIGN_CHUNK):
-        sims = embeddings[start : start + ASSIGN_CHUNK] @ centroids.T
-        index[start : start + len(sims)] = sims.argmax(axis=1)
-        similarity[start : start + len(sims)] = sims.max(axis=1)
-    return index, similarity
+def _nearest(chunk: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    embeddings, centroids = chunk
+    sims = embeddings @ centroids.T
+    return sims.argmax(axis=1), sims.max(axis=1).astype(np.float32)
+
+
+def nearest_centroid(
+    embeddings: np.ndarray, centroids: np.ndarray, map_fn: MapFn = local_map
+) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the nearest centroid, its cosine similarity) per row; chunks of rows go through `map_fn`."""
+    chunks = [(embeddings[i : i + ASSIGN_CHUNK], centroids) for i in range(0, len(embeddings), ASSIGN_CHUNK)]
+    if not chunks:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    parts = map_fn(_nearest, chunks, desc="nearest centroid")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def default_clusters(n_rows: int, wanted: int, min_rows_per_cluster: int) -> int:

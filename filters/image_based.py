@@ -16,7 +16,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from filters.base import FilterResult, from_mask
-from filters.clustering import ASSIGN_CHUNK, default_clusters, fit_centroids, nearest_centroid, unit_rows
+from filters.clustering import default_clusters, fit_centroids, nearest_centroid, unit_rows
 from stages.config_base import StrictModel
 from stages.embed import embedding_matrix
 from stages.mapping import MapFn, local_map
@@ -50,11 +50,6 @@ def selected_centroids(targets: np.ndarray, centroids: np.ndarray, per_target: i
     return np.unique(np.argsort(-sims, axis=1)[:, :per_target])
 
 
-def _assign(chunk: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    embeddings, centroids = chunk
-    return nearest_centroid(embeddings, centroids)[0]
-
-
 def apply(table: pa.Table, params: ImageBasedParams, map_fn: MapFn = local_map) -> FilterResult:
     """k-means on a sample, then the assignment of every row, chunk by chunk through `map_fn`."""
     if not params.targets:
@@ -65,8 +60,7 @@ def apply(table: pa.Table, params: ImageBasedParams, map_fn: MapFn = local_map) 
         raise ValueError(f"image_based targets are {targets.shape[1]}-dim but image embeddings {embeddings.shape[1]}")
     n_clusters = default_clusters(len(embeddings), params.n_clusters, params.min_cluster_size)
     centroids = fit_centroids(embeddings, n_clusters, params.seed)
-    chunks = [(embeddings[i : i + ASSIGN_CHUNK], centroids) for i in range(0, len(embeddings), ASSIGN_CHUNK)]
-    assignment = np.concatenate(map_fn(_assign, chunks, desc="image_based: nearest centroid") or [np.empty(0, int)])
+    assignment, _ = nearest_centroid(embeddings, centroids, map_fn)
     chosen = selected_centroids(targets, centroids, params.centroids_per_target)
     keep = np.isin(assignment, chosen)
     # score: how close the sample's cluster is to its nearest target, for the report's histogram

@@ -84,7 +84,7 @@ def apply(table: pa.Table, params: SemanticDedupeParams, map_fn: MapFn = local_m
     if n:
         n_clusters = default_clusters(n, params.n_clusters, params.min_cluster_size)
         centroids = fit_centroids(embeddings, n_clusters, params.seed)
-        assignment, typicality = nearest_centroid(embeddings, centroids)
+        assignment, typicality = nearest_centroid(embeddings, centroids, map_fn)
         uid_rank = np.argsort(np.argsort(np.asarray(uids, dtype=str)))
         clusters = []
         for cluster in np.unique(assignment):

@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.budget import storage_estimate
+from pipeline.budget import storage_estimate, training_budget
 from pipeline.config import ConfigError, Recipe, available_recipes, load_recipe
 
 app = typer.Typer(
@@ -66,7 +66,6 @@ def _print_plan(recipe: Recipe, run_name: str | None) -> None:
 
 def budget_lines(recipe: Recipe) -> list[str]:
     """Compute and storage estimates for the plan (see pipeline.budget for the conventions)."""
-    from pipeline.budget import training_budget
     from pipeline.stage_registry import embedding_width, estimated_source_rows, human_bytes
 
     lines = []

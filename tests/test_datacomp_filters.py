@@ -161,7 +161,6 @@ def test_clustering_filters_give_the_same_uids_with_work_fanned_out_as_ray_tasks
     from pipeline.executor import make_ray_map
 
     monkeypatch.setattr(clustering, "ASSIGN_CHUNK", 16)  # several chunks, so several tasks
-    monkeypatch.setattr(image_based, "ASSIGN_CHUNK", 16)
     rng = np.random.default_rng(4)
     emb = _blobs(rng, np.eye(8)[:4] * 3, 20, spread=0.3)
     np.save(tmp_path / "t.npy", np.eye(8)[:2])
