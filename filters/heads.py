@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.atomic import write_json, write_with
+
 HeadKind = Literal["regression", "binary"]  # aesthetic rating, or probability of a class (nsfw)
 LAION_HIDDEN = (1024, 128, 64, 16)
 LAION_DROPOUT = (0.2, 0.2, 0.1)
@@ -70,8 +72,8 @@ def save_head(head: EmbeddingHead, info: HeadInfo, path: Path) -> Path:
     path = Path(path).with_suffix(".pt")
     path.parent.mkdir(parents=True, exist_ok=True)
     info = replace(info, activation=head.activation)  # the file must describe the head it holds
-    torch.save(head.state_dict(), path)
-    path.with_suffix(".json").write_text(json.dumps(asdict(info), indent=2))
+    write_with(path, lambda tmp: torch.save(head.state_dict(), tmp))
+    write_json(path.with_suffix(".json"), asdict(info))
     return path
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 from rich.console import Console
@@ -15,6 +16,27 @@ R = TypeVar("R")
 
 class StageTaskError(RuntimeError):
     """A work item failed on every retry."""
+
+
+@contextmanager
+def _cancelled_on_exit(pending: list) -> Iterator[None]:
+    """On Ctrl-C (or any error) force-cancel the tasks still in flight before anything else unwinds.
+
+    Otherwise a task can finish *after* the run decided to stop, e.g. a download part completing
+    with connection errors once the demo's loopback server has shut down, and a resume would then
+    take that part as done.
+    """
+    import ray
+
+    try:
+        yield
+    except BaseException:
+        for ref in list(pending):
+            with suppress(Exception):
+                ray.cancel(ref, force=True)
+        with suppress(Exception):  # cancelling is asynchronous: wait until the workers are gone
+            ray.wait(list(pending), num_returns=len(pending), timeout=10)
+        raise
 
 
 def make_ray_map(max_retries: int = 2, num_cpus: float = 1, console: Console | None = None):
@@ -40,10 +62,11 @@ def make_ray_map(max_retries: int = 2, num_cpus: float = 1, console: Console | N
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
         ]
-        with Progress(*columns, console=console, transient=False) as progress:
+        with Progress(*columns, console=console, transient=False) as progress, _cancelled_on_exit(pending):
             task = progress.add_task(desc, total=len(items), rate="")
             while pending:
-                done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                done, still = ray.wait(pending, num_returns=1, timeout=1.0)
+                pending[:] = still  # in place: `_cancelled_on_exit` holds this list
                 for ref in done:
                     i = index_of[ref]
                     try:

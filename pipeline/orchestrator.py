@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline.atomic import remove_partials, write_json, write_text
 from pipeline.config import ConfigError, Recipe
 from pipeline.runtime import ray_runtime
 from pipeline.serve import serve_directory
@@ -100,9 +101,7 @@ def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
 
 
 def write_run_record(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(run_dir / RUN_FILE)
+    write_json(run_dir / RUN_FILE, record)
 
 
 def check_manifest(spec: StageSpec, manifest: Manifest, ctx: RunContext) -> None:
@@ -164,7 +163,9 @@ def run_pipeline(
         map_fn = map_fn_factory() if map_fn_factory else make_ray_map()
         ctx = RunContext(recipe=recipe, run_dir=run_dir, map_fn=map_fn, tracking_uri=tracker.uri)
         run_record = record["mlflow_run_id"]
-        with tracker.parent_run(run_dir.name, recipe_record(recipe), run_record, parent_run_id) as parent_id:
+        with tracker.parent_run(
+            run_dir.name, recipe_record(recipe), run_record, parent_run_id, run_dir=run_dir
+        ) as parent_id:
             record["mlflow_run_id"] = parent_id
             write_run_record(run_dir, record)
             with demo_server(recipe, run_dir, ctx) if "demo_pool" not in reuse else nullcontext():
@@ -177,16 +178,20 @@ def run_pipeline(
                         log(f"[{spec.name}] finished earlier, skipped: {finished.summary()}")
                         continue
                     log(f"[{spec.name}] {spec.summary}")
+                    removed = remove_partials(stage_dir)  # what a killed earlier attempt was still writing
+                    if removed:
+                        log(f"[{spec.name}] removed {removed} partial file(s) left by an interrupted run")
                     with tracker.stage_run(parent_id, spec.name, spec.params(recipe)) as stage_run_id:
                         ctx.stage_run_id = stage_run_id
                         manifest = spec.run(ctx)
                         try:
                             check_manifest(spec, manifest, ctx)
                         except AccountingError:
-                            (stage_dir / "manifest.rejected.json").write_text(
-                                manifest.model_dump_json(by_alias=True, indent=2)
+                            write_text(
+                                stage_dir / "manifest.rejected.json", manifest.model_dump_json(by_alias=True, indent=2)
                             )
                             raise
+                        remove_partials(stage_dir)  # e.g. a retried task's abandoned shard
                         path = manifest.write(stage_dir)
                         tracker.log_manifest(stage_run_id, manifest, path)
                     ctx.manifests[spec.name] = manifest

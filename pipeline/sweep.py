@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic import Field, ValidationError
 
 from filters.registry import Strategy
+from pipeline.atomic import atomic_path, write_json, write_text, write_with
 from pipeline.config import ConfigError, Recipe, format_validation_error, load_recipe, read_yaml_mapping
 from pipeline.orchestrator import RunResult, run_pipeline
 from pipeline.runtime import ray_runtime
@@ -108,14 +109,14 @@ def write_table(rows: list[StrategyRow], folder: Path) -> list[Path]:
         [r.strategy, r.kept, r.kept_fraction, r.zeroshot_top1, r.zeroshot_top5, r.image_to_text_r1, r.text_to_image_r1]
         for r in rows
     ]
-    with open(folder / "results.csv", "w", newline="") as handle:
+    with atomic_path(folder / "results.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(values)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in values:
         lines.append(f"| {v[0]} | {v[1]} | {v[2]:.3f} | " + " | ".join(f"{x:.3f}" for x in v[3:]) + " |")
-    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    write_text(folder / "results.md", "\n".join(lines) + "\n")
     return [folder / "results.csv", folder / "results.md", _plot(rows, folder / "accuracy_vs_kept.png")]
 
 
@@ -135,7 +136,7 @@ def _plot(rows: list[StrategyRow], path: Path) -> Path:
     ax.set_ylabel("zero-shot top-1")
     ax.set_title("same compute, different data")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
 
@@ -156,9 +157,7 @@ def run_sweep(
     if sweep_dir is None:
         sweep_dir = root / f"{sweep.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
         sweep_dir.mkdir(parents=True)
-        (sweep_dir / "sweep.json").write_text(
-            json.dumps({"sweep": sweep.model_dump(mode="json"), "mlflow_run_id": None})
-        )
+        write_json(sweep_dir / "sweep.json", {"sweep": sweep.model_dump(mode="json"), "mlflow_run_id": None})
     record = json.loads((sweep_dir / "sweep.json").read_text())
     tracker = Tracker(shared, os.environ, warn=log)
     log(f"sweep directory: {sweep_dir}")
@@ -168,7 +167,7 @@ def run_sweep(
         tracker.parent_run(sweep_dir.name, sweep.model_dump(mode="json"), record["mlflow_run_id"]) as sweep_run,
     ):
         record["mlflow_run_id"] = sweep_run
-        (sweep_dir / "sweep.json").write_text(json.dumps(record))
+        write_json(sweep_dir / "sweep.json", record)
         # every run of the sweep lives in its folder and logs to the sweep's MLflow store
         runs_root = {"output_dir": str(sweep_dir), "tracking": shared.tracking.model_copy(update={"uri": tracker.uri})}
 

@@ -18,6 +18,7 @@ from stages.manifest import Manifest
 from stages.mlflow_sink import MlflowSink
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+RUN_DIR_TAG = "run_dir"  # the run folder every MLflow run of a pipeline run belongs to
 
 
 def tracking_uri(recipe: Recipe, environ: Mapping[str, str]) -> str:
@@ -74,6 +75,7 @@ class Tracker:
         self.uri = tracking_uri(recipe, environ)
         self.experiment_name = recipe.tracking.experiment or recipe.name
         self.sink = MlflowSink(self.uri, warn)
+        self.run_dir: str | None = None  # set by parent_run: tags every run of the pipeline run
         experiment = self.sink.call("get_experiment_by_name", self.experiment_name)
         if experiment is not None:
             self.experiment_id: str | None = experiment.experiment_id
@@ -123,18 +125,47 @@ class Tracker:
 
     @contextmanager
     def parent_run(
-        self, run_name: str, params: Mapping[str, Any], run_id: str | None, nest_under: str | None = None
+        self,
+        run_name: str,
+        params: Mapping[str, Any],
+        run_id: str | None,
+        nest_under: str | None = None,
+        run_dir: Path | None = None,
     ) -> Iterator[str | None]:
-        """Start (or reopen, on resume) the parent run; yield its id. `nest_under`: a sweep's run."""
+        """Start (or reopen, on resume) the parent run; yield its id. `nest_under`: a sweep's run.
+
+        Every run of a pipeline run is tagged with its folder, so that runs a killed process left
+        RUNNING (even a parent it died before recording in run.json) are closed on resume.
+        """
+        self.run_dir = str(Path(run_dir).absolute()) if run_dir else None
         if run_id is None:
-            run_id = self._create_run(run_name, {"mlflow.parentRunId": nest_under} if nest_under else None)
+            tags = {"mlflow.parentRunId": nest_under} if nest_under else {}
+            run_id = self._create_run(run_name, {**tags, **self._folder_tag()})
             if run_id:
                 self._log_params(run_id, params)
         else:
             self.call("update_run", run_id, status="RUNNING")
             self._close_orphaned_children(run_id)
+        self._close_stale_runs(keep=run_id)
         with self._run(run_id):
             yield run_id
+
+    def _folder_tag(self) -> dict[str, str]:
+        return {RUN_DIR_TAG: self.run_dir} if self.run_dir else {}
+
+    def _close_stale_runs(self, keep: str | None) -> None:
+        """Runs of this run folder still RUNNING from a killed process: mark them KILLED."""
+        folder = self.run_dir
+        if self.experiment_id is None or not folder or "'" in folder:
+            return
+        stale = self.call(
+            "search_runs",
+            [self.experiment_id],
+            filter_string=f"tags.{RUN_DIR_TAG} = '{folder}' and attributes.status = 'RUNNING'",
+        )
+        for run in stale or []:
+            if run.info.run_id != keep:
+                self.call("set_terminated", run.info.run_id, status="KILLED")
 
     def _close_orphaned_children(self, parent_id: str) -> None:
         """Stage runs of a killed process stay RUNNING forever; mark them KILLED on resume."""
@@ -150,7 +181,8 @@ class Tracker:
 
     @contextmanager
     def stage_run(self, parent_id: str | None, stage: str, params: Mapping[str, Any]) -> Iterator[str | None]:
-        run_id = self._create_run(stage, {"mlflow.parentRunId": parent_id, "stage": stage}) if parent_id else None
+        tags = {"mlflow.parentRunId": parent_id, "stage": stage, **self._folder_tag()}
+        run_id = self._create_run(stage, tags) if parent_id else None
         if run_id and params:
             self._log_params(run_id, params)
         with self._run(run_id):

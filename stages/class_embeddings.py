@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_path
 from stages import clip_models
 
 
@@ -24,8 +25,7 @@ def write_class_embeddings(
 
     model, _, tokenizer = clip_models.load_model(model_path, model_name, "cpu")
     classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device="cpu")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_suffix(".partial.npy")
-    np.save(partial, classifier.T.float().numpy(), allow_pickle=False)
-    partial.replace(out_path)
+    matrix = classifier.T.float().numpy()
+    with atomic_path(out_path) as tmp, tmp.open("wb") as handle:  # np.save would append .npy to a bare path
+        np.save(handle, matrix, allow_pickle=False)
     return out_path

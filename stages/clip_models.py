@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.atomic import atomic_path
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS = "weights.pt"
 MODEL_INFO = "model.json"
@@ -37,10 +39,15 @@ def create(model_name: str):
 
 
 def save(model: torch.nn.Module, model_name: str, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), folder / WEIGHTS)
-    (folder / MODEL_INFO).write_text(json.dumps({"model": model_name}))
-    return folder
+    """Write a model folder (weights + architecture name); it appears complete or not at all."""
+    return save_state(model.state_dict(), model_name, folder)
+
+
+def save_state(state: dict, model_name: str, folder: Path) -> Path:
+    with atomic_path(folder, folder=True) as tmp:
+        torch.save(state, tmp / WEIGHTS)
+        (tmp / MODEL_INFO).write_text(json.dumps({"model": model_name}))
+    return Path(folder)
 
 
 def load(folder: Path, device: str = "cpu"):

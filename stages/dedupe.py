@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from filters.phash_dedupe import PhashDedupeParams, phash_dedupe, reason_kind
+from pipeline.atomic import write_parquet
 from stages.hash_shards import image_bytes, read_hash_tables
 from stages.manifest import Manifest
 from stages.phash import decode_thumbnail, phash_pixels
@@ -54,7 +55,7 @@ def run_dedupe(hashes_dir: Path, config: DedupeConfig, stage_dir: Path) -> Manif
     result = phash_dedupe(table, params, eval_keys, eval_hashes)
     stage_dir.mkdir(parents=True, exist_ok=True)
     decisions = stage_dir / "decisions.parquet"
-    pq.write_table(result.to_table(phash=table.column("phash")), decisions)
+    write_parquet(decisions, result.to_table(phash=table.column("phash")))
     seconds = time.perf_counter() - started
     kept = int(result.keep.sum())
     return Manifest(

@@ -7,7 +7,6 @@ keyed by the same uid the download stage computes, so later stages can be scored
 
 from __future__ import annotations
 
-import json
 import tarfile
 import time
 from dataclasses import dataclass
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
+from pipeline.atomic import atomic_path, write_bytes, write_json, write_parquet
 from stages import demo_scenes as world
 from stages.config_base import StrictModel
 from stages.manifest import Manifest, count_reasons
@@ -98,7 +97,7 @@ class _PoolWriter:
         self.rows: list[PoolRow] = []
 
     def add(self, name: str, payload: bytes, row: PoolRow, route: str = "") -> PoolRow:
-        (self.files_dir / name).write_bytes(payload)
+        write_bytes(self.files_dir / name, payload)
         row.url = f"{self.base_url}/{route}{name}"
         self.rows.append(row)
         return row
@@ -113,7 +112,7 @@ def _eval_set(config: DemoPoolConfig, eval_dir: Path, rng: np.random.Generator) 
     eval_dir.mkdir(parents=True, exist_ok=True)
     names = world.class_names()
     items, records = [], []
-    with tarfile.open(eval_dir / "00000.tar", "w") as tar:
+    with atomic_path(eval_dir / "00000.tar") as tmp, tarfile.open(tmp, "w") as tar:
         for i in range(config.n_eval):
             scene = world.random_scene(rng)
             payload = world.encode_jpeg(world.render_scene(scene, config.image_size, rng))
@@ -126,8 +125,8 @@ def _eval_set(config: DemoPoolConfig, eval_dir: Path, rng: np.random.Generator) 
                 tar.addfile(info, BytesIO(data))
             items.append((uid, payload, scene))
             records.append({"uid": uid, "label": scene.label, "label_index": label_index, "caption": scene.caption})
-    pq.write_table(pa.Table.from_pylist(records), eval_dir / "labels.parquet")
-    (eval_dir / "classnames.json").write_text(json.dumps(names, indent=0))
+    write_parquet(eval_dir / "labels.parquet", pa.Table.from_pylist(records))
+    write_json(eval_dir / "classnames.json", names, indent=0)
     return items
 
 
@@ -268,9 +267,7 @@ def generate_pool(config: DemoPoolConfig, pool_dir: Path, base_url: str) -> Mani
         row.labelled = True
     _write_tables(rows, pool_dir)
     _write_labels(rows, pool_dir / "labels.parquet", rng)
-    (pool_dir / "pool.json").write_text(
-        json.dumps({"base_url": base_url, "n_rows": len(rows), "config": config.model_dump()}, indent=2)
-    )
+    write_json(pool_dir / "pool.json", {"base_url": base_url, "n_rows": len(rows), "config": config.model_dump()})
     return Manifest(
         stage="demo_pool",
         **{"in": config.n_samples},
@@ -313,7 +310,8 @@ def _write_labels(rows: list[PoolRow], path: Path, rng: np.random.Generator) -> 
     labelled = [r for r in rows if r.labelled]
     low = np.array([r.defect == "low_quality" for r in labelled])
     ratings = np.where(low, rng.uniform(1.5, 3.5, len(labelled)), rng.uniform(5.5, 8.5, len(labelled)))
-    pq.write_table(
+    write_parquet(
+        path,
         pa.table(
             {
                 "uid": [r.uid for r in labelled],
@@ -322,15 +320,15 @@ def _write_labels(rows: list[PoolRow], path: Path, rng: np.random.Generator) -> 
                 "good_pair": [r.defect in GOOD_PAIR_DEFECTS for r in labelled],
             }
         ),
-        path,
     )
 
 
 def _write_tables(rows: list[PoolRow], pool_dir: Path) -> None:
-    pq.write_table(
-        pa.table({"url": [r.url for r in rows], "caption": [r.caption for r in rows]}), pool_dir / "source.parquet"
+    write_parquet(
+        pool_dir / "source.parquet", pa.table({"url": [r.url for r in rows], "caption": [r.caption for r in rows]})
     )
-    pq.write_table(
+    write_parquet(
+        pool_dir / "ground_truth.parquet",
         pa.table(
             {
                 "uid": [r.uid for r in rows],
@@ -345,5 +343,4 @@ def _write_tables(rows: list[PoolRow], pool_dir: Path) -> None:
                 "labelled": [r.labelled for r in rows],
             }
         ),
-        pool_dir / "ground_truth.parquet",
     )

@@ -20,9 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from pipeline.atomic import Partial, atomic_path, write_parquet
 from stages.config_base import StrictModel
 from stages.manifest import Manifest, count_reasons, merge_reasons
 from stages.mapping import MapFn, local_map
+from stages.reshard import write_sorted_by_key
 from stages.source_table import load_source
 
 SHARD_DIGITS = 5
@@ -116,16 +118,29 @@ def _writer_class():
     from img2dataset.writer import WebDatasetSampleWriter
 
     class UidKeyedWebDatasetWriter(WebDatasetSampleWriter):
-        """img2dataset's webdataset writer, keyed by uid and with a `reason` column."""
+        """img2dataset's webdataset writer, keyed by uid, with a `reason` column, and all-or-nothing:
+        the tar and parquet are written in a `.partial` folder and moved into place on close."""
 
         def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
             schema = schema.append(pa.field("reason", pa.string()))
-            super().__init__(shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format)
+            self.final_dir = Path(output_folder)
+            self.staging = Partial(self.final_dir / f"{shard_name(shard_id)}.staging", folder=True)
+            super().__init__(shard_id, str(self.staging.tmp), save_caption, oom_shard_count, schema, encode_format)
 
         def write(self, img_str, key, caption, meta):
             meta["key"] = meta["uid"]
             meta["reason"] = classify_failure(meta.get("status"), meta.get("error_message"))
             super().write(img_str, meta["uid"], caption, meta)
+
+        def close(self):
+            """Publish the shard with its samples (and parquet rows) in uid order: img2dataset writes
+            them in the order its threads finish, which would make every later stage depend on timing."""
+            super().close()
+            name = shard_name(self.shard_id)
+            write_sorted_by_key(self.staging.tmp / f"{name}.tar", self.final_dir / f"{name}.tar")
+            rows = pq.read_table(self.staging.tmp / f"{name}.parquet")
+            write_parquet(self.final_dir / f"{name}.parquet", rows.sort_by("uid"))  # last: shards are listed by it
+            self.staging.abort()  # the staging folder and the unsorted copies
 
     return UidKeyedWebDatasetWriter
 
@@ -191,10 +206,19 @@ def summarize_part(part: DownloadPart, part_uids: list[str], seconds: float, ski
     return PartResult(part.index, part.n_rows, kept, dropped, failed, seconds, skipped)
 
 
+def part_finished(shards_dir: str | Path, index: int) -> bool:
+    """img2dataset writes the stats file last (after our writer moved the tar and parquet into place),
+    but not atomically: a part counts as finished only when its stats file is whole."""
+    try:
+        return "successes" in json.loads(stats_path(shards_dir, index).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def download_part(part: DownloadPart, config: DownloadConfig) -> PartResult:
     """Download one part unless its shard is already complete."""
     part_uids = _part_uids(part)
-    if stats_path(part.shards_dir, part.index).exists():
+    if part_finished(part.shards_dir, part.index):
         return summarize_part(part, part_uids, 0.0, skipped=True)
     started = time.perf_counter()
     downloader = _build_downloader(config, part.shards_dir)
@@ -235,17 +259,15 @@ def plan_parts(table: pa.Table, config: DownloadConfig, stage_dir: Path) -> list
     for index in range(n_parts):
         chunk = table.slice(index * config.samples_per_shard, config.samples_per_shard)
         input_path = inputs_dir / f"{shard_name(index)}.arrow"
-        if not stats_path(shards_dir, index).exists():
+        if not part_finished(shards_dir, index):
             _write_arrow(chunk.select(PART_COLUMNS), input_path)
         parts.append(DownloadPart(index, str(input_path), str(shards_dir), chunk.num_rows))
     return parts
 
 
 def _write_arrow(table: pa.Table, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    tmp.replace(path)
 
 
 def run_download(

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from pipeline.atomic import write_parquet
 from stages.config_base import StrictModel
 from stages.hash_shards import expected_samples, image_bytes
 from stages.manifest import Manifest, count_reasons
@@ -203,12 +204,6 @@ def _shard_table(rows: dict[str, list]) -> pa.Table:
     return pa.table(table)
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
 class _ShardCollector:
     """Gathers streamed batches per shard and writes each shard as soon as all its rows arrived."""
 
@@ -227,7 +222,7 @@ class _ShardCollector:
                 self.rows[shard][name].append(np.asarray(values)[mask])
             self.seen[shard] += int(mask.sum())
             if self.seen[shard] == self.expected[shard]:
-                _write_atomically(_shard_table(self.rows.pop(shard)), self.out_dir / f"{shard}.parquet")
+                write_parquet(self.out_dir / f"{shard}.parquet", _shard_table(self.rows.pop(shard)))
                 self.written.append(shard)
 
 

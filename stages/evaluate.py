@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
+from pipeline.atomic import write_json
 from stages import clip_models
 from stages.config_base import StrictModel
 from stages.hash_shards import image_bytes
@@ -111,7 +112,7 @@ def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_
     metrics["retrieval_chance_recall_at_1"] = 1 / len(captions)
     stage_dir.mkdir(parents=True, exist_ok=True)
     results = stage_dir / "results.json"
-    results.write_text(json.dumps(metrics, indent=2))
+    write_json(results, metrics)
     n = len(captions) + sum(failures.values())
     return Manifest(
         stage="evaluate",

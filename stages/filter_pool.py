@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from filters.registry import Strategy
 from filters.strategy import StrategyResult, apply_strategy
+from pipeline.atomic import write_parquet
 from stages.config_base import StrictModel
 from stages.manifest import Manifest, count_reasons
 from stages.mapping import MapFn, local_map
@@ -62,7 +62,7 @@ def run_filter(
     stage_dir.mkdir(parents=True, exist_ok=True)
     decisions = decisions_table(pool, failure, result)
     path = stage_dir / "decisions.parquet"
-    pq.write_table(decisions, path)
+    write_parquet(path, decisions)
     metrics: dict[str, float] = {"kept_fraction": float(result.keep.mean()) if len(result.keep) else 0.0}
     for index, (_, step) in enumerate(result.steps):
         label = result.step_label(index)

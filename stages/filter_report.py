@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from filters.strategy import StrategyResult
+from pipeline.atomic import write_with
 from stages.hash_shards import image_bytes
 from stages.reshard import read_tar_samples
 
@@ -38,7 +39,7 @@ def histogram(scores: np.ndarray, keep: np.ndarray, threshold: float | None, tit
     ax.set_xlabel("score")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
 
@@ -79,7 +80,7 @@ def example_grid(
                 ax.set_title(f"{label}: {captions.get(uid, '')[:28]}", fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
 

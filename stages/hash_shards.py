@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from pipeline.atomic import write_parquet
 from stages.config_base import StrictModel
 from stages.manifest import Manifest, count_reasons, merge_reasons
 from stages.mapping import MapFn, local_map
@@ -117,9 +118,7 @@ def hash_shard(task: HashTask) -> HashResult:
         },
         schema=SCHEMA,
     )
-    tmp = output.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(output)
+    write_parquet(output, table)
     return _summarize(table, skipped=False)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.atomic import write_text
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -66,12 +68,8 @@ class Manifest(BaseModel):
         return " ".join(parts)
 
     def write(self, stage_dir: Path) -> Path:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        path = stage_dir / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.model_dump_json(by_alias=True, indent=2))
-        tmp.replace(path)  # atomic: a half-written manifest never marks a stage finished
-        return path
+        # atomic: a half-written manifest never marks a stage finished
+        return write_text(stage_dir / MANIFEST_NAME, self.model_dump_json(by_alias=True, indent=2))
 
     @classmethod
     def read(cls, stage_dir: Path) -> Manifest | None:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.atomic import Partial, atomic_path, write_parquet
 from stages.manifest import Manifest, count_reasons
 
 SHARD_DIGITS = 5
@@ -44,6 +45,18 @@ def read_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, byte
         yield current_key, current
 
 
+def write_sorted_by_key(source: Path, target: Path) -> None:
+    """Copy a webdataset tar with its samples in key order (each sample's files kept together, in
+    their order), atomically. Reads an index of members, not the samples: memory grows with the
+    member count only."""
+    with tarfile.open(source) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        order = sorted(range(len(members)), key=lambda i: (Path(members[i].name).name.partition(".")[0], i))
+        with atomic_path(target) as tmp, tarfile.open(tmp, "w") as out:
+            for i in order:
+                out.addfile(members[i], tar.extractfile(members[i]))
+
+
 def successful_rows(parquet_paths: Iterable[Path]) -> pa.Table:
     tables = [pq.read_table(p) for p in parquet_paths]
     table = pa.concat_tables(tables, promote_options="default")
@@ -59,6 +72,7 @@ class _ShardWriter:
         self.index = -1
         self.count = 0
         self.tar: tarfile.TarFile | None = None
+        self.partial: Partial | None = None
         self.shards: list[str] = []
 
     def write(self, key: str, sample: dict[str, bytes]) -> None:
@@ -76,13 +90,17 @@ class _ShardWriter:
         self.index += 1
         self.count = 0
         path = self.output_dir / f"{self.index:0{SHARD_DIGITS}d}.tar"
-        self.tar = tarfile.open(path, "w")  # noqa: SIM115 (closed by close(), one shard at a time)
+        self.partial = Partial(path)  # the tar appears under its name only once closed
+        self.tar = tarfile.open(self.partial.tmp, "w")  # noqa: SIM115 (closed by close(), one shard at a time)
         self.shards.append(str(path))
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Finish the open shard; with `error`, discard it instead."""
         if self.tar is not None:
             self.tar.close()
             self.tar = None
+            partial, self.partial = self.partial, None
+            partial.abort() if error is not None else partial.commit()
 
 
 def reshard(
@@ -102,7 +120,11 @@ def reshard(
     output_dir.mkdir(parents=True, exist_ok=True)
     tars = [Path(p) for p in shard_paths]
     rows = successful_rows(t.with_suffix(".parquet") for t in tars)
-    wanted = rows if keep_uids is None else rows.filter(pc.is_in(rows.column("uid"), pa.array(sorted(keep_uids))))
+    wanted = (
+        rows
+        if keep_uids is None
+        else rows.filter(pc.is_in(rows.column("uid"), pa.array(sorted(keep_uids), pa.string())))
+    )
     wanted_uids = set(wanted.column("uid").to_pylist())
     writer = _ShardWriter(output_dir, samples_per_shard)
     written: list[str] = []
@@ -114,8 +136,10 @@ def reshard(
                     writer.write(key, sample)
                     written.append(key)
                     seen.add(key)
-    finally:
-        writer.close()
+    except BaseException as err:
+        writer.close(err)
+        raise
+    writer.close()
     _write_shard_tables(wanted, written, writer.shards, samples_per_shard)
     n_missing = len(wanted_uids) - len(written)
     return Manifest(
@@ -139,4 +163,4 @@ def _write_shard_tables(rows: pa.Table, order: list[str], shards: list[str], per
     for n, shard in enumerate(shards):
         uids = order[n * per_shard : (n + 1) * per_shard]
         table = rows.take(pa.array([position[u] for u in uids], pa.int64()))
-        pq.write_table(table, Path(shard).with_suffix(".parquet"))
+        write_parquet(Path(shard).with_suffix(".parquet"), table)

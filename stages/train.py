@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.atomic import PARTIAL_SUFFIX, is_partial, write_text
 from stages.config_base import StrictModel
 from stages.manifest import Manifest
 from stages.mlflow_sink import MlflowSink
@@ -27,6 +32,7 @@ from stages.mlflow_sink import MlflowSink
 STATE_FILE = "state.pt"
 STEP_FILE = "train_state.json"
 LOG_FILE = "train_log.jsonl"
+ATTEMPT_PREFIX = "attempt-"  # one Ray Train run name per attempt (first run, then each resume)
 
 
 class TrainConfig(StrictModel):
@@ -82,14 +88,66 @@ class Tracking:
     run_id: str
 
 
+@dataclass(frozen=True)
+class CheckpointChoice:
+    """The newest complete checkpoint under a storage path, and the newer ones that were not."""
+
+    folder: Path | None
+    step: int
+    skipped: tuple[tuple[Path, str], ...] = ()
+
+    def fallback_lines(self) -> list[str]:
+        target = f"step {self.step} ({self.folder})" if self.folder else "the start (no complete checkpoint)"
+        return [f"train: checkpoint {path} is incomplete ({why}); resuming from {target}" for path, why in self.skipped]
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from; None when it is complete and loads.
+
+    A kill can land while a checkpoint is being written or copied into Ray's storage, leaving the
+    step file beside a truncated state file: its recorded size must match, and the state must load
+    (`weights_only=True`, memory-mapped so that checking costs no RAM) and name the same step.
+    """
+    import torch
+
+    try:
+        info = json.loads((folder / STEP_FILE).read_text())
+        expected = info.get("state_bytes")
+        size = (folder / STATE_FILE).stat().st_size
+        if expected is not None and size != expected:
+            return f"{STATE_FILE} has {size:,} of {expected:,} bytes"
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        if int(state["step"]) != int(info["step"]):
+            return f"{STATE_FILE} holds step {state['step']}, {STEP_FILE} says {info['step']}"
+    except FileNotFoundError as err:
+        return f"{Path(err.filename).name if err.filename else 'a file'} is missing"
+    except Exception as err:  # noqa: BLE001 - a torn JSON, zip or pickle: any of them means incomplete
+        return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    return None
+
+
+def _recorded_step(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / STEP_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1  # torn: sorts last, and is reported as incomplete if reached
+
+
+def choose_checkpoint(storage: Path) -> CheckpointChoice:
+    """The newest checkpoint under `storage` that is complete; newer incomplete ones are listed, not used."""
+    folders = {f.parent for f in Path(storage).rglob(STEP_FILE) if not any(is_partial(Path(p)) for p in f.parts)}
+    skipped: list[tuple[Path, str]] = []
+    for folder in sorted(folders, key=lambda f: (_recorded_step(f), str(f)), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return CheckpointChoice(folder, _recorded_step(folder), tuple(skipped))
+        skipped.append((folder, problem))
+    return CheckpointChoice(None, 0, tuple(skipped))
+
+
 def latest_checkpoint(storage: Path) -> Path | None:
-    """The checkpoint folder with the highest step under a Ray Train storage path."""
-    best, best_step = None, -1
-    for step_file in storage.rglob(STEP_FILE):
-        step = json.loads(step_file.read_text())["step"]
-        if step > best_step:
-            best, best_step = step_file.parent, step
-    return best
+    """The newest complete checkpoint folder under a Ray Train storage path."""
+    return choose_checkpoint(storage).folder
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
@@ -239,31 +297,86 @@ def _report(model, optimizer, config: TrainConfig, step: int, metrics: dict, ran
         ray.train.report({**metrics, "step": step})
         return
     with tempfile.TemporaryDirectory() as folder:
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, Path(folder) / STATE_FILE
-        )
-        (Path(folder) / STEP_FILE).write_text(json.dumps({"step": step, "model": config.model}))
+        state_path = Path(folder) / STATE_FILE
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, state_path)
+        # written last, with the state's size: a copy torn anywhere is recognised as incomplete
+        info = {"step": step, "model": config.model, "state_bytes": state_path.stat().st_size}
+        (Path(folder) / STEP_FILE).write_text(json.dumps(info))
         if client is not None:
             client.call("log_artifacts", tracking.run_id, folder, f"checkpoints/step_{step:08d}")
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def run_train(
-    shards: list[str], n_samples: int, config: TrainConfig, stage_dir: Path, tracking: Tracking | None = None
+    shards: list[str],
+    n_samples: int,
+    config: TrainConfig,
+    stage_dir: Path,
+    tracking: Tracking | None = None,
+    log: Callable[[str], None] = print,
 ) -> Manifest:
-    """Train on `shards` (which hold `n_samples` samples); write the final model to stage_dir/model."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    """Train on `shards` (which hold `n_samples` samples); write the final model to stage_dir/model.
 
+    A rerun resumes from the newest *complete* checkpoint of earlier attempts (see
+    `choose_checkpoint`) and says so when a newer one had to be passed over.
+    """
     if not shards:
         raise ValueError("train: no shards to train on")
     started = time.perf_counter()
     stage_dir = stage_dir.absolute()
     storage = stage_dir / "ray"
-    resume = latest_checkpoint(storage)
-    # read now: once the new run saves checkpoints, Ray's num_to_keep may delete this one
-    resumed_from_step = json.loads((resume / STEP_FILE).read_text())["step"] if resume else 0
+    resume = choose_checkpoint(storage)
+    for line in resume.fallback_lines():
+        log(line)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    _trim_log(stage_dir / LOG_FILE, resume.step)
+    stop = min(config.total_steps, config.stop_at_step or config.total_steps)
+    if resume.folder is not None and resume.step >= stop:
+        final = resume.folder  # killed after the last checkpoint but before the manifest: nothing left to train
+    else:
+        final = _fit(shards, config, stage_dir, storage, resume.folder, tracking, stop)
+    step = _recorded_step(final)
+    if step != stop:
+        raise RuntimeError(f"train: the last complete checkpoint is step {step}, expected {stop} ({final})")
+    model_dir = _export_model(final, config.model, stage_dir / "model")
+    _remove_other_attempts(storage, keep=final)
+    if tracking is not None:
+        sink = MlflowSink(tracking.uri)
+        sink.call("set_tag", tracking.run_id, "resumed_from", str(resume.folder or ""))
+        sink.call("log_artifacts", tracking.run_id, str(model_dir), "model")
+    seconds = time.perf_counter() - started
+    return Manifest(
+        stage="train",
+        **{"in": n_samples},
+        kept=n_samples,
+        outputs={
+            "model": str(model_dir),
+            "checkpoint": str(final),
+            "log": str(stage_dir / LOG_FILE),
+            "resumed_from": str(resume.folder or ""),
+        },
+        seconds=seconds,
+        metrics={
+            "steps": float(step),
+            "samples_seen": float(step * config.batch_size),
+            "resumed_from_step": float(resume.step),  # the step whose weights were actually loaded
+            "fit_samples_per_second": step * config.batch_size / seconds,
+        },
+    )
+
+
+def _fit(
+    shards: list[str], config: TrainConfig, stage_dir: Path, storage: Path, resume: Path | None, tracking, stop: int
+) -> Path:
+    """One Ray Train run from `resume` (or from scratch); the folder of its final checkpoint.
+
+    Ray Train handles Ctrl-C itself (it aborts the run gracefully and `fit()` returns as if done),
+    and leaves its handler installed, so every later stage would ignore Ctrl-C. We restore ours, and
+    turn a run that stopped short of `stop` back into the KeyboardInterrupt it was.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     loop_config = {
         "train": config.model_dump(),
         "shards": [str(Path(s).absolute()) for s in shards],
@@ -278,34 +391,63 @@ def run_train(
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.threads_per_worker}
         ),
         run_config=ray.train.RunConfig(
-            name="train",
+            # A fresh name per attempt: Ray Train would otherwise restore its own snapshot of an earlier
+            # attempt (possibly torn by the kill) instead of the checkpoint verified above.
+            name=_new_attempt_name(storage),
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
     )
-    trainer.fit()  # raises ray.train.TrainingFailedError once max_failures are spent
-    final = latest_checkpoint(storage)
-    if final is None:
-        raise RuntimeError("train: Ray Train finished without a checkpoint")
-    step = json.loads((final / STEP_FILE).read_text())["step"]
-    model_dir = _export_model(final, config.model, stage_dir / "model")
-    if tracking is not None:
-        MlflowSink(tracking.uri).call("log_artifacts", tracking.run_id, str(model_dir), "model")
-    seconds = time.perf_counter() - started
-    return Manifest(
-        stage="train",
-        **{"in": n_samples},
-        kept=n_samples,
-        outputs={"model": str(model_dir), "checkpoint": str(final), "log": str(stage_dir / LOG_FILE)},
-        seconds=seconds,
-        metrics={
-            "steps": float(step),
-            "samples_seen": float(step * config.batch_size),
-            "resumed_from_step": float(resumed_from_step),
-            "fit_samples_per_second": step * config.batch_size / seconds,
-        },
-    )
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures are spent
+    finally:
+        if threading.current_thread() is threading.main_thread():  # Ray registers it only there too
+            signal.signal(signal.SIGINT, ctrl_c)
+    if result.checkpoint is not None and checkpoint_problem(Path(result.checkpoint.path)) is None:
+        final = Path(result.checkpoint.path)
+    else:
+        final = choose_checkpoint(storage).folder
+    reached = _recorded_step(final) if final is not None else 0
+    if reached < stop:
+        raise KeyboardInterrupt(f"train: interrupted at step {reached} of {stop}")
+    return final
+
+
+def _new_attempt_name(storage: Path) -> str:
+    taken = {p.name for p in storage.glob(f"{ATTEMPT_PREFIX}*")} if storage.exists() else set()
+    index = 0
+    while f"{ATTEMPT_PREFIX}{index:03d}" in taken:
+        index += 1
+    return f"{ATTEMPT_PREFIX}{index:03d}"
+
+
+def _remove_other_attempts(storage: Path, keep: Path) -> None:
+    """Earlier attempts (and their torn checkpoints) once a later one has finished: renamed away, then deleted."""
+    try:
+        kept_attempt = keep.relative_to(storage).parts[0]
+    except (ValueError, IndexError):
+        return
+    for folder in storage.iterdir() if storage.exists() else []:
+        if folder.is_dir() and folder.name != kept_attempt and not is_partial(folder):
+            doomed = folder.with_name(f".{folder.name}.removed{PARTIAL_SUFFIX}")
+            folder.rename(doomed)  # one atomic step: a kill mid-delete leaves only a `.partial` to sweep
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines after the resumed step (and a torn last line), so each step is logged once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _export_model(checkpoint: Path, model_name: str, folder: Path) -> Path:
@@ -315,12 +457,7 @@ def _export_model(checkpoint: Path, model_name: str, folder: Path) -> Path:
     from stages import clip_models
 
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (clip_models.WEIGHTS + ".tmp")
-    torch.save(state["model"], tmp)
-    tmp.replace(folder / clip_models.WEIGHTS)
-    (folder / clip_models.MODEL_INFO).write_text(json.dumps({"model": model_name}))
-    return folder
+    return clip_models.save_state(state["model"], model_name, folder)
 
 
-__all__ = ["TrainConfig", "Tracking", "run_train", "latest_checkpoint"]
+__all__ = ["TrainConfig", "Tracking", "choose_checkpoint", "latest_checkpoint", "run_train"]

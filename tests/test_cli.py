@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from stages.train import latest_checkpoint
 from tests.conftest import small_demo_overrides
 
 
@@ -110,10 +111,11 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
     first = start_in_background("run", "demo", "--run-name", "k", *[x for o in overrides for x in ("--set", o)])
     storage = runs / "k" / "train" / "ray"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(storage.rglob("train_state.json")):
+    # wait for a *complete* checkpoint (what resume may use), not for the first file of one being copied
+    while time.time() < deadline and latest_checkpoint(storage) is None:
         assert first.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.5)
-    assert list(storage.rglob("train_state.json")), "no checkpoint within 4 minutes"
+    assert latest_checkpoint(storage) is not None, "no checkpoint within 4 minutes"
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     first.wait(timeout=120)
     assert not (runs / "k" / "train" / "manifest.json").exists()

@@ -1,0 +1,121 @@
+"""Crash consistency: files appear whole or not at all; resume never trusts a torn checkpoint; a random-kill soak."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.atomic import PARTIAL_SUFFIX, Partial, atomic_path, remove_partials, write_text
+from stages.train import STATE_FILE, STEP_FILE, TrainConfig, choose_checkpoint, run_train
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_new_one(tmp_path):
+    target = tmp_path / "manifest.json"
+    write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half of the new")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_a_partial_file_is_invisible_to_readers_and_swept_on_restart(tmp_path):
+    shard = Partial(tmp_path / "00000.tar")
+    shard.tmp.write_bytes(b"half a tar")  # a writer killed here leaves only this
+    assert shard.tmp.name.endswith(PARTIAL_SUFFIX)
+    assert list(tmp_path.glob("*.tar")) == [] and list(tmp_path.glob("*.parquet")) == []
+    folder = Partial(tmp_path / "model", folder=True)
+    (folder.tmp / "weights.pt").write_bytes(b"x")
+    assert remove_partials(tmp_path) == 2
+    assert list(tmp_path.iterdir()) == []
+    done = Partial(tmp_path / "00001.tar")
+    done.tmp.write_bytes(b"whole")
+    assert done.commit().read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["00001.tar"]
+
+
+def _checkpoint(folder: Path, step: int) -> Path:
+    """A checkpoint folder as the train stage writes it: state first, step file (with the state's size) last."""
+    folder.mkdir(parents=True)
+    torch.save({"model": {"w": torch.full((64, 64), float(step))}, "optimizer": {}, "step": step}, folder / STATE_FILE)
+    info = {"step": step, "model": "demo-tiny", "state_bytes": (folder / STATE_FILE).stat().st_size}
+    (folder / STEP_FILE).write_text(json.dumps(info))
+    return folder
+
+
+def _cut_in_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_passes_over_torn_checkpoints_to_the_newest_complete_one(tmp_path):
+    storage = tmp_path / "ray"
+    oldest = _checkpoint(storage / "attempt-000" / "checkpoint_a", 3)
+    torn = _checkpoint(storage / "attempt-000" / "checkpoint_b", 6)
+    _cut_in_half(torn / STATE_FILE)
+    copying = _checkpoint(storage / "attempt-001" / "checkpoint_c", 9)
+    (copying / STATE_FILE).unlink()  # Ray had copied the step file but not yet the state
+    choice = choose_checkpoint(storage)
+    assert choice.folder == oldest and choice.step == 3
+    assert [path for path, _ in choice.skipped] == [copying, torn]
+    assert "state.pt is missing" in choice.skipped[0][1] and "bytes" in choice.skipped[1][1]
+    lines = choice.fallback_lines()
+    assert len(lines) == 2 and all("resuming from step 3" in line for line in lines)
+    # a torn file of the right size (a damaged zip) is caught by loading it
+    padded = _checkpoint(storage / "attempt-002" / "checkpoint_d", 12)
+    data = (padded / STATE_FILE).read_bytes()
+    (padded / STATE_FILE).write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+    assert choose_checkpoint(storage).folder == oldest
+    for folder in (oldest,):
+        _cut_in_half(folder / STATE_FILE)
+    nothing = choose_checkpoint(storage)
+    assert nothing.folder is None and nothing.step == 0 and "the start" in nothing.fallback_lines()[0]
+
+
+def test_damaged_newer_checkpoints_fall_back_and_the_loaded_step_is_recorded(ray_cluster, pool_shards, tmp_path):
+    shards_dir, download = pool_shards
+    tars = sorted(str(p) for p in shards_dir.glob("*.tar"))
+    config = TrainConfig(
+        model="demo-tiny", samples_seen=32 * 6, batch_size=32, warmup=1, workers=1,
+        checkpoint_every_samples=32 * 2, log_every_steps=1, shuffle_buffer=50,
+    )  # fmt: skip
+    stage = tmp_path / "train"
+    run_train(tars, download.kept, config.model_copy(update={"stop_at_step": 4}), stage, log=lambda m: None)
+    folders = [f for f in stage.glob("ray/attempt-*/checkpoint_*") if f.is_dir()]
+    step_of = {f: json.loads((f / STEP_FILE).read_text())["step"] for f in folders}
+    checkpoints = sorted(step_of, key=step_of.get)
+    assert [step_of[f] for f in checkpoints] == [2, 4]
+    _cut_in_half(checkpoints[-1] / STATE_FILE)  # the newest is damaged, the older one intact
+    lines: list[str] = []
+    resumed = run_train(tars, download.kept, config, stage, log=lines.append)
+    assert resumed.metrics["resumed_from_step"] == 2 and resumed.outputs["resumed_from"] == str(checkpoints[0])
+    assert resumed.metrics["steps"] == 6
+    assert len(lines) == 1 and "incomplete" in lines[0] and "resuming from step 2" in lines[0]
+    steps = [json.loads(line)["step"] for line in (stage / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the steps after the loaded checkpoint are logged once, not twice
+    assert [p.name for p in (stage / "ray").iterdir() if p.is_dir()] == ["attempt-001"]  # torn attempts are gone
+
+
+def _load_soak():
+    path = Path(__file__).parents[1] / "benchmarks" / "soak.py"
+    spec = importlib.util.spec_from_file_location("soak", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninterrupted_run(tmp_path):
+    soak = _load_soak()
+    lines: list[str] = []
+    report = soak.soak(kills=8, seed=1, workdir=tmp_path, log=lines.append)
+    killed = [a for a in report.attempts if a.killed]
+    assert report.failed_resumes == 0, "\n".join(lines)
+    assert len(killed) >= 8, "\n".join(lines)
+    assert len({a.where for a in killed}) >= 4, "\n".join(lines)  # spread over the chain, not piled in one stage
+    assert {a.kill.event for a in killed} >= {"checkpoint_persist", "shard_write", "artifact_upload"}
+    assert report.mismatches == [] and report.unreadable == [] and report.running_mlflow_runs == 0, report.summary()
+    assert report.passed
