@@ -154,30 +154,24 @@ class Tracker:
         return {RUN_DIR_TAG: self.run_dir} if self.run_dir else {}
 
     def _close_stale_runs(self, keep: str | None) -> None:
-        """Runs of this run folder still RUNNING from a killed process: mark them KILLED."""
-        folder = self.run_dir
-        if self.experiment_id is None or not folder or "'" in folder:
-            return
-        stale = self.call(
-            "search_runs",
-            [self.experiment_id],
-            filter_string=f"tags.{RUN_DIR_TAG} = '{folder}' and attributes.status = 'RUNNING'",
-        )
-        for run in stale or []:
-            if run.info.run_id != keep:
-                self.call("set_terminated", run.info.run_id, status="KILLED")
+        """Runs of this run folder still RUNNING from a killed process (even a parent it died before
+        recording in run.json): mark them KILLED."""
+        if self.run_dir and "'" not in self.run_dir:
+            self._mark_killed(f"tags.{RUN_DIR_TAG} = '{self.run_dir}'", keep)
 
     def _close_orphaned_children(self, parent_id: str) -> None:
         """Stage runs of a killed process stay RUNNING forever; mark them KILLED on resume."""
+        self._mark_killed(f"tags.mlflow.parentRunId = '{parent_id}'")
+
+    def _mark_killed(self, clause: str, keep: str | None = None) -> None:
         if self.experiment_id is None:
             return
-        orphans = self.call(
-            "search_runs",
-            [self.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
+        running = self.call(
+            "search_runs", [self.experiment_id], filter_string=f"{clause} and attributes.status = 'RUNNING'"
         )
-        for run in orphans or []:
-            self.call("set_terminated", run.info.run_id, status="KILLED")
+        for run in running or []:
+            if run.info.run_id != keep:
+                self.call("set_terminated", run.info.run_id, status="KILLED")
 
     @contextmanager
     def stage_run(self, parent_id: str | None, stage: str, params: Mapping[str, Any]) -> Iterator[str | None]:

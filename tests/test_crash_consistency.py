@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,7 @@ def _load_soak():
     path = Path(__file__).parents[1] / "benchmarks" / "soak.py"
     spec = importlib.util.spec_from_file_location("soak", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["soak"] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -119,3 +121,22 @@ def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninter
     assert {a.kill.event for a in killed} >= {"checkpoint_persist", "shard_write", "artifact_upload"}
     assert report.mismatches == [] and report.unreadable == [] and report.running_mlflow_runs == 0, report.summary()
     assert report.passed
+
+
+def test_runs_a_killed_process_left_running_are_closed_on_resume(tmp_path):
+    from pipeline.config import load_recipe
+    from pipeline.tracking import Tracker
+
+    recipe = load_recipe("demo", [f"output_dir={tmp_path / 'runs'}"])
+    run_dir = tmp_path / "runs" / "r"
+    killed = Tracker(recipe, {})
+    parent = killed.parent_run("r", {}, None, run_dir=run_dir)
+    orphan_parent = parent.__enter__()  # the process dies here: no __exit__, nothing recorded in run.json
+    with killed.stage_run(orphan_parent, "download", {}) as stage:
+        pass
+    orphan_stage = killed.call("create_run", killed.experiment_id, tags={"run_dir": killed.run_dir}).info.run_id
+    resumed = Tracker(recipe, {})
+    with resumed.parent_run("r", {}, None, run_dir=run_dir) as new_parent:
+        status = {r: resumed.call("get_run", r).info.status for r in (orphan_parent, orphan_stage, stage, new_parent)}
+    assert status == {orphan_parent: "KILLED", orphan_stage: "KILLED", stage: "FINISHED", new_parent: "RUNNING"}
+    parent.__exit__(None, None, None)
