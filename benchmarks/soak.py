@@ -437,6 +437,8 @@ def run_cycle(
     finished, consumed = False, 0
     try:
         for point in points:
+            if all(_stage_finished(run_dir, stage) for stage in STAGES):
+                break  # nothing left to interrupt: the rest go to the next run
             consumed += 1
             args = resume if (run_dir / "run.json").exists() else first
             attempt = run_until_killed(
@@ -478,9 +480,9 @@ def soak(kills: int, seed: int, workdir: Path, reference: Path | None = None, lo
     if reference is None:
         port = free_port()
         reference, report.reference_seconds = reference_run(workdir, port)
+        log(f"reference run: {report.reference_seconds:.0f} s")
     else:
         port = int(json.loads((reference / "demo_pool" / "pool.json").read_text())["base_url"].rsplit(":", 1)[1])
-        log(f"reference run: {report.reference_seconds:.0f} s")
     reference_seconds = stage_seconds(reference)
     started = time.monotonic()
     points = plan_kills(kills, seed, reference_seconds)
@@ -520,6 +522,9 @@ def main() -> None:
             "passed": report.passed,
             "summary": report.summary(),
             "params": {"kills": args.kills, "seed": args.seed},
+            "reference_seconds": report.reference_seconds,
+            "soak_seconds": report.soak_seconds,
+            "finished_runs": report.runs,
             "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
             "attempts": [asdict(a) for a in report.attempts],
             "mismatches": report.mismatches,
