@@ -100,7 +100,10 @@ class _ShardWriter:
             self.tar.close()
             self.tar = None
             partial, self.partial = self.partial, None
-            partial.abort() if error is not None else partial.commit()
+            if error is None:
+                partial.commit()
+            else:
+                partial.abort()
 
 
 def reshard(
