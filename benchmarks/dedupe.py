@@ -37,9 +37,8 @@ def bench_hashing(args: argparse.Namespace) -> None:
 
     from pipeline.executor import make_ray_map
     from pipeline.runtime import WORKER_ENV
-    from stages.hash_shards import HashConfig, read_hash_tables, run_hash
-    from stages.phash import decode_thumbnail, phash_pixels, to_hex
-    from stages.reshard import read_tar_samples
+    from stages.phash import HashConfig, decode_thumbnail, phash_pixels, read_hash_tables, run_hash, to_hex
+    from stages.shards import read_tar_samples
 
     work = Path(tempfile.mkdtemp(prefix="bench-dedupe-"))
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
@@ -89,7 +88,8 @@ def bench_hashing(args: argparse.Namespace) -> None:
 
 
 def bench_search(n: int, k: int, queries: int) -> None:
-    from filters.hamming import band_layout, brute_force_neighbours, near_pairs_unique
+    from filters.hamming import band_layout, near_pairs_unique
+    from tests.oracles import brute_force_neighbours
 
     rng = np.random.default_rng(n)
     base = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)

@@ -34,7 +34,7 @@ def single_process_loop(shards: list[Path], model_dir: str, batch_size: int) -> 
     from PIL import Image
 
     from stages import clip_models
-    from stages.reshard import read_tar_samples
+    from stages.shards import read_tar_samples
 
     model, preprocess, tokenizer = clip_models.load(Path(model_dir))
     done = 0

@@ -12,10 +12,9 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from filters.base import FilterResult, from_mask
+from filters.base import FilterResult, embedding_matrix, from_mask
 from filters.heads import load_head, score_head
-from stages.config_base import StrictModel
-from stages.embed import embedding_matrix
+from pipeline.models import StrictModel
 
 NEEDS = ("image_emb",)
 

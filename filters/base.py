@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from stages.manifest import count_reasons
+from pipeline.manifest import count_reasons
 
 
 @dataclass
@@ -46,3 +46,10 @@ def from_mask(uids: list[str], keep: np.ndarray, reason: str, **extra) -> Filter
 def column_numpy(table: pa.Table, name: str, dtype=np.float64) -> np.ndarray:
     """A numeric column as numpy, nulls as NaN."""
     return table.column(name).to_numpy(zero_copy_only=False).astype(dtype)
+
+
+def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size-list column (the embed stage's `image_emb`/`text_emb`) as an (n, d) float32 matrix."""
+    array = table.column(column).combine_chunks()
+    width = array.type.list_size
+    return array.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)

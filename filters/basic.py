@@ -16,7 +16,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from filters.base import FilterResult, column_numpy
-from stages.config_base import StrictModel
+from pipeline.models import StrictModel
 
 NEEDS = ("caption", "original_width", "original_height")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.mapping import MapFn, local_map
+from pipeline.mapping import MapFn, local_map
 
 ASSIGN_CHUNK = 65_536
 

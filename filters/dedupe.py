@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from filters.base import FilterResult
 from filters.phash_dedupe import reason_kind
-from stages.config_base import StrictModel
+from pipeline.models import StrictModel
 
 NEEDS = ("dedupe_keep",)
 

@@ -90,8 +90,10 @@ def near_pairs_unique(values: np.ndarray, max_distance: int) -> tuple[np.ndarray
     return codes // n, codes % n
 
 
-def brute_force_neighbours(values: np.ndarray, query: int, max_distance: int) -> np.ndarray:
-    """Indices j != query within `max_distance` of values[query] (for checking the index)."""
-    distances = hamming_distance(values, values[query])
-    hits = np.flatnonzero(distances <= max_distance)
-    return hits[hits != query]
+def to_signed(hashes: np.ndarray) -> np.ndarray:
+    """uint64 -> int64 with the same bits, for parquet/Arrow columns."""
+    return hashes.astype(np.uint64).view(np.int64)
+
+
+def to_unsigned(hashes: np.ndarray) -> np.ndarray:
+    return np.asarray(hashes, dtype=np.int64).view(np.uint64)

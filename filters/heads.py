@@ -8,6 +8,7 @@ matching embedding width loads as is. A head is saved as `<name>.pt` (a state di
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -91,10 +92,21 @@ def _layer_index(key: str) -> int:
 
 
 def load_head(path: str | Path, kind: HeadKind = "regression") -> tuple[EmbeddingHead, HeadInfo]:
-    """Load a head file; `kind` is used only for bare state dicts without a `.json` beside them."""
+    """Load a head file; `kind` is used only for bare state dicts without a `.json` beside them.
+
+    A file is read once per process while it is unchanged: recipe checks, every filter of a
+    strategy and every strategy of a sweep share the loaded head.
+    """
     path = Path(path)
     if not path.is_file():
         raise HeadError(f"head weights not found: {path}")
+    meta = path.with_suffix(".json")
+    stamps = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else None for p in (path, meta))
+    return _read_head(path.resolve(), kind, stamps)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_head(path: Path, kind: HeadKind, stamps: tuple) -> tuple[EmbeddingHead, HeadInfo]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer

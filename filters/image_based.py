@@ -15,11 +15,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from filters.base import FilterResult, from_mask
+from filters.base import FilterResult, embedding_matrix, from_mask
 from filters.clustering import default_clusters, fit_centroids, nearest_centroid, unit_rows
-from stages.config_base import StrictModel
-from stages.embed import embedding_matrix
-from stages.mapping import MapFn, local_map
+from pipeline.mapping import MapFn, local_map
+from pipeline.models import StrictModel
 
 NEEDS = ("image_emb",)
 

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from filters.base import FilterResult
 from filters.vocabulary import TermMatcher, load_terms
-from stages.config_base import StrictModel
+from pipeline.models import StrictModel
 
 NEEDS = ("caption",)
 

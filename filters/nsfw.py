@@ -14,10 +14,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from filters.base import FilterResult, column_numpy, from_mask
+from filters.base import FilterResult, column_numpy, embedding_matrix, from_mask
 from filters.heads import load_head, score_head
-from stages.config_base import StrictModel
-from stages.embed import embedding_matrix
+from pipeline.models import StrictModel
 
 
 class NsfwParams(StrictModel):

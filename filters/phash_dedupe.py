@@ -18,9 +18,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from filters.base import FilterResult
-from filters.hamming import near_pairs_unique
-from stages.config_base import StrictModel
-from stages.phash import to_unsigned
+from filters.hamming import near_pairs_unique, to_unsigned
+from pipeline.models import StrictModel
 
 DUPLICATE = "duplicate_of"
 EVAL_DUPLICATE = "eval_duplicate_of"
@@ -29,8 +28,8 @@ EVAL_DUPLICATE = "eval_duplicate_of"
 class PhashDedupeParams(StrictModel):
     max_distance: int = Field(4, ge=0, le=16, description="Hamming distance within which two images are duplicates")
     eval_max_distance: int | None = Field(None, ge=0, le=16, description="default: max_distance")
-    keep: Literal["first", "largest", "highest_score"] = Field(
-        "first", description="first: the lowest uid (stable across runs); largest: most pixels; highest_score"
+    keep: Literal["lowest_uid", "largest", "highest_score"] = Field(
+        "lowest_uid", description="lowest_uid: the smallest uid (stable across runs); largest; highest_score"
     )
     score_column: str | None = Field(None, description="column ranked by keep=highest_score")
 
@@ -53,12 +52,12 @@ def _cluster_labels(hashes: np.ndarray, max_distance: int) -> np.ndarray:
 def _priority(table: pa.Table, params: PhashDedupeParams) -> np.ndarray:
     """Lower is better: the kept sample of a cluster is its lowest-priority row.
 
-    "first" and every tie are decided by uid, never by row order: img2dataset writes a shard's
+    "lowest_uid" and every tie are decided by uid, never by row order: img2dataset writes a shard's
     samples in the order its threads finish, so row order changes from one run to the next.
     """
     uids = np.asarray(table.column("uid").to_pylist(), dtype=str)
     order = np.argsort(np.argsort(uids, kind="stable")).astype(np.float64)
-    if params.keep == "first":
+    if params.keep == "lowest_uid":
         return order
     if params.keep == "largest":
         for width, height in (("original_width", "original_height"), ("width", "height")):

@@ -16,12 +16,11 @@ from pydantic import BeforeValidator, Field
 from filters import (
     aesthetic,
     basic,
-    clip_score,
     dedupe,
-    dfn,
     image_based,
     metaclip_balance,
     nsfw,
+    ranking,
     semantic_dedupe,
     text_based,
 )
@@ -43,8 +42,7 @@ def _static(columns: tuple[str, ...]) -> Callable[[object], tuple[str, ...]]:
 FILTERS: dict[str, FilterSpec] = {
     "dedupe": FilterSpec(dedupe.apply, _static(dedupe.NEEDS)),
     "basic": FilterSpec(basic.apply, _static(basic.NEEDS)),
-    "clip_score": FilterSpec(clip_score.apply, _static(clip_score.NEEDS)),
-    "dfn": FilterSpec(dfn.apply, _static(dfn.NEEDS)),
+    **{name: FilterSpec(ranking.apply, ranking.needs) for name in ("rank", *ranking.NAMED_COLUMNS)},
     "aesthetic": FilterSpec(aesthetic.apply, _static(aesthetic.NEEDS)),
     "nsfw": FilterSpec(nsfw.apply, nsfw.needs),
     "text_based": FilterSpec(text_based.apply, _static(text_based.NEEDS)),
@@ -56,8 +54,7 @@ FILTERS: dict[str, FilterSpec] = {
 FilterParams = Annotated[
     dedupe.DedupeParams
     | basic.BasicParams
-    | clip_score.ClipScoreParams
-    | dfn.DfnParams
+    | ranking.RankParams
     | aesthetic.AestheticParams
     | nsfw.NsfwParams
     | text_based.TextBasedParams

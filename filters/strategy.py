@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from filters.base import FilterResult
 from filters.registry import FILTERS
-from stages.mapping import MapFn, local_map
+from pipeline.mapping import MapFn, local_map
 
 
 class StrategyError(ValueError):

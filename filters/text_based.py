@@ -14,7 +14,7 @@ from pydantic import Field
 
 from filters.base import from_mask
 from filters.vocabulary import TermMatcher, load_terms
-from stages.config_base import StrictModel
+from pipeline.models import StrictModel
 
 NEEDS = ("caption",)
 

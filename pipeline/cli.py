@@ -13,7 +13,6 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.budget import storage_estimate, training_budget
 from pipeline.config import ConfigError, Recipe, available_recipes, load_recipe
 
 app = typer.Typer(
@@ -46,10 +45,10 @@ def _print_plan(recipe: Recipe, run_name: str | None) -> None:
     run_dir, rows = plan(recipe, run_name)
     console.print(f"[bold]{recipe.name}[/]: {recipe.description.strip()}", highlight=False)
     console.print(f"run directory: {run_dir}   Ray: {recipe.ray.address or 'local (started by the run)'}")
-    table = Table("stage", "input", "output", "est. samples in", "notes")
+    table = Table("stage", "input", "output", "est. samples in", "resources", "notes")
     for row in rows:
         estimate = f"{row.estimated_in:,}" if row.estimated_in is not None else "unknown"
-        table.add_row(row.stage, row.input, row.output, estimate, row.note)
+        table.add_row(row.stage, row.input, row.output, estimate, row.resources, row.note)
     console.print(table)
     train = recipe.train
     steps = train.samples_seen // train.batch_size
@@ -66,26 +65,17 @@ def _print_plan(recipe: Recipe, run_name: str | None) -> None:
 
 def budget_lines(recipe: Recipe) -> list[str]:
     """Compute and storage estimates for the plan (see pipeline.budget for the conventions)."""
-    from pipeline.stage_registry import embedding_width, estimated_source_rows, human_bytes
+    from pipeline.graph import build_stages, pool_rows
+    from stages.download import human_bytes
 
-    lines = []
-    if "train" in recipe.stages:
-        budget = training_budget(recipe.train.model, recipe.train.samples_seen)
-        if budget.macs is None:
-            lines.append(f"compute: not estimated for {recipe.train.model} (ViT configs only)")
-        else:
-            lines.append(
-                f"compute: {budget.macs:.2g} MACs (forward, both towers, x samples seen; DataComp's measure), "
-                f"~{budget.train_flops:.2g} training FLOPs, ~{budget.reference_gpu_hours:,.1f} A100-hours at 40% MFU"
-            )
-    rows = estimated_source_rows(recipe)
+    stages = build_stages(recipe)
+    lines = [line for stage in stages for line in stage.budget_lines()]
+    rows = pool_rows(recipe, stages)
     if rows:
-        width = embedding_width(recipe) if "embed" in recipe.stages else None
-        storage = storage_estimate(rows, recipe.download.image_size, width)
-        parts = [f"shards ~{human_bytes(storage.shards)}", f"metadata ~{human_bytes(storage.metadata)}"]
-        if width:
-            parts.append(f"embeddings ~{human_bytes(storage.embeddings)}")
-        lines.append(f"storage for {rows:,} samples: " + ", ".join(parts) + f" (total ~{human_bytes(storage.total)})")
+        storage = {kind: size for stage in stages for kind, size in stage.storage(rows).items()}
+        parts = ", ".join(f"{kind} ~{human_bytes(size)}" for kind, size in storage.items())
+        total = human_bytes(sum(storage.values()))
+        lines.append(f"storage for {rows:,} samples: {parts} (total ~{total})")
     return lines
 
 
@@ -215,7 +205,7 @@ def resume(run: RunArgument, output_dir: OutputDirOption = "runs") -> None:
 @app.command("list")
 def list_() -> None:
     """List recipes and stages."""
-    from pipeline.stage_registry import STAGES
+    from stages.registry import STAGES
 
     table = Table("recipe", "description")
     for name in available_recipes():
@@ -228,8 +218,8 @@ def list_() -> None:
         sweeps.add_row(name, ", ".join(load_sweep(name).strategies))
     console.print(sweeps)
     stages = Table("stage", "what it does")
-    for spec in STAGES.values():
-        stages.add_row(spec.name, spec.summary)
+    for stage in STAGES:
+        stages.add_row(stage.name, stage.summary)
     console.print(stages)
 
 

@@ -12,47 +12,52 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from filters.presets import expand_presets
-from stages.config_base import StrictModel
-from stages.dedupe import DedupeConfig
-from stages.demo_pool import DemoPoolConfig
-from stages.download import DownloadConfig
-from stages.embed import EmbedConfig
-from stages.evaluate import EvaluateConfig
-from stages.filter_pool import FilterConfig
-from stages.fit_heads import HeadsConfig
-from stages.hash_shards import HashConfig
-from stages.seed_models import SeedModelsConfig
-from stages.train import TrainConfig
+from pipeline.models import StrictModel
+from pipeline.stage import SourceOutputs
+from stages.registry import DEFAULT_SOURCE, DEFAULT_STAGES, STAGES
 
 RECIPES_PACKAGE = "pipeline.recipes"
+TABLE_SOURCE = "table"  # a url/caption table on disk or behind fsspec; other kinds are source stages
 
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message is one line naming the key."""
 
 
-class SourceConfig(StrictModel):
-    """Where the url/caption pairs come from."""
+class TableSourceFields(StrictModel):
+    """Where the url/caption pairs come from: a table, or a source stage (`kind` names it)."""
 
-    kind: Literal["demo", "table"] = "table"
     path: str | None = Field(None, description="parquet/csv/jsonl table, local path or fsspec URL")
     url_col: str = "url"
     caption_col: str = "caption"
     pool_size: int | None = Field(None, gt=0, description="expected rows, for --dry-run estimates")
-    demo: DemoPoolConfig = DemoPoolConfig()
 
     @model_validator(mode="after")
-    def _table_needs_path(self) -> SourceConfig:
-        if self.kind == "table" and not self.path:
+    def _table_needs_path(self) -> TableSourceFields:
+        if getattr(self, "kind", TABLE_SOURCE) == TABLE_SOURCE and not self.path:
             raise ValueError("source.kind 'table' needs source.path (e.g. --set source.path=urls.parquet)")
         return self
 
 
-class SubsetConfig(StrictModel):
-    samples_per_shard: int = Field(10_000, gt=0)
+_SOURCE_STAGES = [stage for stage in STAGES if stage.source_kind]
+SourceConfig = create_model(
+    "SourceConfig",
+    __base__=TableSourceFields,
+    kind=(Literal[(TABLE_SOURCE, *(s.source_kind for s in _SOURCE_STAGES))], TABLE_SOURCE),
+    **{s.source_kind: (s.config_model, s.config_model()) for s in _SOURCE_STAGES},
+)
+
+
+def source_outputs(recipe) -> SourceOutputs | None:
+    """The source a table recipe reads without any stage making it (None: a source stage makes it)."""
+    if recipe.source.kind != TABLE_SOURCE:
+        return None
+    return SourceOutputs(
+        table=str(recipe.source.path), url_col=recipe.source.url_col, caption_col=recipe.source.caption_col
+    )
 
 
 class RayConfig(StrictModel):
@@ -68,25 +73,23 @@ class TrackingConfig(StrictModel):
     experiment: str | None = Field(None, description="default: the recipe name")
 
 
-class Recipe(StrictModel):
+class RecipeBase(StrictModel):
     name: str
     description: str = ""
     output_dir: str = "runs"
     seed: int = 0
-    stages: list[str] = ["demo_pool", "download", "phash", "dedupe", "subset", "train", "evaluate"]
-    source: SourceConfig = SourceConfig(kind="demo")
-    download: DownloadConfig = DownloadConfig()
-    phash: HashConfig = HashConfig()
-    dedupe: DedupeConfig = DedupeConfig()
-    seed_models: SeedModelsConfig = SeedModelsConfig()
-    embed: EmbedConfig = EmbedConfig()
-    heads: HeadsConfig = HeadsConfig()
-    filter: FilterConfig = FilterConfig()
-    subset: SubsetConfig = SubsetConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    ray: RayConfig = RayConfig()
-    tracking: TrackingConfig = TrackingConfig()
+    stages: list[str] = list(DEFAULT_STAGES)
+
+
+# One section per stage with a config, named after the stage, in pipeline order.
+Recipe = create_model(
+    "Recipe",
+    __base__=RecipeBase,
+    source=(SourceConfig, SourceConfig(kind=DEFAULT_SOURCE)),
+    **{s.name: (s.config_model, s.config_model()) for s in STAGES if s.config_model and not s.source_kind},
+    ray=(RayConfig, RayConfig()),
+    tracking=(TrackingConfig, TrackingConfig()),
+)
 
 
 def available_recipes() -> list[str]:

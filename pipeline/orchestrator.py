@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from pipeline.atomic import remove_partials, write_json, write_text
-from pipeline.config import ConfigError, Recipe
+from pipeline.config import ConfigError, Recipe, source_outputs
+from pipeline.graph import build_stages, counts_source, plan_rows, resolve_inputs
+from pipeline.manifest import AccountingError, Manifest
 from pipeline.runtime import ray_runtime
-from pipeline.serve import serve_directory
-from pipeline.stage_registry import STAGES, PlanRow, RunContext, StageSpec, validate_stages
+from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage, StageOutputs
 from pipeline.tracking import Tracker, flatten
-from stages.manifest import AccountingError, Manifest
+
+T = TypeVar("T", bound=StageOutputs)
 
 RUN_FILE = "run.json"
 
@@ -32,6 +35,11 @@ class RunResult:
     mlflow_run_id: str | None  # None when the tracking store could not be reached
     manifests: dict[str, Manifest]
     skipped: list[str]
+    outputs: dict[str, StageOutputs] = field(default_factory=dict)
+
+    def output(self, kind: type[T]) -> T | None:
+        """The outputs of the last stage that made `kind` (e.g. `EvaluateOutputs`)."""
+        return next((o for o in reversed(self.outputs.values()) if isinstance(o, kind)), None)
 
 
 def new_run_name(recipe: Recipe) -> str:
@@ -104,34 +112,78 @@ def write_run_record(run_dir: Path, record: dict) -> None:
     write_json(run_dir / RUN_FILE, record)
 
 
-def check_manifest(spec: StageSpec, manifest: Manifest, ctx: RunContext) -> None:
+def check_manifest(stage: Stage, manifest: Manifest, upstream: tuple[Stage, Manifest] | None) -> None:
     """The orchestrator's two accounting rules: a stage balances, and it got what upstream kept."""
     manifest.check_balance()
-    upstream = spec.upstream(ctx.recipe)
-    if upstream and upstream in ctx.manifests:
-        expected = ctx.manifests[upstream].kept
-        if manifest.in_count != expected:
+    if upstream is not None:
+        source, made = upstream
+        if manifest.in_count != made.kept:
             raise AccountingError(
-                f"stage '{spec.name}' received {manifest.in_count} samples but '{upstream}' kept {expected}"
+                f"stage '{stage.name}' received {manifest.in_count} samples but '{source.name}' kept {made.kept}"
             )
 
 
-@contextmanager
-def demo_server(recipe: Recipe, run_dir: Path, ctx: RunContext) -> Iterator[None]:
-    """Serve the demo pool on loopback for the whole run (same port again on resume)."""
-    if recipe.source.kind != "demo" or "demo_pool" not in recipe.stages:
-        yield
-        return
-    pool_dir = run_dir / "demo_pool"
-    files_dir = pool_dir / "files"
-    files_dir.mkdir(parents=True, exist_ok=True)
-    port = recipe.source.demo.port
-    pool_record = pool_dir / "pool.json"
-    if pool_record.exists():  # resume: URLs (and so uids) embed the port the pool was made with
-        port = int(json.loads(pool_record.read_text())["base_url"].rsplit(":", 1)[1])
-    with serve_directory(files_dir, port, recipe.source.demo.slow_seconds) as base_url:
-        ctx.base_url = base_url
-        yield
+@dataclass
+class _Done:
+    """The stages finished so far in this run, in order, with what each made."""
+
+    stages: list[Stage] = field(default_factory=list)
+    outputs: list[StageOutputs] = field(default_factory=list)
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+
+    def add(self, stage: Stage, outputs: StageOutputs, manifest: Manifest) -> None:
+        self.stages.append(stage)
+        self.outputs.append(outputs)
+        self.manifests[stage.name] = manifest
+
+    def upstream(self, stage: Stage) -> tuple[Stage, Manifest] | None:
+        source = counts_source(stage, list(zip(self.stages, self.outputs, strict=True)))
+        return (source, self.manifests[source.name]) if source is not None else None
+
+    def quality(self, outputs: StageOutputs) -> dict[str, float]:
+        """What every source among the finished stages says of these outputs (ground-truth scores)."""
+        scores: dict[str, float] = {}
+        for made in self.outputs:
+            if isinstance(made, SourceOutputs):
+                scores.update(made.quality(outputs))
+        return scores
+
+
+def _finished(stage: Stage, stage_dir: Path, reuse: dict[str, Manifest]) -> tuple[StageOutputs, Manifest] | None:
+    manifest = reuse.get(stage.name) or Manifest.read(stage_dir)
+    if manifest is None:
+        return None
+    return stage.Outputs.model_validate(manifest.outputs), manifest
+
+
+def _run_stage(stage: Stage, ctx: RunContext, done: _Done, tracker: Tracker, parent_id: str | None, log) -> None:
+    stage_dir = stage.stage_dir(ctx)
+    log(f"[{stage.name}] {stage.summary}")
+    removed = remove_partials(stage_dir)  # what a killed earlier attempt was still writing
+    if removed:
+        log(f"[{stage.name}] removed {removed} partial file(s) left by an interrupted run")
+    with tracker.stage_run(parent_id, stage.name, stage.params()) as stage_run_id:
+        ctx.stage_run_id = stage_run_id
+        inputs = resolve_inputs(stage, [*ctx_sources(stage.recipe), *done.outputs])
+        outputs, manifest = stage.run(ctx, inputs)
+        manifest.outputs = outputs.as_dict()
+        manifest.metrics.update(done.quality(outputs))
+        try:
+            check_manifest(stage, manifest, done.upstream(stage))
+        except AccountingError:
+            write_text(stage_dir / "manifest.rejected.json", manifest.model_dump_json(by_alias=True, indent=2))
+            raise
+        remove_partials(stage_dir)  # e.g. a retried task's abandoned shard
+        path = manifest.write(stage_dir)
+        tracker.log_manifest(stage_run_id, manifest, path)
+    done.add(stage, outputs, manifest)
+    log(f"[{stage.name}] {manifest.summary()}")
+
+
+def ctx_sources(recipe: Recipe) -> list[StageOutputs]:
+    """Outputs a run has before any stage: a table source's table."""
+    made = source_outputs(recipe)
+    return [made] if made is not None else []
 
 
 def run_pipeline(
@@ -150,64 +202,52 @@ def run_pipeline(
     done. `parent_run_id` nests this run's MLflow run under another (a sweep's).
     """
     reuse = reuse or {}
-    specs = validate_stages(recipe)
+    stages = build_stages(recipe)
     run_dir = resolve_run_dir(recipe, run_name, resume)
     record = load_or_create_run(run_dir, recipe)
     tracker = Tracker(recipe, os.environ, warn=log)
     log(f"run directory: {run_dir}")
     log(f"MLflow: {tracker.uri} (experiment '{tracker.experiment_name}')")
     skipped: list[str] = []
+    done = _Done()
     with ray_runtime(recipe.ray, log):
         from pipeline.executor import make_ray_map
 
         map_fn = map_fn_factory() if map_fn_factory else make_ray_map()
-        ctx = RunContext(recipe=recipe, run_dir=run_dir, map_fn=map_fn, tracking_uri=tracker.uri)
+        ctx = RunContext(run_dir=run_dir, map_fn=map_fn, tracking_uri=tracker.uri, log=log)
         run_record = record["mlflow_run_id"]
-        with tracker.parent_run(
-            run_dir.name, recipe_record(recipe), run_record, parent_run_id, run_dir=run_dir
-        ) as parent_id:
+        with (
+            tracker.parent_run(
+                run_dir.name, recipe_record(recipe), run_record, parent_run_id, run_dir=run_dir
+            ) as parent_id,
+            ExitStack() as serving,
+        ):
             record["mlflow_run_id"] = parent_id
             write_run_record(run_dir, record)
-            with demo_server(recipe, run_dir, ctx) if "demo_pool" not in reuse else nullcontext():
-                for spec in specs:
-                    stage_dir = ctx.stage_dir(spec.name)
-                    finished = reuse.get(spec.name) or Manifest.read(stage_dir)
-                    if finished is not None:
-                        ctx.manifests[spec.name] = finished
-                        skipped.append(spec.name)
-                        log(f"[{spec.name}] finished earlier, skipped: {finished.summary()}")
-                        continue
-                    log(f"[{spec.name}] {spec.summary}")
-                    removed = remove_partials(stage_dir)  # what a killed earlier attempt was still writing
-                    if removed:
-                        log(f"[{spec.name}] removed {removed} partial file(s) left by an interrupted run")
-                    with tracker.stage_run(parent_id, spec.name, spec.params(recipe)) as stage_run_id:
-                        ctx.stage_run_id = stage_run_id
-                        manifest = spec.run(ctx)
-                        try:
-                            check_manifest(spec, manifest, ctx)
-                        except AccountingError:
-                            write_text(
-                                stage_dir / "manifest.rejected.json", manifest.model_dump_json(by_alias=True, indent=2)
-                            )
-                            raise
-                        remove_partials(stage_dir)  # e.g. a retried task's abandoned shard
-                        path = manifest.write(stage_dir)
-                        tracker.log_manifest(stage_run_id, manifest, path)
-                    ctx.manifests[spec.name] = manifest
-                    log(f"[{spec.name}] {manifest.summary()}")
+            for stage in stages:
+                if stage.name not in reuse:  # a reused source's server belongs to the run that made it
+                    serving.enter_context(stage.serving(ctx))
+            for stage in stages:
+                finished = _finished(stage, stage.stage_dir(ctx), reuse)
+                if finished is not None:
+                    done.add(stage, *finished)
+                    skipped.append(stage.name)
+                    log(f"[{stage.name}] finished earlier, skipped: {finished[1].summary()}")
+                    continue
+                _run_stage(stage, ctx, done, tracker, parent_id, log)
     if tracker.problem:  # `pipeline sync` reads this to know the folder holds what MLflow lacks
         record["mlflow_problem"] = tracker.problem
         write_run_record(run_dir, record)
         log(f"MLflow was unreachable ({tracker.problem}): run `python -m pipeline sync {run_dir}` when it is back")
-    return RunResult(run_dir, record["mlflow_run_id"], ctx.manifests, skipped)
+    return RunResult(
+        run_dir, record["mlflow_run_id"], done.manifests, skipped, dict(zip(recipe.stages, done.outputs, strict=True))
+    )
 
 
 def plan(recipe: Recipe, run_name: str | None = None) -> tuple[Path, list[PlanRow]]:
     """The stage plan `--dry-run` prints; reads nothing but table metadata and creates nothing."""
-    specs = validate_stages(recipe)
     run_dir = Path(recipe.output_dir) / (run_name or f"{recipe.name}-<timestamp>")
-    return run_dir, [spec.plan(recipe, run_dir) for spec in specs]
+    return run_dir, plan_rows(recipe, run_dir)
 
 
-__all__ = ["STAGES", "RunResult", "plan", "run_pipeline"]
+__all__ = ["RunResult", "plan", "run_pipeline"]

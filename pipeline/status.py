@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.manifest import Manifest
+from pipeline.manifest import Manifest
 
 RUN_FILE = "run.json"
 

@@ -25,14 +25,16 @@ from pydantic import Field, ValidationError
 from filters.registry import Strategy
 from pipeline.atomic import atomic_path, write_json, write_text, write_with
 from pipeline.config import ConfigError, Recipe, format_validation_error, load_recipe, read_yaml_mapping
+from pipeline.graph import build_stages, downstream
+from pipeline.models import StrictModel
 from pipeline.orchestrator import RunResult, run_pipeline
 from pipeline.runtime import ray_runtime
-from pipeline.stage_registry import validate_stages
 from pipeline.tracking import Tracker, metric_key
-from stages.config_base import StrictModel
+from stages.evaluate import Evaluate, EvaluateOutputs
+from stages.filter import Filter
+from stages.train import Train
 
 SWEEPS_PACKAGE = "pipeline.sweeps"
-PER_STRATEGY_STAGES = ("filter", "subset", "train", "evaluate")
 
 
 class SweepConfig(StrictModel):
@@ -75,21 +77,22 @@ def load_sweep(name_or_path: str) -> SweepConfig:
 def sweep_recipes(sweep: SweepConfig, overrides: list[str]) -> tuple[Recipe, dict[str, Recipe]]:
     """(the shared-stages recipe, one recipe per strategy); all validated before anything runs."""
     base = load_recipe(sweep.recipe, [*sweep.overrides, *overrides, f"tracking.experiment={sweep.name}"])
-    missing = [s for s in ("filter", "train", "evaluate") if s not in base.stages]
+    missing = [s.name for s in (Filter, Train, Evaluate) if s.name not in base.stages]
     if missing:
         raise ConfigError(f"sweep '{sweep.name}': the base recipe's stages lack {', '.join(missing)}")
-    shared = base.model_copy(update={"stages": [s for s in base.stages if s not in PER_STRATEGY_STAGES]})
+    varying = downstream(build_stages(base), {Filter.name})  # the strategy's stage and all that read it
+    shared = base.model_copy(update={"stages": [s for s in base.stages if s not in varying]})
     per_strategy = {}
     for name, steps in sweep.strategies.items():
         recipe = base.model_copy(update={"filter": base.filter.model_copy(update={"strategy": steps})})
-        validate_stages(recipe)  # a strategy that cannot run fails here, before the shared stages start
+        build_stages(recipe)  # a strategy that cannot run fails here, before the shared stages start
         per_strategy[name] = recipe
     return shared, per_strategy
 
 
 def result_row(strategy: str, result: RunResult) -> StrategyRow:
-    scores = json.loads(Path(result.manifests["evaluate"].outputs["results"]).read_text())
-    filtered = result.manifests["filter"]
+    scores = json.loads(Path(result.output(EvaluateOutputs).results).read_text())
+    filtered = result.manifests[Filter.name]
     return StrategyRow(
         strategy,
         filtered.kept,

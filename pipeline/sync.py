@@ -14,17 +14,18 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from pipeline.graph import STAGE_BY_NAME
+from pipeline.manifest import MANIFEST_NAME, Manifest
 from pipeline.orchestrator import RUN_FILE, recipe_record, write_run_record
-from pipeline.stage_registry import STAGES
 from pipeline.status import load_run_recipe
 from pipeline.tracking import Tracker
-from stages.manifest import MANIFEST_NAME, Manifest
+from stages.train import TrainOutputs
 
 
-def _replay_training_log(tracker: Tracker, run_id: str, manifest: Manifest) -> None:
+def _replay_training_log(tracker: Tracker, run_id: str, outputs: TrainOutputs) -> None:
     from mlflow.entities import Metric
 
-    log_path = Path(manifest.outputs.get("log", ""))
+    log_path = Path(outputs.log)
     if not log_path.is_file():
         return
     now = int(time.time() * 1000)
@@ -35,7 +36,7 @@ def _replay_training_log(tracker: Tracker, run_id: str, manifest: Manifest) -> N
         metrics += [Metric(k, float(v), now, step) for k, v in entry.items() if isinstance(v, int | float)]
     for start in range(0, len(metrics), 1000):  # MLflow's batch limit for metrics
         tracker.call("log_batch", run_id, metrics=metrics[start : start + 1000])
-    model = Path(manifest.outputs.get("model", ""))
+    model = Path(outputs.model)
     if model.is_dir():
         tracker.call("log_artifacts", run_id, str(model), "model")
 
@@ -54,15 +55,17 @@ def sync_run(
     record = json.loads((run_dir / RUN_FILE).read_text())
     logged: list[str] = []
     with tracker.parent_run(run_dir.name, recipe_record(recipe), None) as parent_id:
-        for stage in recipe.stages:
-            manifest = Manifest.read(run_dir / stage)
+        for name in recipe.stages:
+            stage = STAGE_BY_NAME[name](recipe)
+            manifest = Manifest.read(run_dir / name)
             if manifest is None or parent_id is None:
                 continue
-            with tracker.stage_run(parent_id, stage, STAGES[stage].params(recipe)) as stage_run_id:
-                tracker.log_manifest(stage_run_id, manifest, run_dir / stage / MANIFEST_NAME)
-                if stage == "train" and stage_run_id:
-                    _replay_training_log(tracker, stage_run_id, manifest)
-            logged.append(stage)
+            with tracker.stage_run(parent_id, name, stage.params()) as stage_run_id:
+                tracker.log_manifest(stage_run_id, manifest, run_dir / name / MANIFEST_NAME)
+                outputs = stage.Outputs.model_validate(manifest.outputs)
+                if isinstance(outputs, TrainOutputs) and stage_run_id:  # its per-step curves and model
+                    _replay_training_log(tracker, stage_run_id, outputs)
+            logged.append(name)
     if tracker.problem or parent_id is None:
         raise ConnectionError(f"MLflow at {tracker.uri} is still unreachable ({tracker.problem})")
     record["mlflow_run_id"] = parent_id

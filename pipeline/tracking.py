@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Recipe
-from stages.manifest import Manifest
+from pipeline.manifest import Manifest
 from stages.mlflow_sink import MlflowSink
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value

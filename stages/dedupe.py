@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,10 @@ from pydantic import Field
 
 from filters.phash_dedupe import PhashDedupeParams, phash_dedupe, reason_kind
 from pipeline.atomic import write_parquet
-from stages.hash_shards import image_bytes, read_hash_tables
-from stages.manifest import Manifest
-from stages.phash import decode_thumbnail, phash_pixels
-from stages.reshard import read_tar_samples
+from pipeline.manifest import Manifest
+from pipeline.stage import Decisions, PlanRow, RunContext, SourceOutputs, Stage
+from stages.phash import PhashOutputs, decode_thumbnail, phash_pixels, read_hash_tables
+from stages.shards import image_bytes, read_tar_samples
 
 
 class DedupeConfig(PhashDedupeParams):
@@ -63,7 +64,46 @@ def run_dedupe(hashes_dir: Path, config: DedupeConfig, stage_dir: Path) -> Manif
         **{"in": table.num_rows},
         kept=kept,
         dropped=result.reason_counts(reason_kind),
-        outputs={"decisions": str(decisions)},
+        outputs=DedupeOutputs(decisions=str(decisions)).as_dict(),
         seconds=seconds,
         metrics={"eval_images": float(len(eval_keys)), "kept_fraction": kept / max(table.num_rows, 1)},
     )
+
+
+POOL_COLUMNS = {"keep": "dedupe_keep", "reason": "dedupe_reason"}  # decisions column -> per-uid table column
+
+
+class DedupeOutputs(Decisions):
+    pass
+
+
+@dataclass
+class DedupeInputs:
+    hashes: PhashOutputs
+    source: SourceOutputs | None = None  # its held-out set, if it has one, is always protected
+
+
+class Dedupe(Stage):
+    name = "dedupe"
+    summary = "near-duplicate clusters and eval-set leakage over all hashes"
+    config_model = DedupeConfig
+    Inputs = DedupeInputs
+    Outputs = DedupeOutputs
+    counts_from = "hashes"
+
+    def columns(self, before: list[Stage]) -> tuple[str, ...]:
+        return tuple(POOL_COLUMNS.values())
+
+    def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
+        c = self.config
+        note = f"Hamming <= {c.max_distance}, keep {c.keep}, {len(c.eval_sets)} eval set(s) + the source's held-out set"
+        output = str(run_dir / self.name / "decisions.parquet")
+        return PlanRow(self.name, str(run_dir / "phash" / "hashes"), output, rows, note, "1 CPU, one global index")
+
+    def run(self, ctx: RunContext, inputs: DedupeInputs) -> tuple[DedupeOutputs, Manifest]:
+        config = self.config
+        if inputs.source is not None and inputs.source.eval_dir:  # never train on copies of test images
+            held_out = str(Path(inputs.source.eval_dir) / "*.tar")
+            config = config.model_copy(update={"eval_sets": [*config.eval_sets, held_out]})
+        manifest = run_dedupe(Path(inputs.hashes.hashes_dir), config, self.stage_dir(ctx))
+        return DedupeOutputs.model_validate(manifest.outputs), manifest

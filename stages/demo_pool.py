@@ -7,20 +7,29 @@ keyed by the same uid the download stage computes, so later stages can be scored
 
 from __future__ import annotations
 
+import json
 import tarfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from pipeline.atomic import atomic_path, write_bytes, write_json, write_parquet
+from pipeline.manifest import Manifest, count_reasons
+from pipeline.models import StrictModel
+from pipeline.serve import serve_directory
+from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage, StageOutputs
 from stages import demo_scenes as world
-from stages.config_base import StrictModel
-from stages.manifest import Manifest, count_reasons
+from stages.dedupe import DedupeOutputs
+from stages.demo_truth import dedupe_quality, filter_quality
+from stages.filter import FilterOutputs
 from stages.uid import compute_uid
 
 CONNECTION_REFUSED_BASE = "http://127.0.0.1:9"  # the discard port: nothing listens on loopback
@@ -272,13 +281,13 @@ def generate_pool(config: DemoPoolConfig, pool_dir: Path, base_url: str) -> Mani
         stage="demo_pool",
         **{"in": config.n_samples},
         kept=len(rows),
-        outputs={
-            "source": str(pool_dir / "source.parquet"),
-            "ground_truth": str(pool_dir / "ground_truth.parquet"),
-            "labels": str(pool_dir / "labels.parquet"),
-            "eval": str(pool_dir / "eval"),
-            "files": str(files_dir),
-        },
+        outputs=DemoPoolOutputs(
+            table=str(pool_dir / "source.parquet"),
+            ground_truth=str(pool_dir / "ground_truth.parquet"),
+            labels=str(pool_dir / "labels.parquet"),
+            eval_dir=str(pool_dir / "eval"),
+            files=str(files_dir),
+        ).as_dict(),
         seconds=time.perf_counter() - started,
         metrics={f"defect_{k}": float(v) for k, v in count_reasons([r.defect for r in rows]).items()},
     )
@@ -344,3 +353,63 @@ def _write_tables(rows: list[PoolRow], pool_dir: Path) -> None:
             }
         ),
     )
+
+
+class DemoPoolOutputs(SourceOutputs):
+    """The demo is a source that also knows the truth: every planted defect, by uid."""
+
+    ground_truth: str
+    files: str
+
+    gives_labels = True
+    gives_eval_set = True
+
+    def quality(self, outputs: StageOutputs) -> dict[str, float]:
+        """Dedupe and filter decisions scored against the planted defects (the labelled slice the
+        filters were fitted on is left out of filter scores)."""
+        if not isinstance(outputs, DedupeOutputs | FilterOutputs):
+            return {}
+        truth = pq.read_table(self.ground_truth)
+        decisions = pq.read_table(outputs.decisions)
+        if isinstance(outputs, DedupeOutputs):
+            return dedupe_quality(decisions, truth)
+        labelled = set(pq.read_table(self.labels, columns=["uid"]).column("uid").to_pylist())
+        return filter_quality(decisions, truth, exclude=labelled)
+
+
+class DemoPool(Stage):
+    name = "demo_pool"
+    summary = "generate the demo pool, its ground truth and eval set"
+    source_kind = "demo"  # recipes select it with `source.kind: demo`; its config is `source.demo`
+    config_model = DemoPoolConfig
+    Outputs = DemoPoolOutputs
+
+    base_url: str | None = None
+
+    def source_rows(self) -> int:
+        return self.config.n_samples
+
+    def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
+        where = f"generated (seed {self.config.seed}, {self.config.n_eval} eval images)"
+        return PlanRow(self.name, where, str(run_dir / self.name), rows, "served on 127.0.0.1 during the run")
+
+    @contextmanager
+    def serving(self, ctx: RunContext) -> Iterator[None]:
+        """Serve the pool's files on loopback for the whole run (the same port again on resume:
+        URLs, and so uids, embed it)."""
+        pool_dir = self.stage_dir(ctx)
+        files_dir = pool_dir / "files"
+        files_dir.mkdir(parents=True, exist_ok=True)
+        port = self.config.port
+        record = pool_dir / "pool.json"
+        if record.exists():
+            port = int(json.loads(record.read_text())["base_url"].rsplit(":", 1)[1])
+        with serve_directory(files_dir, port, self.config.slow_seconds) as base_url:
+            self.base_url = base_url
+            yield
+
+    def run(self, ctx: RunContext, inputs: object) -> tuple[DemoPoolOutputs, Manifest]:
+        if self.base_url is None:
+            raise RuntimeError("the demo pool server is not running")
+        manifest = generate_pool(self.config, self.stage_dir(ctx), self.base_url)
+        return DemoPoolOutputs.model_validate(manifest.outputs), manifest

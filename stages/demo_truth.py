@@ -67,23 +67,30 @@ FILTER_TARGETS = {
 }
 
 
-def filter_quality(result, ground_truth: pa.Table, exclude: set[str] | None = None) -> dict[str, float]:
-    """Per strategy step: precision and recall of its drops against the defects it targets.
+def filter_quality(decisions: pa.Table, ground_truth: pa.Table, exclude: set[str] | None = None) -> dict[str, float]:
+    """Per strategy step (a `keep_<i>_<filter>` column of the filter stage's decisions): precision
+    and recall of its drops against the defects that filter targets.
 
-    `exclude` holds uids the filters were fitted on (the labelled slice); they are not scored.
+    Samples an earlier stage failed are not scored (no filter saw them); nor are the uids in
+    `exclude`, those the filters were fitted on (the labelled slice).
     """
     defect = dict(zip(ground_truth.column("uid").to_pylist(), ground_truth.column("defect").to_pylist(), strict=True))
     exclude = exclude or set()
+    uids = decisions.column("uid").to_pylist()
+    seen = [
+        not (r or "").startswith("failed:") and u not in exclude
+        for u, r in zip(uids, decisions.column("reason").to_pylist(), strict=True)
+    ]
     metrics: dict[str, float] = {}
-    for index, (params, step) in enumerate(result.steps):
-        targets = FILTER_TARGETS.get(params.name)
+    for column in decisions.column_names:
+        label = column.removeprefix("keep_")
+        targets = FILTER_TARGETS.get(label.split("_", 1)[-1]) if column.startswith("keep_") else None
         if not targets:
             continue
-        scored = [(uid, bool(kept)) for uid, kept in zip(result.uids, step.keep, strict=True) if uid not in exclude]
+        scored = [(u, k) for u, k, s in zip(uids, decisions.column(column).to_pylist(), seen, strict=True) if s]
         dropped = [uid for uid, kept in scored if not kept]
         positives = [uid for uid, _ in scored if defect.get(uid) in targets]
         hits = sum(defect.get(uid) in targets for uid in dropped)
-        label = result.step_label(index)
         metrics[f"{label}.precision"] = hits / len(dropped) if dropped else 1.0
         metrics[f"{label}.recall"] = hits / len(positives) if positives else 1.0
         metrics[f"{label}.targets"] = float(len(positives))

@@ -21,14 +21,16 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from pipeline.atomic import Partial, atomic_path, write_parquet
-from stages.config_base import StrictModel
-from stages.manifest import Manifest, count_reasons, merge_reasons
-from stages.mapping import MapFn, local_map
-from stages.reshard import write_sorted_by_key
+from pipeline.budget import storage_estimate
+from pipeline.manifest import Manifest, count_reasons, merge_reasons
+from pipeline.mapping import MapFn, local_map
+from pipeline.models import StrictModel
+from pipeline.stage import PlanRow, RunContext, Shards, SourceOutputs, Stage
+from stages.shards import SHARD_DIGITS, shard_name, successful_rows, write_sorted_by_key
 from stages.source_table import load_source
 
-SHARD_DIGITS = 5
 PART_COLUMNS = ["url", "caption", "uid"]
+POOL_COLUMNS = ("uid", "caption", "original_width", "original_height")  # per downloaded sample, for filters
 # Resizer messages that mean "this image does not meet the recipe's size rules": a policy drop,
 # not a failure of the download itself.
 POLICY_REASONS = {
@@ -77,10 +79,6 @@ class PartResult:
     failed: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     skipped: bool = False
-
-
-def shard_name(index: int) -> str:
-    return f"{index:0{SHARD_DIGITS}d}"
 
 
 def classify_failure(status: str | None, error: str | None) -> str | None:
@@ -303,11 +301,11 @@ def run_download(
         kept=kept,
         dropped=dropped,
         failed=merge_reasons(*(r.failed for r in results)),
-        outputs={
-            "shards_dir": str(stage_dir / "shards"),
-            "shards": _brace_pattern(stage_dir / "shards", len(parts)),
-            "n_shards": str(len(shards)),
-        },
+        outputs=DownloadOutputs(
+            shards_dir=str(stage_dir / "shards"),
+            shards=_brace_pattern(stage_dir / "shards", len(parts)),
+            n_shards=str(len(shards)),
+        ).as_dict(),
         seconds=seconds,
         metrics={
             "samples_per_second": n_in / seconds if seconds > 0 else 0.0,
@@ -323,3 +321,62 @@ def _brace_pattern(shards_dir: Path, n: int) -> str:
     if n == 1:
         return str(shards_dir / f"{shard_name(0)}.tar")
     return str(shards_dir / f"{{{shard_name(0)}..{shard_name(n - 1)}}}.tar")
+
+
+def downloaded_rows(shards_dir: Path) -> pa.Table:
+    """uid, caption and original size of every successfully downloaded sample."""
+    table = successful_rows(sorted(Path(shards_dir).glob("*.parquet")))
+    for name in POOL_COLUMNS[2:]:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.int64()))
+    return table.select(list(POOL_COLUMNS))
+
+
+class DownloadOutputs(Shards):
+    shards: str  # the tars as one brace pattern, as webdataset and open_clip's --train-data take them
+
+
+@dataclass
+class DownloadInputs:
+    source: SourceOutputs
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+class Download(Stage):
+    name = "download"
+    summary = "img2dataset on Ray into uid-keyed webdataset shards"
+    config_model = DownloadConfig
+    Inputs = DownloadInputs
+    Outputs = DownloadOutputs
+    counts_from = "source"
+
+    def columns(self, before: list[Stage]) -> tuple[str, ...]:
+        return POOL_COLUMNS
+
+    def storage(self, rows: int) -> dict[str, float]:
+        estimate = storage_estimate(rows, self.config.image_size, None)
+        return {"shards": estimate.shards, "metadata": estimate.metadata}
+
+    def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
+        source = self.recipe.source.path or f"the '{self.recipe.source.kind}' source's table"
+        note = ""
+        if rows:
+            shards = math.ceil(rows / self.config.samples_per_shard)
+            note = (
+                f"{shards:,} shards of {self.config.samples_per_shard:,}, ~{human_bytes(self.storage(rows)['shards'])}"
+            )
+        return PlanRow(self.name, str(source), str(run_dir / self.name / "shards"), rows, note, "1 CPU per shard task")
+
+    def run(self, ctx: RunContext, inputs: DownloadInputs) -> tuple[DownloadOutputs, Manifest]:
+        source = inputs.source
+        manifest = run_download(
+            source.table, self.config, self.stage_dir(ctx), source.url_col, source.caption_col, map_fn=ctx.map_fn
+        )
+        return DownloadOutputs.model_validate(manifest.outputs), manifest

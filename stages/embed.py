@@ -20,19 +20,24 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from pipeline.atomic import write_parquet
-from stages.config_base import StrictModel
-from stages.hash_shards import expected_samples, image_bytes
-from stages.manifest import Manifest, count_reasons
-from stages.reshard import read_tar_samples
+from pipeline.manifest import Manifest, count_reasons
+from pipeline.models import StrictModel
+from pipeline.stage import PlanRow, Resources, RunContext, SourceOutputs, Stage, StageOutputs
+from stages import clip_models
+from stages.class_embeddings import write_class_embeddings
+from stages.download import DownloadOutputs
+from stages.evaluate import eval_classnames
+from stages.seed_models import SeedModels, SeedModelsOutputs
+from stages.shards import expected_samples, image_bytes, read_parquet_folder, read_tar_samples
 
 EMBEDDINGS_DIR = "embeddings"
 
@@ -309,7 +314,7 @@ def run_embed(shards_dir: Path, config: EmbedConfig, stage_dir: Path, model_path
         **{"in": len(reasons)},
         kept=len(reasons) - sum(failed.values()),
         failed=failed,
-        outputs={"embeddings_dir": str(out_dir), "model": str(model_path), "n_shards": str(len(tars))},
+        outputs=EmbedOutputs(embeddings_dir=str(out_dir), model=str(model_path), n_shards=str(len(tars))).as_dict(),
         seconds=seconds,
         metrics={
             "samples_per_second": embedded_now / seconds if seconds and embedded_now else 0.0,
@@ -322,14 +327,99 @@ def run_embed(shards_dir: Path, config: EmbedConfig, stage_dir: Path, model_path
 
 def read_embedding_tables(embeddings_dir: Path, columns: list[str] | None = None) -> pa.Table:
     """Every shard's embedding table, concatenated in shard order."""
-    paths = sorted(Path(embeddings_dir).glob("*.parquet"))
-    if not paths:
+    table = read_parquet_folder(embeddings_dir, columns)
+    if table is None:
         return pa.table({"uid": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths], promote_options="default")
+    return table
 
 
-def embedding_matrix(table: pa.Table, column: str) -> np.ndarray:
-    """A fixed-size-list column as an (n, d) float32 matrix."""
-    array = table.column(column).combine_chunks()
-    width = array.type.list_size
-    return array.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+SCORE_HINTS = {"dfn_score": "set embed.dfn_model", "nsfw_onnx": "set embed.nsfw_onnx=true"}
+
+
+class EmbedOutputs(StageOutputs):
+    embeddings_dir: str  # one parquet per shard: uid, image_emb, text_emb, scores, reason
+    model: str  # the model that made them: heads fitted on them must match its width
+    n_shards: str | None = None
+    class_embeddings: str | None = None  # eval class names embedded: image_based's default targets
+
+
+@dataclass
+class EmbedInputs:
+    shards: DownloadOutputs
+    seed: SeedModelsOutputs | None = None  # scoring models when embed.model / dfn_model are unset
+    source: SourceOutputs | None = None  # its held-out class names become image_based's targets
+
+
+class Embed(Stage):
+    name = "embed"
+    summary = "CLIP image/text embeddings and pair scores, Ray Data actor pool"
+    config_model = EmbedConfig
+    Inputs = EmbedInputs
+    Outputs = EmbedOutputs
+    counts_from = "shards"
+
+    def _seeded(self, before: list[Stage]) -> SeedModels | None:
+        return next((s for s in before if isinstance(s, SeedModels)), None)
+
+    def columns(self, before: list[Stage]) -> tuple[str, ...]:
+        seed = self._seeded(before)
+        extra = {"dfn_score": self.config.dfn_model or (seed and seed.config.dfn), "nsfw_onnx": self.config.nsfw_onnx}
+        return ("image_emb", "text_emb", "clip_score", *(column for column, on in extra.items() if on))
+
+    def column_hints(self) -> dict[str, str]:
+        return {column: "run the embed stage" for column in ("image_emb", "text_emb", "clip_score")} | SCORE_HINTS
+
+    def width(self, before: list[Stage]) -> int | None:
+        """The embedding width the scoring model gives, read from its config (no weights loaded)."""
+        if self.config.model and Path(self.config.model).exists():
+            return clip_models.embed_dim(self.config.model, self.config.model_name)
+        seed = self._seeded(before)
+        return clip_models.embed_dim(None, seed.config.train.model) if not self.config.model and seed else None
+
+    def check(self, before: list[Stage]) -> None:
+        if not self.config.model and not self._seeded(before):
+            raise ValueError("embed.model is needed (a saved model folder or checkpoint) unless seed_models runs first")
+        for key in ("model", "dfn_model"):
+            path = getattr(self.config, key)
+            if path and not Path(path).exists():
+                raise ValueError(f"embed.{key}: not found: {path}")
+            if path and Path(path).is_file() and not getattr(self.config, f"{key}_name"):
+                raise ValueError(f"embed.{key}_name: the open_clip architecture of {path} is needed")
+
+    def storage(self, rows: int) -> dict[str, float]:
+        width = self.width([s(self.recipe) for s in [SeedModels] if s.name in self.recipe.stages])
+        return {"embeddings": rows * 2 * width * 2} if width else {}  # float16 image + text vectors
+
+    def resources(self) -> Resources:
+        gpu = self.config.device == "cuda"
+        return Resources(
+            cpus=1 if gpu else self.config.threads_per_actor, gpus=1 if gpu else 0, actors=actor_count(self.config)
+        )
+
+    def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
+        c = self.config
+        scores = ["clip_score", *(x for x, on in (("dfn_score", c.dfn_model), ("nsfw_onnx", c.nsfw_onnx)) if on)]
+        note = f"{c.model or 'seed_models clip'} via Ray Data, batch {c.batch_size}; {', '.join(scores)}"
+        output = str(run_dir / self.name / EMBEDDINGS_DIR)
+        return PlanRow(self.name, str(run_dir / "download" / "shards"), output, rows, note)
+
+    def run(self, ctx: RunContext, inputs: EmbedInputs) -> tuple[EmbedOutputs, Manifest]:
+        seed = inputs.seed
+        model = self.config.model or (seed.clip_model if seed else None)
+        if model is None:
+            raise ValueError("embed needs embed.model (a saved model folder or checkpoint) or the seed_models stage")
+        config = self.config.model_copy(
+            update={"dfn_model": self.config.dfn_model or (seed.dfn_model if seed else None)}
+        )
+        stage_dir = self.stage_dir(ctx)
+        manifest = run_embed(Path(inputs.shards.shards_dir), config, stage_dir, model)
+        outputs = EmbedOutputs.model_validate(manifest.outputs)
+        classnames = eval_classnames(self.recipe.evaluate.eval_dir, inputs.source)
+        if classnames:
+            templates = self.recipe.evaluate.templates
+            path = write_class_embeddings(
+                model, config.model_name, classnames, templates, stage_dir / "class_embeddings.npy"
+            )
+            outputs.class_embeddings = str(path)
+            manifest.outputs = outputs.as_dict()
+        return outputs, manifest

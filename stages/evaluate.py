@@ -12,6 +12,7 @@ import glob
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,11 +20,12 @@ from PIL import Image
 from pydantic import Field
 
 from pipeline.atomic import write_json
+from pipeline.manifest import Manifest, count_reasons
+from pipeline.models import StrictModel
+from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage, StageOutputs, earlier_source
 from stages import clip_models
-from stages.config_base import StrictModel
-from stages.hash_shards import image_bytes
-from stages.manifest import Manifest, count_reasons
-from stages.reshard import read_tar_samples
+from stages.shards import image_bytes, read_tar_samples
+from stages.train import TrainOutputs
 
 DEFAULT_TEMPLATES = ["a {}.", "a photo of a {}.", "a small {}.", "a large {}.", "a {} on a plain background."]
 
@@ -81,8 +83,22 @@ def read_templates(eval_dir: Path, default: list[str]) -> list[str]:
     return [line.strip().replace("{c}", "{}") for line in path.read_text().splitlines() if line.strip()]
 
 
-def _recall(similarity: torch.Tensor, ks: list[int]) -> dict[int, float]:
-    """Row i's correct column is i."""
+def zeroshot_accuracy(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Top-1/top-5 accuracy of (n images, n classes) logits against class indices, and chance."""
+    n_classes = logits.shape[1]
+    top5 = logits.topk(min(5, n_classes), dim=1).indices
+    return {
+        "zeroshot_top1": float((top5[:, 0] == target).float().mean()),
+        "zeroshot_top5": float((top5 == target[:, None]).any(dim=1).float().mean()),
+        "zeroshot_chance": 1 / n_classes,
+    }
+
+
+def recall_at_k(similarity: torch.Tensor, ks: list[int]) -> dict[int, float]:
+    """Recall@k of a square (queries x candidates) similarity whose row i matches column i.
+
+    A query's rank is the number of candidates strictly more similar than its match, so a tie with
+    the match is resolved in the query's favour (exact float ties are rare with real embeddings)."""
     ranks = (similarity > similarity.diagonal()[:, None]).sum(dim=1)
     return {k: float((ranks < k).float().mean()) for k in ks}
 
@@ -98,16 +114,11 @@ def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_
     classnames, templates = read_classnames(eval_dir), read_templates(eval_dir, config.templates)
     if classnames and all(label is not None for label in labels):
         classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device="cpu")
-        logits = image_features @ classifier
-        top5 = logits.topk(min(5, len(classnames)), dim=1).indices
-        target = torch.tensor(labels)
-        metrics["zeroshot_top1"] = float((top5[:, 0] == target).float().mean())
-        metrics["zeroshot_top5"] = float((top5 == target[:, None]).any(dim=1).float().mean())
-        metrics["zeroshot_chance"] = 1 / len(classnames)
+        metrics.update(zeroshot_accuracy(image_features @ classifier, torch.tensor(labels)))
     similarity = image_features @ text_features.T
-    for k, value in _recall(similarity, config.recall_at).items():
+    for k, value in recall_at_k(similarity, config.recall_at).items():
         metrics[f"image_to_text_recall_at_{k}"] = value
-    for k, value in _recall(similarity.T, config.recall_at).items():
+    for k, value in recall_at_k(similarity.T, config.recall_at).items():
         metrics[f"text_to_image_recall_at_{k}"] = value
     metrics["retrieval_chance_recall_at_1"] = 1 / len(captions)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -119,10 +130,51 @@ def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_
         **{"in": n},
         kept=len(captions),
         failed=failures,
-        outputs={"results": str(results)},
+        outputs=EvaluateOutputs(results=str(results)).as_dict(),
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
 
 
-__all__ = ["EvaluateConfig", "run_evaluate"]
+def held_out_dir(configured: str | None, source: SourceOutputs | None) -> str | None:
+    """The evaluation set: `evaluate.eval_dir` if set, else the source's own held-out set."""
+    return configured or (source.eval_dir if source is not None else None)
+
+
+def eval_classnames(configured: str | None, source: SourceOutputs | None) -> list[str] | None:
+    """The evaluation set's class names (None when there is no set or it has none)."""
+    where = held_out_dir(configured, source)
+    return read_classnames(Path(where)) if where else None
+
+
+class EvaluateOutputs(StageOutputs):
+    results: str  # results.json: every metric of the manifest, for sweeps and reports
+
+
+@dataclass
+class EvaluateInputs:
+    model: TrainOutputs
+    source: SourceOutputs | None = None  # its held-out set, unless evaluate.eval_dir is set
+
+
+class Evaluate(Stage):
+    name = "evaluate"
+    summary = "zero-shot classification and retrieval on the held-out set"
+    config_model = EvaluateConfig
+    Inputs = EvaluateInputs
+    Outputs = EvaluateOutputs
+
+    def check(self, before: list[Stage]) -> None:
+        source = earlier_source(before)
+        if not self.config.eval_dir and not (source and source.gives_eval_set):
+            raise ValueError("evaluate.eval_dir is needed: the source has no held-out set")
+
+    def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
+        where = self.config.eval_dir or "the source's held-out set"
+        output = str(run_dir / self.name / "results.json")
+        return PlanRow(self.name, where, output, None, "zero-shot top-1/top-5, retrieval R@1/5/10", "driver, CPU")
+
+    def run(self, ctx: RunContext, inputs: EvaluateInputs) -> tuple[EvaluateOutputs, Manifest]:
+        eval_dir = Path(held_out_dir(self.config.eval_dir, inputs.source))
+        manifest = run_evaluate(Path(inputs.model.model), eval_dir, self.config, self.stage_dir(ctx))
+        return EvaluateOutputs.model_validate(manifest.outputs), manifest

@@ -1,20 +1,40 @@
-"""Perceptual hashes, bit-identical to `imagehash.phash`, computed in batches.
+"""phash stage: a pHash for every downloaded image, one parquet per shard, bit-identical to imagehash.
 
 imagehash converts each image to grey, resizes it to 32x32 with LANCZOS, takes a 2-D DCT,
 and compares the 8x8 low frequencies with their median. The PIL steps stay per image (that is
 what makes the bits identical); the DCTs and medians run once over the whole batch, and only
 the 8 low-frequency rows go through the second DCT pass. Hashes are 64-bit integers whose bit
 order matches imagehash's hex string (first coefficient = most significant bit).
+
+Each shard is one task. Its input samples are the successful rows of the download parquet;
+each ends up hashed, or failed as `decode_error` (bytes that do not decode) or `missing_in_tar`
+(a truncated or incomplete tar). A shard's table is written atomically, so a rerun skips it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import scipy.fftpack
 from PIL import Image
+from pydantic import Field
+
+from filters.hamming import to_signed
+from pipeline.atomic import write_parquet
+from pipeline.manifest import Manifest, count_reasons, merge_reasons
+from pipeline.mapping import MapFn, local_map
+from pipeline.models import StrictModel
+from pipeline.stage import PlanRow, RunContext, Stage, StageOutputs
+from stages.download import DownloadOutputs
+from stages.shards import expected_samples, image_bytes, read_parquet_folder, read_tar_samples
 
 HASH_SIZE = 8
 IMAGE_SIZE = HASH_SIZE * 4  # imagehash's highfreq_factor of 4
@@ -52,10 +72,143 @@ def to_hex(value: int | np.integer) -> str:
     return f"{int(value) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-def to_signed(hashes: np.ndarray) -> np.ndarray:
-    """uint64 -> int64 with the same bits, for parquet/Arrow columns."""
-    return hashes.astype(np.uint64).view(np.int64)
+SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("phash", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("reason", pa.string()),
+    ]
+)
 
 
-def to_unsigned(hashes: np.ndarray) -> np.ndarray:
-    return np.asarray(hashes, dtype=np.int64).view(np.uint64)
+class HashConfig(StrictModel):
+    shard_glob: str = Field("*.tar", description="which tars of the shards folder to hash")
+
+
+@dataclass(frozen=True)
+class HashTask:
+    tar: str
+    output: str
+
+
+@dataclass
+class HashResult:
+    n_in: int
+    kept: int
+    failed: dict[str, int]
+    skipped: bool
+
+
+def hash_shard(task: HashTask) -> HashResult:
+    output = Path(task.output)
+    if output.exists():
+        return _summarize(pq.read_table(output, columns=["reason"]), skipped=True)
+    expected = expected_samples(Path(task.tar))
+    position = {uid: i for i, uid in enumerate(expected.column("uid").to_pylist())}
+    thumbs, sizes = {}, {}
+    reasons: dict[str, str] = {}
+    for key, sample in read_tar_samples(task.tar):
+        if key not in position or key in thumbs or key in reasons:
+            continue
+        payload = image_bytes(sample)
+        try:
+            if payload is None:
+                raise ValueError("no image in sample")
+            thumbs[key], *sizes[key] = decode_thumbnail(payload)
+        except Exception:  # noqa: BLE001 - any undecodable payload is this sample's failure, not the shard's
+            reasons[key] = "decode_error"
+    hashed_uids = list(thumbs)
+    hashes = phash_pixels(np.stack([thumbs[u] for u in hashed_uids])) if hashed_uids else np.zeros(0, np.uint64)
+    hash_of = dict(zip(hashed_uids, to_signed(hashes).tolist(), strict=True))
+    uids = expected.column("uid").to_pylist()
+    table = pa.table(
+        {
+            "uid": uids,
+            "phash": [hash_of.get(u) for u in uids],
+            "width": [sizes[u][0] if u in sizes else None for u in uids],
+            "height": [sizes[u][1] if u in sizes else None for u in uids],
+            "original_width": expected.column("original_width").cast(pa.int32()),
+            "original_height": expected.column("original_height").cast(pa.int32()),
+            "reason": [None if u in hash_of else reasons.get(u, "missing_in_tar") for u in uids],
+        },
+        schema=SCHEMA,
+    )
+    write_parquet(output, table)
+    return _summarize(table, skipped=False)
+
+
+def _summarize(table: pa.Table, skipped: bool) -> HashResult:
+    reasons = [r for r in table.column("reason").to_pylist() if r is not None]
+    return HashResult(table.num_rows, table.num_rows - len(reasons), count_reasons(reasons), skipped)
+
+
+def run_hash(shards_dir: Path, config: HashConfig, stage_dir: Path, map_fn: MapFn = local_map) -> Manifest:
+    """pHash every image of `shards_dir`; tables go to `stage_dir/hashes/<shard>.parquet`."""
+    started = time.perf_counter()
+    out_dir = stage_dir / "hashes"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tars = sorted(Path(shards_dir).glob(config.shard_glob))
+    tasks = [HashTask(str(t), str(out_dir / f"{t.stem}.parquet")) for t in tars]
+    results = map_fn(hash_shard, tasks, desc="phash", weight=lambda r: r.n_in)
+    n_in = sum(r.n_in for r in results)
+    seconds = time.perf_counter() - started
+    return Manifest(
+        stage="phash",
+        **{"in": n_in},
+        kept=sum(r.kept for r in results),
+        failed=merge_reasons(*(r.failed for r in results)),
+        outputs=PhashOutputs(hashes_dir=str(out_dir), n_shards=str(len(tasks))).as_dict(),
+        seconds=seconds,
+        metrics={
+            "samples_per_second": n_in / seconds if seconds else 0.0,
+            "shards_skipped": float(sum(r.skipped for r in results)),
+        },
+    )
+
+
+def read_hash_tables(hashes_dir: Path, only_hashed: bool = True) -> pa.Table:
+    """All successfully hashed rows (every row, with `only_hashed=False`), in shard order."""
+    table = read_parquet_folder(hashes_dir, schema=SCHEMA)
+    if table is None:
+        return SCHEMA.empty_table()
+    if not only_hashed:
+        return table
+    return table.filter(pc.is_valid(table.column("phash")))
+
+
+POOL_COLUMNS = {"phash": "phash", "reason": "phash_reason"}  # hash table column -> per-uid table column
+
+
+class PhashOutputs(StageOutputs):
+    hashes_dir: str  # one parquet per shard: uid, phash (int64 bits), sizes, reason
+    n_shards: str | None = None
+
+
+@dataclass
+class PhashInputs:
+    shards: DownloadOutputs
+
+
+class Phash(Stage):
+    name = "phash"
+    summary = "perceptual hash of every image, batched, one Ray task per shard"
+    config_model = HashConfig
+    Inputs = PhashInputs
+    Outputs = PhashOutputs
+    counts_from = "shards"
+
+    def columns(self, before: list[Stage]) -> tuple[str, ...]:
+        return tuple(POOL_COLUMNS.values())
+
+    def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
+        output = str(run_dir / self.name / "hashes")
+        note = "64-bit pHash per image, imagehash-compatible"
+        return PlanRow(self.name, str(run_dir / "download" / "shards"), output, rows, note, "1 CPU per shard task")
+
+    def run(self, ctx: RunContext, inputs: PhashInputs) -> tuple[PhashOutputs, Manifest]:
+        manifest = run_hash(Path(inputs.shards.shards_dir), self.config, self.stage_dir(ctx), map_fn=ctx.map_fn)
+        return PhashOutputs.model_validate(manifest.outputs), manifest

@@ -11,17 +11,22 @@ skip this stage.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field
 
+from pipeline.manifest import Manifest, count_reasons
+from pipeline.models import StrictModel
+from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage, StageOutputs, check_labels
 from stages import clip_models
-from stages.config_base import StrictModel
-from stages.manifest import Manifest, count_reasons
-from stages.reshard import reshard
-from stages.train import TrainConfig, run_train
+from stages.dedupe import DedupeOutputs
+from stages.download import DownloadOutputs, downloaded_rows
+from stages.shards import reshard
+from stages.train import TrainConfig, TrainOutputs, run_train
 
 SEED_TRAIN_DEFAULTS = TrainConfig(
     model="demo-tiny",
@@ -51,7 +56,7 @@ def _train_on(shards: list[Path], uids: set[str], config: TrainConfig, folder: P
     subset = reshard(shards, folder / "shards", 10_000, keep_uids=uids, stage="seed")
     tars = sorted(str(p) for p in (folder / "shards").glob("*.tar"))
     manifest = run_train(tars, subset.kept, config, folder / "train")
-    return manifest.outputs["model"], manifest
+    return TrainOutputs.model_validate(manifest.outputs).model, manifest
 
 
 def run_seed_models(
@@ -82,7 +87,48 @@ def run_seed_models(
         **{"in": len(uids)},
         kept=len(usable),
         dropped=count_reasons([r for r in reasons if r is not None]),
-        outputs=outputs,
+        outputs=SeedModelsOutputs(**outputs).as_dict(),
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
+
+
+class SeedModelsOutputs(StageOutputs):
+    clip_model: str  # the reference CLIP: embed's scoring model unless embed.model is set
+    dfn_model: str | None = None  # the filtering network (seed_models.dfn)
+
+
+@dataclass
+class SeedModelsInputs:
+    shards: DownloadOutputs
+    dedupe: DedupeOutputs | None = None  # never train on duplicates or copies of evaluation images
+    source: SourceOutputs | None = None  # its labels, unless seed_models.labels is set
+
+
+class SeedModels(Stage):
+    name = "seed_models"
+    summary = "train the reference CLIP and filtering network on the labelled slice"
+    config_model = SeedModelsConfig
+    Inputs = SeedModelsInputs
+    Outputs = SeedModelsOutputs
+
+    def check(self, before: list[Stage]) -> None:
+        check_labels(self, self.config.labels, before)
+
+    def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
+        t = self.config.train
+        what = "reference CLIP + filtering network" if self.config.dfn else "reference CLIP"
+        note = f"{what}: {t.model}, {t.samples_seen:,} samples seen each"
+        labels = self.config.labels or "the source's labels"
+        return PlanRow(self.name, labels, str(run_dir / self.name), None, note, f"{t.workers} train worker(s)")
+
+    def run(self, ctx: RunContext, inputs: SeedModelsInputs) -> tuple[SeedModelsOutputs, Manifest]:
+        labels = pq.read_table(self.config.labels or inputs.source.labels)
+        if inputs.dedupe is not None:
+            decisions = pq.read_table(inputs.dedupe.decisions, columns=["uid", "keep"])
+            usable = set(decisions.filter(decisions.column("keep")).column("uid").to_pylist())
+        else:
+            usable = set(downloaded_rows(Path(inputs.shards.shards_dir)).column("uid").to_pylist())
+        shards = sorted(Path(inputs.shards.shards_dir).glob("*.tar"))
+        manifest = run_seed_models(shards, labels, usable, self.config, self.stage_dir(ctx))
+        return SeedModelsOutputs.model_validate(manifest.outputs), manifest

@@ -25,9 +25,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.atomic import PARTIAL_SUFFIX, is_partial, write_text
-from stages.config_base import StrictModel
-from stages.manifest import Manifest
+from pipeline.budget import training_budget
+from pipeline.manifest import Manifest
+from pipeline.models import StrictModel
+from pipeline.stage import PlanRow, Resources, RunContext, Shards, Stage, StageOutputs
 from stages.mlflow_sink import MlflowSink
+from stages.shards import count_successes
 
 STATE_FILE = "state.pt"
 STEP_FILE = "train_state.json"
@@ -349,12 +352,12 @@ def run_train(
         stage="train",
         **{"in": n_samples},
         kept=n_samples,
-        outputs={
-            "model": str(model_dir),
-            "checkpoint": str(final),
-            "log": str(stage_dir / LOG_FILE),
-            "resumed_from": str(resume.folder or ""),
-        },
+        outputs=TrainOutputs(
+            model=str(model_dir),
+            checkpoint=str(final),
+            log=str(stage_dir / LOG_FILE),
+            resumed_from=str(resume.folder or ""),
+        ).as_dict(),
         seconds=seconds,
         metrics={
             "steps": float(step),
@@ -461,3 +464,57 @@ def _export_model(checkpoint: Path, model_name: str, folder: Path) -> Path:
 
 
 __all__ = ["TrainConfig", "Tracking", "choose_checkpoint", "latest_checkpoint", "run_train"]
+
+
+class TrainOutputs(StageOutputs):
+    model: str  # the exported model folder (open_clip config + weights), what evaluate and embed load
+    checkpoint: str
+    log: str  # train_log.jsonl: one line of metrics per step, replayed by `pipeline sync`
+    resumed_from: str = ""
+
+
+@dataclass
+class TrainInputs:
+    shards: Shards  # the latest shards made before training: the subset's, else the download's
+
+
+class Train(Stage):
+    name = "train"
+    summary = "CLIP training with Ray Train (TorchTrainer), checkpoints in MLflow"
+    config_model = TrainConfig
+    Inputs = TrainInputs
+    Outputs = TrainOutputs
+    counts_from = "shards"
+
+    def resources(self) -> Resources:
+        c = self.config
+        return Resources(cpus=c.threads_per_worker, gpus=1 if c.use_gpu else 0, actors=c.workers)
+
+    def budget_lines(self) -> list[str]:
+        c = self.config
+        budget = training_budget(c.model, c.samples_seen)
+        if budget.macs is None:
+            return [f"compute: not estimated for {c.model} (ViT configs only)"]
+        return [
+            f"compute: {budget.macs:.2g} MACs (forward, both towers, x samples seen; DataComp's measure), "
+            f"~{budget.train_flops:.2g} training FLOPs, ~{budget.reference_gpu_hours:,.1f} A100-hours at 40% MFU"
+        ]
+
+    def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
+        c = self.config
+        device = "GPU" if c.use_gpu else "CPU"
+        note = (
+            f"{c.model}, {c.samples_seen:,} samples seen = {c.total_steps:,} steps of {c.batch_size:,}, "
+            f"{c.workers} {device} worker(s), checkpoint every {c.checkpoint_every_steps:,} steps"
+        )
+        output = str(run_dir / self.name / "model")
+        return PlanRow(
+            self.name, "the latest shards (subset, else download)", output, rows, note, self.resources().describe()
+        )
+
+    def run(self, ctx: RunContext, inputs: TrainInputs) -> tuple[TrainOutputs, Manifest]:
+        shards = sorted(str(p) for p in Path(inputs.shards.shards_dir).glob("*.tar"))
+        tracking = Tracking(ctx.tracking_uri, ctx.stage_run_id) if ctx.tracking_uri and ctx.stage_run_id else None
+        n_samples = count_successes(Path(inputs.shards.shards_dir))
+        manifest = run_train(shards, n_samples, self.config, self.stage_dir(ctx), tracking, log=ctx.log)
+        return TrainOutputs.model_validate(manifest.outputs), manifest

@@ -15,8 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 from PIL import Image
 
-from stages.hash_shards import image_bytes
-from stages.reshard import read_tar_samples
+from stages.shards import image_bytes, read_tar_samples
 
 
 def _samples(shards: list[str], rng: random.Random) -> Iterator[tuple[bytes, str]]:

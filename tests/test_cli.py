@@ -69,7 +69,10 @@ def test_dry_run_prints_the_plan_with_published_figures_and_touches_nothing(tmp_
         (["run", "demo", "--set", "download.image_sz=64", "--dry-run"], "download.image_sz: unknown key"),
         (["run", "demo", "--set", "download.image_size=big", "--dry-run"], "download.image_size"),
         (["run", "demo", "--set", "stages=[demo_pool, embedding]", "--dry-run"], "unknown stage 'embedding'"),
-        (["run", "demo", "--set", "stages=[demo_pool, train]", "--dry-run"], "'train' needs 'download' before it"),
+        (
+            ["run", "demo", "--set", "stages=[demo_pool, train]", "--dry-run"],
+            "'train' needs 'download' or 'subset' before it",
+        ),
         (["run", "demo", "--set", "output_dir=/proc/forbidden"], "cannot create run directory"),
         (["run", "laion_a", "--dry-run"], "embed.model is needed"),
         (["run", "demo", "--resume", "--set", "output_dir=/tmp/definitely-empty-xyz"], "cannot resume"),

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import ConfigError, available_recipes, load_recipe
-from pipeline.stage_registry import validate_stages
+from pipeline.graph import build_stages
 
 
 def test_all_shipped_recipes_load_and_have_valid_stage_lists(tmp_path):
@@ -11,17 +11,17 @@ def test_all_shipped_recipes_load_and_have_valid_stage_lists(tmp_path):
     for required in ["demo", "laion_a", "datacomp_small", "datacomp_medium", "datacomp_large", "datacomp_xlarge"]:
         assert required in names
     for name in [n for n in names if n != "laion_a"]:
-        validate_stages(load_recipe(name))
+        build_stages(load_recipe(name))
     # laion_a needs the user's CLIP and aesthetic head: refused without, valid with files that fit
     with pytest.raises(ConfigError, match="embed.model is needed"):
-        validate_stages(load_recipe("laion_a"))
+        build_stages(load_recipe("laion_a"))
     from filters.heads import EmbeddingHead, HeadInfo, save_head
     from stages import clip_models
 
     model, *_ = clip_models.create("demo-tiny")
     folder = clip_models.save(model, "demo-tiny", tmp_path / "clip")
     head = save_head(EmbeddingHead(64), HeadInfo(kind="regression", input_dim=64), tmp_path / "aesthetic")
-    validate_stages(load_recipe("laion_a", [f"embed.model={folder}", f"filter.strategy.1.head={head}"]))
+    build_stages(load_recipe("laion_a", [f"embed.model={folder}", f"filter.strategy.1.head={head}"]))
 
 
 def test_datacomp_recipes_carry_published_scale_figures():
@@ -99,14 +99,14 @@ def test_recipe_file_that_is_not_a_mapping(tmp_path):
         ("[demo_pool, embedding]", "unknown stage 'embedding'"),
         ("[demo_pool, download, heads]", "'heads' needs 'embed' before it"),
         ("[demo_pool, download, dedupe]", "'dedupe' needs 'phash' before it"),
-        ("[download]", "needs 'demo_pool' before 'download'"),
+        ("[download]", "'download' needs 'demo_pool' before it"),
         ("[demo_pool, demo_pool]", "listed twice"),
     ],
 )
 def test_stage_list_is_checked(stages, expected):
     recipe = load_recipe("demo", [f"stages={stages}"])
     with pytest.raises(ConfigError, match=expected):
-        validate_stages(recipe)
+        build_stages(recipe)
 
 
 def test_compute_estimate_matches_datacomp_published_macs():

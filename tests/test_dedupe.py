@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from filters.hamming import to_signed
 from filters.phash_dedupe import PhashDedupeParams, phash_dedupe
 from stages.dedupe import DedupeConfig, run_dedupe
 from stages.demo_truth import dedupe_quality
-from stages.hash_shards import HashConfig, read_hash_tables, run_hash
-from stages.phash import to_signed
+from stages.phash import HashConfig, read_hash_tables, run_hash
 
 
 def _table(hashes, **columns):

@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from filters.base import embedding_matrix
 from stages import clip_models
-from stages.embed import EmbedConfig, embedding_matrix, read_embedding_tables, run_embed
+from stages.embed import EmbedConfig, read_embedding_tables, run_embed
 from stages.nsfw_onnx import OpenNsfw
 
 

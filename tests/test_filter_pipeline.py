@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -206,9 +207,9 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
     # the filters whose defaults the run makes: eval class names (vocabulary), class embeddings (targets);
     # run on the same pool table, with their chunked work as Ray tasks
     from pipeline.executor import make_ray_map
-    from pipeline.stage_registry import resolved_strategy
-    from stages.filter_pool import run_filter
-    from stages.pool_table import build_pool_table
+    from stages.filter import run_filter
+    from stages.filter.pool_table import build_pool_table
+    from stages.filter.strategy_inputs import resolve_strategy
 
     later = load_recipe(
         "demo",
@@ -218,7 +219,11 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
     pool = build_pool_table(
         Path(m["download"].outputs["shards_dir"]), embeddings_dir=Path(m["embed"].outputs["embeddings_dir"])
     )
-    config = later.filter.model_copy(update={"strategy": resolved_strategy(m, later)})
+    classnames = json.loads((Path(m["demo_pool"].outputs["eval_dir"]) / "classnames.json").read_text())
+    targets = m["embed"].outputs["class_embeddings"]
+    config = later.filter.model_copy(
+        update={"strategy": resolve_strategy(later.filter.strategy, {}, classnames, targets)}
+    )
     assert Path(config.strategy[1].targets) == Path(m["embed"].outputs["class_embeddings"])
     manifest, _ = run_filter(pool, config, tmp_path / "more", make_ray_map())
     more = manifest.metrics

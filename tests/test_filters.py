@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from filters import basic, clip_score, dfn
+from filters import basic, ranking
 from filters.heads import EmbeddingHead, HeadError, HeadInfo, fit_head, load_head, save_head, score_head
 from filters.ranking import top_fraction_mask
 from filters.registry import FilterParams
@@ -38,17 +38,31 @@ def test_top_fraction_is_global_and_independent_of_row_order_and_sharding():
 
 def test_clip_score_threshold_and_nan_never_kept():
     table = _table(clip_score=[0.1, 0.3, np.nan, 0.25, 0.5])
-    result = clip_score.apply(table, PARAMS.validate_python({"name": "clip_score", "threshold": 0.25}))
+    result = ranking.apply(table, PARAMS.validate_python({"name": "clip_score", "threshold": 0.25}))
     assert result.keep.tolist() == [False, True, False, True, True]
     assert result.reason == ["clip_score", None, "clip_score", None, None]
-    top = clip_score.apply(table, PARAMS.validate_python({"name": "clip_score", "top_fraction": 0.4}))
+    top = ranking.apply(table, PARAMS.validate_python({"name": "clip_score", "top_fraction": 0.4}))
     assert top.keep.tolist() == [False, True, False, False, True]
 
 
 def test_dfn_ranks_its_own_column():
     table = _table(clip_score=[0.9, 0.1, 0.5, 0.2], dfn_score=[0.1, 0.9, 0.2, 0.8])
-    result = dfn.apply(table, PARAMS.validate_python({"name": "dfn", "top_fraction": 0.5}))
+    result = ranking.apply(table, PARAMS.validate_python({"name": "dfn", "top_fraction": 0.5}))
     assert result.keep.tolist() == [False, True, False, True]
+    assert result.reason[0] == "dfn"
+
+
+def test_rank_filter_ranks_any_named_column_and_names_it_in_reasons():
+    table = _table(clip_score=[0.9, 0.1, 0.5, 0.2], aesthetic_score=[4.0, 7.5, 6.0, 5.0])
+    result = ranking.apply(
+        table, PARAMS.validate_python({"name": "rank", "column": "aesthetic_score", "threshold": 5.5})
+    )
+    assert result.keep.tolist() == [False, True, True, False]
+    assert result.reason == ["aesthetic_score", None, None, "aesthetic_score"]
+    with pytest.raises(ValidationError, match="needs column"):
+        PARAMS.validate_python({"name": "rank", "threshold": 0.3})
+    with pytest.raises(ValidationError, match="use name=rank"):
+        PARAMS.validate_python({"name": "clip_score", "column": "dfn_score", "threshold": 0.3})
 
 
 def test_basic_rules_in_order():

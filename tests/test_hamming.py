@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from filters.hamming import band_layout, brute_force_neighbours, hamming_distance, near_pairs_unique
+from filters.hamming import band_layout, hamming_distance, near_pairs_unique
+from tests.oracles import brute_force_neighbours
 
 
 def _planted(rng, n, k):

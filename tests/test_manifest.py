@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages.manifest import AccountingError, Manifest, count_reasons, merge_reasons
+from pipeline.manifest import AccountingError, Manifest, count_reasons, merge_reasons
 
 
 def test_balanced_manifest_passes_and_round_trips(tmp_path):

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from filters.hamming import to_signed, to_unsigned
 from stages import demo_scenes as world
-from stages.phash import decode_thumbnail, grey_thumbnail, phash_images, phash_pixels, to_hex, to_signed, to_unsigned
+from stages.phash import decode_thumbnail, grey_thumbnail, phash_images, phash_pixels, to_hex
 
 
 def _images(rng):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -11,10 +10,10 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import stage_registry
 from pipeline.config import ConfigError
+from pipeline.manifest import AccountingError, Manifest
 from pipeline.orchestrator import run_pipeline
-from stages.manifest import AccountingError, Manifest
+from stages.download import Download
 
 
 def _client(recipe) -> mlflow.MlflowClient:
@@ -125,13 +124,13 @@ def test_resume_refuses_a_changed_recipe_and_a_missing_run(ray_cluster, small_de
 
 
 def test_a_stage_that_loses_a_sample_fails_the_run(ray_cluster, small_demo, monkeypatch):
-    real = stage_registry.STAGES["download"]
+    real = Download.run
 
-    def lossy(ctx):
-        manifest = real.run(ctx)
-        return manifest.model_copy(update={"kept": manifest.kept - 1})  # one sample vanishes
+    def lossy(self, ctx, inputs):
+        outputs, manifest = real(self, ctx, inputs)
+        return outputs, manifest.model_copy(update={"kept": manifest.kept - 1})  # one sample vanishes
 
-    monkeypatch.setitem(stage_registry.STAGES, "download", dataclasses.replace(real, run=lossy))
+    monkeypatch.setattr(Download, "run", lossy)
     with pytest.raises(AccountingError, match=r"stage 'download' does not balance: in=160 .*\(1 samples lost\)"):
         run_pipeline(small_demo, run_name="lossy", log=lambda m: None)
     assert not (Path(small_demo.output_dir) / "lossy" / "download" / "manifest.json").exists()
@@ -140,13 +139,13 @@ def test_a_stage_that_loses_a_sample_fails_the_run(ray_cluster, small_demo, monk
 
 
 def test_a_stage_that_receives_more_than_upstream_kept_fails(ray_cluster, small_demo, monkeypatch):
-    real = stage_registry.STAGES["download"]
+    real = Download.run
 
-    def inflating(ctx):
-        m = real.run(ctx)
-        return m.model_copy(update={"in_count": m.in_count + 1, "failed": {**m.failed, "extra": 1}})
+    def inflating(self, ctx, inputs):
+        outputs, m = real(self, ctx, inputs)
+        return outputs, m.model_copy(update={"in_count": m.in_count + 1, "failed": {**m.failed, "extra": 1}})
 
-    monkeypatch.setitem(stage_registry.STAGES, "download", dataclasses.replace(real, run=inflating))
+    monkeypatch.setattr(Download, "run", inflating)
     with pytest.raises(AccountingError, match="received 161 samples but 'demo_pool' kept 160"):
         run_pipeline(small_demo, run_name="inflate", log=lambda m: None)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -15,10 +14,10 @@ import urllib.request
 import mlflow
 import pytest
 
-from pipeline import stage_registry
 from pipeline.config import load_recipe
 from pipeline.orchestrator import run_pipeline
 from pipeline.sync import sync_run
+from stages.train import Train
 from tests.conftest import small_demo_overrides
 
 
@@ -86,14 +85,14 @@ def test_tracking_server_killed_mid_training_does_not_stop_the_run(ray_cluster, 
                 if time.time() > deadline or server.poll() is not None:
                     pytest.fail("the MLflow server did not start")
                 time.sleep(0.5)
-        real = stage_registry.STAGES["train"]
+        real = Train.run
 
-        def train_after_outage(ctx):
+        def train_after_outage(self, ctx, inputs):
             os.killpg(server.pid, signal.SIGKILL)  # the server dies just as training starts
             server.wait()
-            return real.run(ctx)
+            return real(self, ctx, inputs)
 
-        monkeypatch.setitem(stage_registry.STAGES, "train", dataclasses.replace(real, run=train_after_outage))
+        monkeypatch.setattr(Train, "run", train_after_outage)
         overrides = [
             *[o for o in small_demo_overrides(tmp_path / "runs") if not o.startswith("stages=")],
             "stages=[demo_pool, download, train]",

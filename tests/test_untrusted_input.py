@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.download import DownloadConfig, run_download
-from stages.reshard import read_tar_samples, reshard
+from stages.shards import read_tar_samples, reshard
 
 HOSTILE = "../../../../tmp/escaped"
 

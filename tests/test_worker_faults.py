@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.embed import EmbedConfig, read_embedding_tables, run_embed
-from stages.hash_shards import expected_samples
-from stages.reshard import read_tar_samples
+from stages.shards import expected_samples, read_tar_samples
 from stages.train import TrainConfig, latest_checkpoint, run_train
 
 pytestmark = pytest.mark.slow

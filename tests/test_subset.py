@@ -5,7 +5,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from stages.reshard import read_tar_samples, reshard
+from stages.shards import read_tar_samples, reshard
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import numpy as np
 
 from filters.strategy import StrategyResult
 from pipeline.atomic import write_with
-from stages.hash_shards import image_bytes
-from stages.reshard import read_tar_samples
+from stages.shards import image_bytes, read_tar_samples
 
 MAX_TARS_SCANNED = 4  # examples come from the first shards: enough variety, bounded cost
 

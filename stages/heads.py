@@ -8,23 +8,27 @@ measure the heads honestly. Heads are written as `<stage>/aesthetic.pt` and `nsf
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
+from filters.base import embedding_matrix
 from filters.heads import HeadInfo, fit_head, save_head
-from stages.config_base import StrictModel
-from stages.embed import embedding_matrix, read_embedding_tables
-from stages.manifest import Manifest, count_reasons
+from pipeline.manifest import Manifest, count_reasons
+from pipeline.models import StrictModel
+from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage, StageOutputs, check_labels
+from stages.embed import EmbedOutputs, read_embedding_tables
 
 HEAD_TARGETS = {"aesthetic": ("rating", "regression"), "nsfw": ("unsafe", "binary")}
 
 
 class HeadsConfig(StrictModel):
-    labels: str | None = Field(None, description="parquet: uid, rating and/or unsafe; default: the demo's labels")
+    labels: str | None = Field(None, description="parquet: uid, rating and/or unsafe; default: the source's labels")
     heads: list[str] = Field(["aesthetic", "nsfw"], description="which heads to fit")
     epochs: int = Field(300, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -65,14 +69,54 @@ def run_fit_heads(
             embedding_model=embedding_model,
             metrics=fit_metrics,
         )
-        outputs[f"{name}_head"] = str(save_head(head, info, stage_dir / name))
+        outputs[name] = str(save_head(head, info, stage_dir / name))
         metrics.update({f"{name}_{k}": v for k, v in fit_metrics.items()})
     return Manifest(
         stage="heads",
         **{"in": len(uids)},
         kept=int(usable.sum()),
         failed=count_reasons([r for r in reasons if r is not None]),
-        outputs=outputs,
+        outputs=HeadsOutputs(**outputs).as_dict(),
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
+
+
+class HeadsOutputs(StageOutputs):
+    """One fitted head per name: the default `head` of the filter of the same name."""
+
+    aesthetic: str | None = None
+    nsfw: str | None = None
+
+    def head_for(self, filter_name: str) -> str | None:
+        return getattr(self, filter_name, None)
+
+
+@dataclass
+class HeadsInputs:
+    embed: EmbedOutputs
+    source: SourceOutputs | None = None  # its labels, unless heads.labels is set
+
+
+class Heads(Stage):
+    name = "heads"
+    summary = "fit the aesthetic and NSFW heads on labelled embeddings"
+    config_model = HeadsConfig
+    Inputs = HeadsInputs
+    Outputs = HeadsOutputs
+
+    def check(self, before: list[Stage]) -> None:
+        check_labels(self, self.config.labels, before)
+        unknown = sorted(set(self.config.heads) - set(HEAD_TARGETS))
+        if unknown:
+            raise ValueError(f"heads: unknown head {unknown[0]} (available: {', '.join(HEAD_TARGETS)})")
+
+    def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
+        note = f"{', '.join(self.config.heads)} head(s) on image embeddings, {self.config.epochs} epochs"
+        return PlanRow(self.name, self.config.labels or "the source's labels", str(run_dir / self.name), None, note)
+
+    def run(self, ctx: RunContext, inputs: HeadsInputs) -> tuple[HeadsOutputs, Manifest]:
+        labels = pq.read_table(self.config.labels or inputs.source.labels)
+        embed = inputs.embed
+        manifest = run_fit_heads(Path(embed.embeddings_dir), labels, self.config, self.stage_dir(ctx), embed.model)
+        return HeadsOutputs.model_validate(manifest.outputs), manifest

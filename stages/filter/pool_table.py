@@ -14,19 +14,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from stages.dedupe import POOL_COLUMNS as DEDUPE_COLUMNS
+from stages.download import downloaded_rows
 from stages.embed import read_embedding_tables
-from stages.reshard import successful_rows
-
-BASE_COLUMNS = ("uid", "caption", "original_width", "original_height")
-
-
-def downloaded_rows(shards_dir: Path) -> pa.Table:
-    """uid, caption and original size of every successfully downloaded sample."""
-    table = successful_rows(sorted(Path(shards_dir).glob("*.parquet")))
-    for name in BASE_COLUMNS[2:]:
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, pa.int64()))
-    return table.select(list(BASE_COLUMNS))
+from stages.phash import POOL_COLUMNS as PHASH_COLUMNS
+from stages.phash import read_hash_tables
 
 
 def attach(base: pa.Table, other: pa.Table, columns: dict[str, str]) -> pa.Table:
@@ -45,13 +37,12 @@ def build_pool_table(
 ) -> pa.Table:
     table = downloaded_rows(shards_dir)
     if hashes_dir is not None:
-        paths = sorted(Path(hashes_dir).glob("*.parquet"))
-        hashes = pa.concat_tables([pq.read_table(p, columns=["uid", "phash", "reason"]) for p in paths])
-        table = attach(table, hashes, {"phash": "phash", "reason": "phash_reason"})
+        hashes = read_hash_tables(hashes_dir, only_hashed=False)
+        table = attach(table, hashes, PHASH_COLUMNS)
         table = _missing_as(table, "phash_reason", "phash", "not_hashed")
     if decisions_path is not None:
         decisions = pq.read_table(decisions_path, columns=["uid", "keep", "reason"])
-        table = attach(table, decisions, {"keep": "dedupe_keep", "reason": "dedupe_reason"})
+        table = attach(table, decisions, DEDUPE_COLUMNS)
     if embeddings_dir is not None:
         embedded = read_embedding_tables(embeddings_dir)
         scores = [c for c in embedded.column_names if c not in ("uid", "reason")]

@@ -1,8 +1,10 @@
-"""Rewrite webdataset shards into shards of a target size, optionally keeping only some uids.
+"""Webdataset shards: naming, reading samples and their parquet tables, and rewriting them.
 
-Used to materialise subsets. Input samples are the successful rows of the shards' parquet
-tables; each one ends up kept, dropped (`not_selected`) or failed (`missing_in_tar` when a tar is
-truncated or lacks the sample), so a broken input shard shows up in the counts, not as a crash.
+The one home for shard I/O that several stages share. `reshard` rewrites shards into shards of a
+target size, optionally keeping only some uids (the subset and seed_models stages). Its input
+samples are the successful rows of the shards' parquet tables; each one ends up kept, dropped
+(`not_selected`) or failed (`missing_in_tar` when a tar is truncated or lacks the sample), so a
+broken input shard shows up in the counts, not as a crash.
 """
 
 from __future__ import annotations
@@ -18,9 +20,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import Partial, atomic_path, write_parquet
-from stages.manifest import Manifest, count_reasons
+from pipeline.manifest import Manifest, count_reasons
 
 SHARD_DIGITS = 5
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_name(index: int) -> str:
+    """`00042`: the stem of shard `index`'s tar, parquet and stats files."""
+    return f"{index:0{SHARD_DIGITS}d}"
+
+
+def read_parquet_folder(
+    folder: Path, columns: list[str] | None = None, schema: pa.Schema | None = None
+) -> pa.Table | None:
+    """Every per-shard parquet of `folder`, concatenated in shard order; None when there is none."""
+    paths = sorted(Path(folder).glob("*.parquet"))
+    if not paths:
+        return None
+    tables = [pq.read_table(p, columns=columns, schema=schema) for p in paths]
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def read_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -58,11 +77,53 @@ def write_sorted_by_key(source: Path, target: Path) -> None:
 
 
 def successful_rows(parquet_paths: Iterable[Path]) -> pa.Table:
+    """The rows img2dataset wrote as `success` (every row of a table without a status column)."""
     tables = [pq.read_table(p) for p in parquet_paths]
-    table = pa.concat_tables(tables, promote_options="default")
+    return only_successes(pa.concat_tables(tables, promote_options="default"))
+
+
+def count_successes(shards_dir: Path) -> int:
+    """Samples the shards of `shards_dir` hold, from their parquet tables (only the status column is read)."""
+    total = 0
+    for path in sorted(Path(shards_dir).glob("*.parquet")):
+        schema = pq.read_schema(path)
+        if "status" not in schema.names:
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            total += pc.sum(pc.equal(pq.read_table(path, columns=["status"]).column("status"), "success")).as_py() or 0
+    return total
+
+
+def only_successes(table: pa.Table) -> pa.Table:
     if "status" in table.column_names:
         table = table.filter(pc.equal(table.column("status"), "success"))
     return table
+
+
+def image_bytes(sample: dict[str, bytes]) -> bytes | None:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+def expected_samples(tar: Path) -> pa.Table:
+    """Samples the shard should contain: successful rows of its parquet (all keys if none)."""
+    parquet = tar.with_suffix(".parquet")
+    if not parquet.exists():
+        keys = sorted({key for key, _ in read_tar_samples(tar)})
+        return pa.table(
+            {
+                "uid": keys,
+                "original_width": pa.nulls(len(keys), pa.int32()),
+                "original_height": pa.nulls(len(keys), pa.int32()),
+            }
+        )
+    table = only_successes(pq.read_table(parquet))
+    for column in ("original_width", "original_height"):
+        if column not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, pa.int32()))
+    return table.select(["uid", "original_width", "original_height"])
 
 
 class _ShardWriter:
@@ -89,7 +150,7 @@ class _ShardWriter:
         self.close()
         self.index += 1
         self.count = 0
-        path = self.output_dir / f"{self.index:0{SHARD_DIGITS}d}.tar"
+        path = self.output_dir / f"{shard_name(self.index)}.tar"
         self.partial = Partial(path)  # the tar appears under its name only once closed
         self.tar = tarfile.open(self.partial.tmp, "w")  # noqa: SIM115 (closed by close(), one shard at a time)
         self.shards.append(str(path))
