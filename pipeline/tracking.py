@@ -191,5 +191,6 @@ class Tracker:
         metrics = [Metric(k, v, now, 0) for k, v in manifest_metrics(manifest).items()]
         self.call("log_batch", run_id, metrics=metrics)
         self.call("log_artifact", run_id, str(manifest_path))
-        if manifest.outputs.get("artifacts"):  # a stage's report folder: plots, example grids
-            self.call("log_artifacts", run_id, manifest.outputs["artifacts"], "report")
+        report = manifest.outputs.get("artifacts")  # a stage's report folder: plots, example grids
+        if report:
+            self.call("log_artifacts", run_id, report, "report")

@@ -71,13 +71,14 @@ def run_seed_models(
     good = labels.column("good_pair").fill_null(False).to_pylist() if config.dfn else [True] * len(uids)
     reasons = [None if u in usable_uids else "not_in_pool" for u in uids]
     usable = {u for u, r in zip(uids, reasons, strict=True) if r is None}
-    outputs, metrics = {}, {}
+    metrics: dict[str, float] = {}
     reference = usable_uids if config.clip_on == "pool" else usable
-    outputs["clip_model"], clip_run = _train_on(shards, reference, config.train, stage_dir / "clip")
+    clip_model, clip_run = _train_on(shards, reference, config.train, stage_dir / "clip")
+    dfn_model = None
     metrics["clip_pairs"] = float(len(reference))
     if config.dfn:
         curated = {u for u, g in zip(uids, good, strict=True) if g and u in usable}
-        outputs["dfn_model"], _ = _train_on(shards, curated, config.train, stage_dir / "dfn")
+        dfn_model, _ = _train_on(shards, curated, config.train, stage_dir / "dfn")
         metrics["dfn_pairs"] = float(len(curated))
     if clip_run is not None:
         metrics["clip_train_seconds"] = clip_run.seconds
@@ -87,7 +88,7 @@ def run_seed_models(
         **{"in": len(uids)},
         kept=len(usable),
         dropped=count_reasons([r for r in reasons if r is not None]),
-        outputs=SeedModelsOutputs(**outputs).as_dict(),
+        outputs=SeedModelsOutputs(clip_model=clip_model, dfn_model=dfn_model).as_dict(),
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
