@@ -141,6 +141,9 @@ class Stage:
 
     @property
     def config(self) -> Any:
+        """This stage's section of the recipe (None for a stage without settings)."""
+        if self.config_model is None:
+            return None
         if self.source_kind:
             return getattr(self.recipe.source, self.source_kind)
         return getattr(self.recipe, self.name)

@@ -391,9 +391,10 @@ class Embed(Stage):
         return {"embeddings": rows * 2 * width * 2} if width else {}  # float16 image + text vectors
 
     def resources(self) -> Resources:
+        """Per model replica; replicas are `embed.actors`, else one per GPU or CPU core (set at run time)."""
         gpu = self.config.device == "cuda"
         return Resources(
-            cpus=1 if gpu else self.config.threads_per_actor, gpus=1 if gpu else 0, actors=actor_count(self.config)
+            cpus=1 if gpu else self.config.threads_per_actor, gpus=1 if gpu else 0, actors=self.config.actors
         )
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
@@ -401,7 +402,9 @@ class Embed(Stage):
         scores = ["clip_score", *(x for x, on in (("dfn_score", c.dfn_model), ("nsfw_onnx", c.nsfw_onnx)) if on)]
         note = f"{c.model or 'seed_models clip'} via Ray Data, batch {c.batch_size}; {', '.join(scores)}"
         output = str(run_dir / self.name / EMBEDDINGS_DIR)
-        return PlanRow(self.name, str(run_dir / "download" / "shards"), output, rows, note)
+        each = self.resources().describe().replace(" per task", "")
+        replicas = f"{self.config.actors} x ({each})" if self.config.actors else f"{each} per replica"
+        return PlanRow(self.name, str(run_dir / "download" / "shards"), output, rows, note, replicas)
 
     def run(self, ctx: RunContext, inputs: EmbedInputs) -> tuple[EmbedOutputs, Manifest]:
         seed = inputs.seed
