@@ -9,11 +9,11 @@ dropped as `eval_duplicate_of:<eval uid>` first, so test images never leak into 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -25,10 +25,15 @@ DUPLICATE = "duplicate_of"
 EVAL_DUPLICATE = "eval_duplicate_of"
 
 
+def _old_keep_name(value: object) -> object:
+    """`first` was the name of `lowest_uid` (it never meant input order): old recipes still load."""
+    return "lowest_uid" if value == "first" else value
+
+
 class PhashDedupeParams(StrictModel):
     max_distance: int = Field(4, ge=0, le=16, description="Hamming distance within which two images are duplicates")
     eval_max_distance: int | None = Field(None, ge=0, le=16, description="default: max_distance")
-    keep: Literal["lowest_uid", "largest", "highest_score"] = Field(
+    keep: Annotated[Literal["lowest_uid", "largest", "highest_score"], BeforeValidator(_old_keep_name)] = Field(
         "lowest_uid", description="lowest_uid: the smallest uid (stable across runs); largest; highest_score"
     )
     score_column: str | None = Field(None, description="column ranked by keep=highest_score")

@@ -80,3 +80,11 @@ def storage_estimate(rows: int, image_size: int, embed_dim: int | None) -> Stora
     shards = rows * DATACOMP_BYTES_PER_SAMPLE_AT_512 * (image_size / 512) ** 2
     embeddings = rows * 2 * embed_dim * 2 if embed_dim else 0.0
     return Storage(shards, rows * METADATA_BYTES_PER_SAMPLE, embeddings)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"

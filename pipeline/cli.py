@@ -50,14 +50,6 @@ def _print_plan(recipe: Recipe, run_name: str | None) -> None:
         estimate = f"{row.estimated_in:,}" if row.estimated_in is not None else "unknown"
         table.add_row(row.stage, row.input, row.output, estimate, row.resources, row.note)
     console.print(table)
-    train = recipe.train
-    steps = train.samples_seen // train.batch_size
-    console.print(
-        f"training budget: model {train.model}, {train.samples_seen:,} samples seen, batch {train.batch_size:,} "
-        f"({steps:,} steps), lr {train.lr:g}, warmup {train.warmup:,}, wd {train.weight_decay:g}, "
-        f"beta2 {train.beta2:g}, {train.workers} worker(s){' on GPU' if train.use_gpu else ''}",
-        highlight=False,
-    )
     for line in budget_lines(recipe):
         console.print(line, highlight=False)
     console.print("dry run: nothing was started or written.")
@@ -65,14 +57,14 @@ def _print_plan(recipe: Recipe, run_name: str | None) -> None:
 
 def budget_lines(recipe: Recipe) -> list[str]:
     """Compute and storage estimates for the plan (see pipeline.budget for the conventions)."""
+    from pipeline.budget import human_bytes
     from pipeline.graph import build_stages, pool_rows
-    from stages.download import human_bytes
 
     stages = build_stages(recipe)
     lines = [line for stage in stages for line in stage.budget_lines()]
     rows = pool_rows(recipe, stages)
-    if rows:
-        storage = {kind: size for stage in stages for kind, size in stage.storage(rows).items()}
+    storage = {kind: size for stage in stages for kind, size in stage.storage(rows).items()} if rows else {}
+    if storage:
         parts = ", ".join(f"{kind} ~{human_bytes(size)}" for kind, size in storage.items())
         total = human_bytes(sum(storage.values()))
         lines.append(f"storage for {rows:,} samples: {parts} (total ~{total})")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, Recipe, source_outputs
-from pipeline.stage import InputSlot, PlanRow, Stage, StageOutputs, input_slots
+from pipeline.stage import InputSlot, PlanRow, Stage, StageOutputs, input_slots, producer
 from stages.registry import STAGES
 
 STAGE_BY_NAME: dict[str, type[Stage]] = {stage.name: stage for stage in STAGES}
@@ -23,27 +23,14 @@ def _fail(recipe: Recipe, message: str) -> ConfigError:
     return ConfigError(f"invalid recipe '{recipe.name}': {message}")
 
 
-def _gives(item: Any) -> type:
-    if isinstance(item, Stage):
-        return item.Outputs
-    return item if isinstance(item, type) else type(item)
-
-
-def producer(slot: InputSlot, earlier: Sequence[Any]) -> Any | None:
-    """The latest of `earlier` (stages, outputs types or outputs) that gives what `slot` takes."""
-    for item in reversed(earlier):
-        if issubclass(_gives(item), slot.kind):
-            return item
-    return None
-
-
 def _producer_names(slot: InputSlot) -> str:
     names = [stage.name for stage in STAGES if issubclass(stage.Outputs, slot.kind)]
     return " or ".join(f"'{name}'" for name in names) or f"a stage giving {slot.kind.__name__}"
 
 
-def build_stages(recipe: Recipe) -> list[Stage]:
-    """The recipe's stages, checked: names exist, no repeats, every input made before it is read."""
+def build_stages(recipe: Recipe, check: bool = True) -> list[Stage]:
+    """The recipe's stages, checked: names exist, no repeats, every input made before it is read;
+    and, with `check`, each stage's own checks (files exist, filters have their columns)."""
     stages: list[Stage] = []
     for name in recipe.stages:
         if name not in STAGE_BY_NAME:
@@ -59,7 +46,7 @@ def build_stages(recipe: Recipe) -> list[Stage]:
         for slot in input_slots(type(stage)):
             if not slot.optional and producer(slot, earlier) is None:
                 raise _fail(recipe, f"stages: '{stage.name}' needs {_producer_names(slot)} before it")
-    for index, stage in enumerate(stages):
+    for index, stage in enumerate(stages if check else []):
         try:
             stage.check(stages[:index])
         except ValueError as err:

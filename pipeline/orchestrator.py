@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic import ValidationError
+
 from pipeline.atomic import remove_partials, write_json, write_text
-from pipeline.config import ConfigError, Recipe, source_outputs
+from pipeline.config import ConfigError, Recipe, format_validation_error, source_outputs
 from pipeline.graph import build_stages, counts_source, plan_rows, resolve_inputs
 from pipeline.manifest import AccountingError, Manifest
 from pipeline.runtime import ray_runtime
@@ -87,7 +89,7 @@ def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
         # output_dir is where the run lives, not what it computes: a moved run folder may resume
         before, now = (
             {k: v for k, v in flatten(r).items() if k != "output_dir"}
-            for r in (record["recipe"], recipe_record(recipe))
+            for r in (_as_read_now(record["recipe"], run_dir), recipe_record(recipe))
         )
         if before != now:
             changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
@@ -106,6 +108,14 @@ def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
     }
     write_run_record(run_dir, record)
     return record
+
+
+def _as_read_now(stored: dict, run_dir: Path) -> dict:
+    """A stored recipe as this version reads it: renamed values and new defaults are not changes."""
+    try:
+        return recipe_record(Recipe.model_validate(stored))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(run_dir / RUN_FILE))) from None
 
 
 def write_run_record(run_dir: Path, record: dict) -> None:

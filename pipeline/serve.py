@@ -1,4 +1,4 @@
-"""A loopback HTTP server for the demo pool, started and stopped by the orchestrator.
+"""A loopback HTTP server for a folder of files (a source stage serves its pool with it during a run).
 
 It serves the pool's files from one directory, bound to 127.0.0.1 only. URLs under `/slow/` are
 answered after a delay, to exercise download timeouts.
@@ -45,8 +45,8 @@ def serve_directory(directory: Path, port: int = 0, slow_seconds: float = 0.0) -
     try:
         server = PoolServer((LOOPBACK, port), functools.partial(handler, directory=str(directory)))
     except OSError as err:
-        raise RuntimeError(f"cannot start the demo pool server on {LOOPBACK}:{port}: {err.strerror}") from err
-    thread = threading.Thread(target=server.serve_forever, name="demo-pool-server", daemon=True)
+        raise RuntimeError(f"cannot start the loopback file server on {LOOPBACK}:{port}: {err.strerror}") from err
+    thread = threading.Thread(target=server.serve_forever, name="loopback-file-server", daemon=True)
     thread.start()
     try:
         yield f"http://{LOOPBACK}:{server.server_address[1]}"

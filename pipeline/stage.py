@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -104,7 +104,6 @@ class RunContext:
     tracking_uri: str | None = None
     stage_run_id: str | None = None  # the MLflow run of the stage being run
     log: Callable[[str], None] = print
-    serving: dict[str, str] = field(default_factory=dict)  # e.g. a source's loopback base URL
 
 
 def earlier_source(before: list[Stage]) -> type[SourceOutputs] | None:
@@ -217,3 +216,17 @@ def input_slots(stage: type[Stage]) -> list[InputSlot]:
         kinds = [a for a in args if a is not type(None)] or [hint]
         slots.append(InputSlot(item.name, kinds[0], optional=type(None) in args))
     return slots
+
+
+def _gives(item: Any) -> type:
+    if isinstance(item, Stage):
+        return item.Outputs
+    return item if isinstance(item, type) else type(item)
+
+
+def producer(slot: InputSlot, earlier: Sequence[Any]) -> Any | None:
+    """The latest of `earlier` (stages, outputs types or outputs) that gives what `slot` takes."""
+    for item in reversed(earlier):
+        if issubclass(_gives(item), slot.kind):
+            return item
+    return None

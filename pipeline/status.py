@@ -28,10 +28,15 @@ def find_run(name_or_path: str, output_dir: str = "runs") -> Path:
 
 def load_run_recipe(run_dir: Path):
     """The resolved recipe a run was started with, placed where the run now is."""
-    from pipeline.config import Recipe
+    from pydantic import ValidationError
+
+    from pipeline.config import ConfigError, Recipe, format_validation_error
 
     record = json.loads((run_dir / RUN_FILE).read_text())
-    return Recipe.model_validate({**record["recipe"], "output_dir": str(run_dir.parent)})
+    try:
+        return Recipe.model_validate({**record["recipe"], "output_dir": str(run_dir.parent)})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(run_dir / RUN_FILE))) from None
 
 
 def run_status(run_dir: Path) -> tuple[dict, list[StageStatus]]:

@@ -80,11 +80,11 @@ def sweep_recipes(sweep: SweepConfig, overrides: list[str]) -> tuple[Recipe, dic
     missing = [s.name for s in (Filter, Train, Evaluate) if s.name not in base.stages]
     if missing:
         raise ConfigError(f"sweep '{sweep.name}': the base recipe's stages lack {', '.join(missing)}")
-    varying = downstream(build_stages(base), {Filter.name})  # the strategy's stage and all that read it
+    varying = downstream(build_stages(base, check=False), {Filter.name})  # the strategy's stage and all that read it
     shared = base.model_copy(update={"stages": [s for s in base.stages if s not in varying]})
     per_strategy = {}
     for name, steps in sweep.strategies.items():
-        recipe = base.model_copy(update={"filter": base.filter.model_copy(update={"strategy": steps})})
+        recipe = base.model_copy(update={Filter.name: base.filter.model_copy(update={"strategy": steps})})
         build_stages(recipe)  # a strategy that cannot run fails here, before the shared stages start
         per_strategy[name] = recipe
     return shared, per_strategy

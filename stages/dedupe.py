@@ -19,7 +19,7 @@ from filters.phash_dedupe import PhashDedupeParams, phash_dedupe, reason_kind
 from pipeline.atomic import write_parquet
 from pipeline.manifest import Manifest
 from pipeline.stage import Decisions, PlanRow, RunContext, SourceOutputs, Stage
-from stages.phash import PhashOutputs, decode_thumbnail, phash_pixels, read_hash_tables
+from stages.phash import Phash, PhashOutputs, decode_thumbnail, phash_pixels, read_hash_tables
 from stages.shards import image_bytes, read_tar_samples
 
 
@@ -96,9 +96,10 @@ class Dedupe(Stage):
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         c = self.config
-        note = f"Hamming <= {c.max_distance}, keep {c.keep}, {len(c.eval_sets)} eval set(s) + the source's held-out set"
+        evals = f"{len(c.eval_sets)} eval set(s) + the source's held-out set, if any"
+        note = f"Hamming <= {c.max_distance}, keep {c.keep}, {evals}"
         output = str(run_dir / self.name / "decisions.parquet")
-        return PlanRow(self.name, str(run_dir / "phash" / "hashes"), output, rows, note, "1 CPU, one global index")
+        return PlanRow(self.name, str(run_dir / Phash.name / "hashes"), output, rows, note, "1 CPU, one global index")
 
     def run(self, ctx: RunContext, inputs: DedupeInputs) -> tuple[DedupeOutputs, Manifest]:
         config = self.config

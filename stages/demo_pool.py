@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from pipeline.atomic import atomic_path, write_bytes, write_json, write_parquet
 from pipeline.manifest import Manifest, count_reasons
@@ -358,6 +358,8 @@ def _write_tables(rows: list[PoolRow], pool_dir: Path) -> None:
 class DemoPoolOutputs(SourceOutputs):
     """The demo is a source that also knows the truth: every planted defect, by uid."""
 
+    table: str = Field(validation_alias=AliasChoices("table", "source"))  # `source`: runs before 2026-11-25
+    eval_dir: str | None = Field(None, validation_alias=AliasChoices("eval_dir", "eval"))
     ground_truth: str
     files: str
 

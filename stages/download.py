@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from pipeline.atomic import Partial, atomic_path, write_parquet
-from pipeline.budget import storage_estimate
+from pipeline.budget import human_bytes, storage_estimate
 from pipeline.manifest import Manifest, count_reasons, merge_reasons
 from pipeline.mapping import MapFn, local_map
 from pipeline.models import StrictModel
@@ -339,14 +339,6 @@ class DownloadOutputs(Shards):
 @dataclass
 class DownloadInputs:
     source: SourceOutputs
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
 
 
 class Download(Stage):

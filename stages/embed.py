@@ -34,7 +34,7 @@ from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, Resources, RunContext, SourceOutputs, Stage, StageOutputs
 from stages import clip_models
 from stages.class_embeddings import write_class_embeddings
-from stages.download import DownloadOutputs
+from stages.download import Download, DownloadOutputs
 from stages.evaluate import eval_classnames
 from stages.seed_models import SeedModels, SeedModelsOutputs
 from stages.shards import expected_samples, image_bytes, read_parquet_folder, read_tar_samples
@@ -399,12 +399,13 @@ class Embed(Stage):
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         c = self.config
-        scores = ["clip_score", *(x for x, on in (("dfn_score", c.dfn_model), ("nsfw_onnx", c.nsfw_onnx)) if on)]
+        seeded = [SeedModels(self.recipe)] if SeedModels.name in self.recipe.stages else []
+        scores = self.columns(seeded)[2:]  # the pair and image scores, after the two embeddings
         note = f"{c.model or 'seed_models clip'} via Ray Data, batch {c.batch_size}; {', '.join(scores)}"
         output = str(run_dir / self.name / EMBEDDINGS_DIR)
         each = self.resources().describe().replace(" per task", "")
         replicas = f"{self.config.actors} x ({each})" if self.config.actors else f"{each} per replica"
-        return PlanRow(self.name, str(run_dir / "download" / "shards"), output, rows, note, replicas)
+        return PlanRow(self.name, str(run_dir / Download.name / "shards"), output, rows, note, replicas)
 
     def run(self, ctx: RunContext, inputs: EmbedInputs) -> tuple[EmbedOutputs, Manifest]:
         seed = inputs.seed

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from filters.base import embedding_matrix
 from filters.heads import HeadInfo, fit_head, save_head
@@ -85,11 +85,8 @@ def run_fit_heads(
 class HeadsOutputs(StageOutputs):
     """One fitted head per name: the default `head` of the filter of the same name."""
 
-    aesthetic: str | None = None
-    nsfw: str | None = None
-
-    def head_for(self, filter_name: str) -> str | None:
-        return getattr(self, filter_name, None)
+    aesthetic: str | None = Field(None, validation_alias=AliasChoices("aesthetic", "aesthetic_head"))
+    nsfw: str | None = Field(None, validation_alias=AliasChoices("nsfw", "nsfw_head"))  # `*_head`: older runs
 
 
 @dataclass

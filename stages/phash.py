@@ -33,7 +33,7 @@ from pipeline.manifest import Manifest, count_reasons, merge_reasons
 from pipeline.mapping import MapFn, local_map
 from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, RunContext, Stage, StageOutputs
-from stages.download import DownloadOutputs
+from stages.download import Download, DownloadOutputs
 from stages.shards import expected_samples, image_bytes, read_parquet_folder, read_tar_samples
 
 HASH_SIZE = 8
@@ -207,7 +207,7 @@ class Phash(Stage):
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         output = str(run_dir / self.name / "hashes")
         note = "64-bit pHash per image, imagehash-compatible"
-        return PlanRow(self.name, str(run_dir / "download" / "shards"), output, rows, note, "1 CPU per shard task")
+        return PlanRow(self.name, str(run_dir / Download.name / "shards"), output, rows, note, "1 CPU per shard task")
 
     def run(self, ctx: RunContext, inputs: PhashInputs) -> tuple[PhashOutputs, Manifest]:
         manifest = run_hash(Path(inputs.shards.shards_dir), self.config, self.stage_dir(ctx), map_fn=ctx.map_fn)

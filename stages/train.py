@@ -378,8 +378,8 @@ def _fit(
     turn a run that stopped short of `stop` back into the KeyboardInterrupt it was.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
+    _InterruptAwareTrainer = _interrupt_aware_trainer()  # noqa: N806 (a class)
     loop_config = {
         "train": config.model_dump(),
         "shards": [str(Path(s).absolute()) for s in shards],
@@ -387,7 +387,7 @@ def _fit(
         "tracking": vars(tracking) if tracking else None,
         "log_path": str(stage_dir / LOG_FILE),
     }
-    trainer = TorchTrainer(
+    trainer = _InterruptAwareTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -413,9 +413,33 @@ def _fit(
     else:
         final = choose_checkpoint(storage).folder
     reached = _recorded_step(final) if final is not None else 0
-    if reached < stop:
+    if reached < stop or trainer.interrupted:  # Ctrl-C near the end still stops the run
         raise KeyboardInterrupt(f"train: interrupted at step {reached} of {stop}")
     return final
+
+
+def _interrupt_aware_trainer():
+    from ray.train.torch import TorchTrainer
+
+    class InterruptAwareTrainer(TorchTrainer):
+        """A TorchTrainer that remembers a Ctrl-C its own handler swallowed.
+
+        Ray Train's handler aborts the run gracefully and `fit()` returns normally; when the Ctrl-C
+        comes after the last step (while the final checkpoint is reported), nothing shows it."""
+
+        interrupted = False
+
+        def _register_sigint_handler(self, controller) -> None:
+            super()._register_sigint_handler(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def remember(signum, frame):
+                self.interrupted = True
+                ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, remember)
+
+    return InterruptAwareTrainer
 
 
 def _new_attempt_name(storage: Path) -> str:
@@ -492,12 +516,19 @@ class Train(Stage):
 
     def budget_lines(self) -> list[str]:
         c = self.config
+        gpu = " on GPU" if c.use_gpu else ""
+        lines = [
+            f"training budget: model {c.model}, {c.samples_seen:,} samples seen, batch {c.batch_size:,} "
+            f"({c.total_steps:,} steps), lr {c.lr:g}, warmup {c.warmup:,}, wd {c.weight_decay:g}, "
+            f"beta2 {c.beta2:g}, {c.workers} worker(s){gpu}"
+        ]
         budget = training_budget(c.model, c.samples_seen)
         if budget.macs is None:
-            return [f"compute: not estimated for {c.model} (ViT configs only)"]
+            return [*lines, f"compute: not estimated for {c.model} (ViT configs only)"]
         return [
+            *lines,
             f"compute: {budget.macs:.2g} MACs (forward, both towers, x samples seen; DataComp's measure), "
-            f"~{budget.train_flops:.2g} training FLOPs, ~{budget.reference_gpu_hours:,.1f} A100-hours at 40% MFU"
+            f"~{budget.train_flops:.2g} training FLOPs, ~{budget.reference_gpu_hours:,.1f} A100-hours at 40% MFU",
         ]
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:

@@ -120,7 +120,7 @@ def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninter
     assert len({a.where for a in killed}) >= 4, "\n".join(lines)  # spread over the chain, not piled in one stage
     assert {a.kill.event for a in killed} >= {"checkpoint_persist", "shard_write", "artifact_upload"}
     assert report.mismatches == [] and report.unreadable == [] and report.running_mlflow_runs == 0, report.summary()
-    assert report.passed
+    assert report.passed, "\n".join(lines)
 
 
 def test_runs_a_killed_process_left_running_are_closed_on_resume(tmp_path):

@@ -77,3 +77,17 @@ def test_readme_stage_runs_resumes_and_is_tracked(ray_cluster, caption_words, tm
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
     assert "caption_words" in {run.info.run_name for run in runs}
+
+
+def test_runs_made_before_the_stage_contract_still_read():
+    """Older run folders: `dedupe.keep: first`, demo_pool's `source`/`eval` and heads' `*_head` outputs."""
+    from stages.demo_pool import DemoPoolOutputs
+    from stages.heads import HeadsOutputs
+
+    assert load_recipe("demo", ["dedupe.keep=first"]).dedupe.keep == "lowest_uid"
+    old = {"source": "s.parquet", "eval": "eval", "labels": "l", "ground_truth": "g", "files": "f"}
+    pool = DemoPoolOutputs.model_validate(old)
+    assert (pool.table, pool.eval_dir) == ("s.parquet", "eval")
+    assert pool.as_dict()["table"] == "s.parquet"  # written back under today's names
+    heads = HeadsOutputs.model_validate({"aesthetic_head": "a.pt", "nsfw_head": "n.pt"})
+    assert (heads.aesthetic, heads.nsfw) == ("a.pt", "n.pt")

@@ -23,7 +23,16 @@ from pipeline.atomic import write_parquet
 from pipeline.manifest import Manifest, count_reasons
 from pipeline.mapping import MapFn, local_map
 from pipeline.models import StrictModel
-from pipeline.stage import Decisions, PlanRow, RunContext, SourceOutputs, Stage, earlier_source
+from pipeline.stage import (
+    Decisions,
+    PlanRow,
+    RunContext,
+    SourceOutputs,
+    Stage,
+    earlier_source,
+    input_slots,
+    producer,
+)
 from stages.dedupe import DedupeOutputs
 from stages.download import DownloadOutputs
 from stages.embed import Embed, EmbedOutputs
@@ -125,9 +134,9 @@ class Filter(Stage):
     def check(self, before: list[Stage]) -> None:
         """Every filter of the strategy can run: its columns will exist, its files and heads load."""
         steps = self.config.strategy
-        columns = [column for stage in before for column in stage.columns(before[: before.index(stage)])]
-        hints = {k: v for stage in before for k, v in stage.column_hints().items()}
-        hints |= {k: v for stage in self._all_stages() for k, v in stage.column_hints().items() if k not in hints}
+        feeding = [p for p in (producer(slot, before) for slot in input_slots(Filter)) if p is not None]
+        columns = [column for stage in feeding for column in stage.columns(before[: before.index(stage)])]
+        hints = {k: v for stage in self._all_stages() for k, v in stage.column_hints().items()}
         check_columns(steps, columns, hints)
         source = earlier_source(before)
         has_classes = bool(self.recipe.evaluate.eval_dir) or bool(source and source.gives_eval_set)
@@ -154,7 +163,7 @@ class Filter(Stage):
             decisions_path=Path(inputs.dedupe.decisions) if inputs.dedupe else None,
             embeddings_dir=Path(inputs.embed.embeddings_dir) if inputs.embed else None,
         )
-        heads = {name: inputs.heads.head_for(name) for name in ("aesthetic", "nsfw")} if inputs.heads else {}
+        heads = inputs.heads.model_dump(exclude={"artifacts"}) if inputs.heads else {}  # filter name -> head
         classnames = eval_classnames(self.recipe.evaluate.eval_dir, inputs.source)
         targets = inputs.embed.class_embeddings if inputs.embed else None
         steps = resolve_strategy(self.config.strategy, heads, classnames, targets)
