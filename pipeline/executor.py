@@ -10,6 +10,8 @@ from typing import TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline.interrupts import raise_if_interrupted
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -65,6 +67,7 @@ def make_ray_map(max_retries: int = 2, num_cpus: float = 1, console: Console | N
         with Progress(*columns, console=console, transient=False) as progress, _cancelled_on_exit(pending):
             task = progress.add_task(desc, total=len(items), rate="")
             while pending:
+                raise_if_interrupted()
                 done, still = ray.wait(pending, num_returns=1, timeout=1.0)
                 pending[:] = still  # in place: `_cancelled_on_exit` holds this list
                 for ref in done:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from pipeline.atomic import remove_partials, write_json, write_text
 from pipeline.config import ConfigError, Recipe, format_validation_error, source_outputs
 from pipeline.graph import build_stages, counts_source, plan_rows, resolve_inputs
+from pipeline.interrupts import ctrl_c_remembered, raise_if_interrupted
 from pipeline.manifest import AccountingError, Manifest
 from pipeline.runtime import ray_runtime
 from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage, StageOutputs
@@ -220,7 +221,7 @@ def run_pipeline(
     log(f"MLflow: {tracker.uri} (experiment '{tracker.experiment_name}')")
     skipped: list[str] = []
     done = _Done()
-    with ray_runtime(recipe.ray, log):
+    with ctrl_c_remembered(), ray_runtime(recipe.ray, log):
         from pipeline.executor import make_ray_map
 
         map_fn = map_fn_factory() if map_fn_factory else make_ray_map()
@@ -238,6 +239,7 @@ def run_pipeline(
                 if stage.name not in reuse:  # a reused source's server belongs to the run that made it
                     serving.enter_context(stage.serving(ctx))
             for stage in stages:
+                raise_if_interrupted()  # a Ctrl-C a finalizer swallowed during the last stage stops here
                 finished = _finished(stage, stage.stage_dir(ctx), reuse)
                 if finished is not None:
                     done.add(stage, *finished)
@@ -245,6 +247,7 @@ def run_pipeline(
                     log(f"[{stage.name}] finished earlier, skipped: {finished[1].summary()}")
                     continue
                 _run_stage(stage, ctx, done, tracker, parent_id, log)
+            raise_if_interrupted()
     if tracker.problem:  # `pipeline sync` reads this to know the folder holds what MLflow lacks
         record["mlflow_problem"] = tracker.problem
         write_run_record(run_dir, record)

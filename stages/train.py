@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 
 from pipeline.atomic import PARTIAL_SUFFIX, is_partial, write_text
 from pipeline.budget import training_budget
+from pipeline.interrupts import note_interrupt
 from pipeline.manifest import Manifest
 from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, Resources, RunContext, Shards, Stage, StageOutputs
@@ -435,6 +436,7 @@ def _interrupt_aware_trainer():
 
             def remember(signum, frame):
                 self.interrupted = True
+                note_interrupt()
                 ray_handler(signum, frame)
 
             signal.signal(signal.SIGINT, remember)

@@ -140,3 +140,27 @@ def test_runs_a_killed_process_left_running_are_closed_on_resume(tmp_path):
         status = {r: resumed.call("get_run", r).info.status for r in (orphan_parent, orphan_stage, stage, new_parent)}
     assert status == {orphan_parent: "KILLED", orphan_stage: "KILLED", stage: "FINISHED", new_parent: "RUNNING"}
     parent.__exit__(None, None, None)
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_is_still_remembered():
+    """Python ignores a KeyboardInterrupt raised inside `__del__` (Ray Data's iterators have them);
+    the run must still stop at the next check instead of going on to finish."""
+    import gc
+    import os
+    import signal
+    import time
+
+    from pipeline.interrupts import ctrl_c_remembered, raise_if_interrupted
+
+    class PressesCtrlCWhileFinalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler runs here, inside the finalizer, and its exception is dropped
+
+    with ctrl_c_remembered():
+        raise_if_interrupted()  # nothing pressed yet
+        PressesCtrlCWhileFinalized()  # finalized at once: the KeyboardInterrupt goes nowhere
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
+    raise_if_interrupted()  # the record ends with the run
