@@ -164,7 +164,7 @@ def _finished(stage: Stage, stage_dir: Path, reuse: dict[str, Manifest]) -> tupl
     manifest = reuse.get(stage.name) or Manifest.read(stage_dir)
     if manifest is None:
         return None
-    return stage.Outputs.model_validate(manifest.outputs), manifest
+    return stage.finished(manifest)
 
 
 def _run_stage(stage: Stage, ctx: RunContext, done: _Done, tracker: Tracker, parent_id: str | None, log) -> None:
@@ -175,12 +175,14 @@ def _run_stage(stage: Stage, ctx: RunContext, done: _Done, tracker: Tracker, par
         log(f"[{stage.name}] removed {removed} partial file(s) left by an interrupted run")
     with tracker.stage_run(parent_id, stage.name, stage.params()) as stage_run_id:
         ctx.stage_run_id = stage_run_id
+        upstream = done.upstream(stage)
+        ctx.upstream_kept = upstream[1].kept if upstream else None
         inputs = resolve_inputs(stage, [*ctx_sources(stage.recipe), *done.outputs])
         outputs, manifest = stage.run(ctx, inputs)
         manifest.outputs = outputs.as_dict()
         manifest.metrics.update(done.quality(outputs))
         try:
-            check_manifest(stage, manifest, done.upstream(stage))
+            check_manifest(stage, manifest, upstream)
         except AccountingError:
             write_text(stage_dir / "manifest.rejected.json", manifest.model_dump_json(by_alias=True, indent=2))
             raise

@@ -104,6 +104,7 @@ class RunContext:
     tracking_uri: str | None = None
     stage_run_id: str | None = None  # the MLflow run of the stage being run
     log: Callable[[str], None] = print
+    upstream_kept: int | None = None  # `kept` of the stage this one counts from (see `counts_from`)
 
 
 def earlier_source(before: list[Stage]) -> type[SourceOutputs] | None:
@@ -190,6 +191,10 @@ class Stage:
 
     def run(self, ctx: RunContext, inputs: Any) -> tuple[StageOutputs, Manifest]:
         raise NotImplementedError
+
+    def finished(self, manifest: Manifest) -> tuple[StageOutputs, Manifest]:
+        """(typed outputs, manifest) of a manifest this stage wrote, now or in an earlier run."""
+        return self.Outputs.model_validate(manifest.outputs), manifest
 
 
 @dataclass(frozen=True)

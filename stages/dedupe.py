@@ -107,4 +107,4 @@ class Dedupe(Stage):
             held_out = str(Path(inputs.source.eval_dir) / "*.tar")
             config = config.model_copy(update={"eval_sets": [*config.eval_sets, held_out]})
         manifest = run_dedupe(Path(inputs.hashes.hashes_dir), config, self.stage_dir(ctx))
-        return DedupeOutputs.model_validate(manifest.outputs), manifest
+        return self.finished(manifest)

@@ -414,4 +414,4 @@ class DemoPool(Stage):
         if self.base_url is None:
             raise RuntimeError("the demo pool server is not running")
         manifest = generate_pool(self.config, self.stage_dir(ctx), self.base_url)
-        return DemoPoolOutputs.model_validate(manifest.outputs), manifest
+        return self.finished(manifest)

@@ -371,4 +371,4 @@ class Download(Stage):
         manifest = run_download(
             source.table, self.config, self.stage_dir(ctx), source.url_col, source.caption_col, map_fn=ctx.map_fn
         )
-        return DownloadOutputs.model_validate(manifest.outputs), manifest
+        return self.finished(manifest)

@@ -386,8 +386,12 @@ class Embed(Stage):
             if path and Path(path).is_file() and not getattr(self.config, f"{key}_name"):
                 raise ValueError(f"embed.{key}_name: the open_clip architecture of {path} is needed")
 
+    def _listed_seed(self) -> list[Stage]:
+        """The seed_models stage when the recipe lists it (for estimates made without the stage order)."""
+        return [SeedModels(self.recipe)] if SeedModels.name in self.recipe.stages else []
+
     def storage(self, rows: int) -> dict[str, float]:
-        width = self.width([s(self.recipe) for s in [SeedModels] if s.name in self.recipe.stages])
+        width = self.width(self._listed_seed())
         return {"embeddings": rows * 2 * width * 2} if width else {}  # float16 image + text vectors
 
     def resources(self) -> Resources:
@@ -399,8 +403,7 @@ class Embed(Stage):
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         c = self.config
-        seeded = [SeedModels(self.recipe)] if SeedModels.name in self.recipe.stages else []
-        scores = self.columns(seeded)[2:]  # the pair and image scores, after the two embeddings
+        scores = self.columns(self._listed_seed())[2:]  # the pair and image scores, after the two embeddings
         note = f"{c.model or 'seed_models clip'} via Ray Data, batch {c.batch_size}; {', '.join(scores)}"
         output = str(run_dir / self.name / EMBEDDINGS_DIR)
         each = self.resources().describe().replace(" per task", "")

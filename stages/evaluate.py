@@ -177,4 +177,4 @@ class Evaluate(Stage):
     def run(self, ctx: RunContext, inputs: EvaluateInputs) -> tuple[EvaluateOutputs, Manifest]:
         eval_dir = Path(held_out_dir(self.config.eval_dir, inputs.source))
         manifest = run_evaluate(Path(inputs.model.model), eval_dir, self.config, self.stage_dir(ctx))
-        return EvaluateOutputs.model_validate(manifest.outputs), manifest
+        return self.finished(manifest)

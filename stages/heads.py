@@ -116,4 +116,4 @@ class Heads(Stage):
         labels = pq.read_table(self.config.labels or inputs.source.labels)
         embed = inputs.embed
         manifest = run_fit_heads(Path(embed.embeddings_dir), labels, self.config, self.stage_dir(ctx), embed.model)
-        return HeadsOutputs.model_validate(manifest.outputs), manifest
+        return self.finished(manifest)

@@ -211,4 +211,4 @@ class Phash(Stage):
 
     def run(self, ctx: RunContext, inputs: PhashInputs) -> tuple[PhashOutputs, Manifest]:
         manifest = run_hash(Path(inputs.shards.shards_dir), self.config, self.stage_dir(ctx), map_fn=ctx.map_fn)
-        return PhashOutputs.model_validate(manifest.outputs), manifest
+        return self.finished(manifest)

@@ -132,4 +132,4 @@ class SeedModels(Stage):
             usable = set(downloaded_rows(Path(inputs.shards.shards_dir)).column("uid").to_pylist())
         shards = sorted(Path(inputs.shards.shards_dir).glob("*.tar"))
         manifest = run_seed_models(shards, labels, usable, self.config, self.stage_dir(ctx))
-        return SeedModelsOutputs.model_validate(manifest.outputs), manifest
+        return self.finished(manifest)

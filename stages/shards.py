@@ -82,18 +82,6 @@ def successful_rows(parquet_paths: Iterable[Path]) -> pa.Table:
     return only_successes(pa.concat_tables(tables, promote_options="default"))
 
 
-def count_successes(shards_dir: Path) -> int:
-    """Samples the shards of `shards_dir` hold, from their parquet tables (only the status column is read)."""
-    total = 0
-    for path in sorted(Path(shards_dir).glob("*.parquet")):
-        schema = pq.read_schema(path)
-        if "status" not in schema.names:
-            total += pq.ParquetFile(path).metadata.num_rows
-        else:
-            total += pc.sum(pc.equal(pq.read_table(path, columns=["status"]).column("status"), "success")).as_py() or 0
-    return total
-
-
 def only_successes(table: pa.Table) -> pa.Table:
     if "status" in table.column_names:
         table = table.filter(pc.equal(table.column("status"), "success"))

@@ -82,4 +82,4 @@ class Subset(Stage):
             drop_reasons=reasons,
             default_reason=UNDECIDED,
         )
-        return SubsetOutputs.model_validate(manifest.outputs), manifest
+        return self.finished(manifest)

@@ -31,7 +31,6 @@ from pipeline.manifest import Manifest
 from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, Resources, RunContext, Shards, Stage, StageOutputs
 from stages.mlflow_sink import MlflowSink
-from stages.shards import count_successes
 
 STATE_FILE = "state.pt"
 STEP_FILE = "train_state.json"
@@ -548,6 +547,8 @@ class Train(Stage):
     def run(self, ctx: RunContext, inputs: TrainInputs) -> tuple[TrainOutputs, Manifest]:
         shards = sorted(str(p) for p in Path(inputs.shards.shards_dir).glob("*.tar"))
         tracking = Tracking(ctx.tracking_uri, ctx.stage_run_id) if ctx.tracking_uri and ctx.stage_run_id else None
-        n_samples = count_successes(Path(inputs.shards.shards_dir))
+        if ctx.upstream_kept is None:
+            raise RuntimeError("train: the number of samples in its shards was not given (ctx.upstream_kept)")
+        n_samples = ctx.upstream_kept  # what the stage that made the shards kept: no shard is read for it
         manifest = run_train(shards, n_samples, self.config, self.stage_dir(ctx), tracking, log=ctx.log)
-        return TrainOutputs.model_validate(manifest.outputs), manifest
+        return self.finished(manifest)
