@@ -76,6 +76,7 @@ def soak_overrides(output_dir: Path, ray_temp: str, port: int) -> list[str]:
         "train.workers=1",
         "train.threads_per_worker=1",
         "train.checkpoint_every_samples=64",
+        "train.mlflow_checkpoint_every=1",  # so that a kill can land mid-upload (the artifact_upload event)
         "train.log_every_steps=1",
     ]
 
@@ -472,6 +473,16 @@ def run_cycle(
     return (run_dir if finished else None), consumed
 
 
+def drop_bulk(run_dir: Path) -> None:
+    """A checked run's checkpoints and MLflow artifacts: hundreds of MB a run, read by no comparison,
+    and a CI disk with a few GB free must hold the reference and a soaked run at once."""
+    import shutil
+
+    for folder in [*run_dir.rglob("ray"), run_dir.parent / "mlartifacts"]:
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def soak(kills: int, seed: int, workdir: Path, reference: Path | None = None, log=print) -> SoakReport:
     """Kill soaked runs `kills` times in all; a run that finishes before its kill points are spent
     is checked, and the rest are drawn afresh for a new run."""
@@ -480,6 +491,7 @@ def soak(kills: int, seed: int, workdir: Path, reference: Path | None = None, lo
     if reference is None:
         port = free_port()
         reference, report.reference_seconds = reference_run(workdir, port)
+        drop_bulk(reference)  # what the comparisons read (manifests, decisions) stays
         log(f"reference run: {report.reference_seconds:.0f} s")
     else:
         port = int(json.loads((reference / "demo_pool" / "pool.json").read_text())["base_url"].rsplit(":", 1)[1])
@@ -500,6 +512,7 @@ def soak(kills: int, seed: int, workdir: Path, reference: Path | None = None, lo
         report.mismatches += [f"run {cycle}: {m}" for m in compare_runs(reference, run_dir)]
         report.unreadable += [f"run {cycle}: {f}" for f in unreadable_files(run_dir)]
         report.running_mlflow_runs += running_mlflow_runs(run_dir.parent)
+        drop_bulk(run_dir)
         log(f"run {cycle} finished and checked: {report.summary()}")
         cycle += 1
     report.soak_seconds = time.monotonic() - started

@@ -39,6 +39,12 @@ class HeadInfo:
     embedding_model: str = ""
     metrics: dict | None = None
 
+    @property
+    def is_laion_l14(self) -> bool:
+        """LAION's improved aesthetic predictor: no activations, 768 -> 1024-128-64-16 -> 1, trained on
+        OpenAI CLIP ViT-L/14 image embeddings (christophschuhmann/improved-aesthetic-predictor)."""
+        return self.input_dim == 768 and self.hidden == LAION_HIDDEN and not self.activation
+
 
 class EmbeddingHead(nn.Module):
     """LAION's aesthetic MLP: Linear/Dropout stack; binary heads apply a sigmoid when scoring.

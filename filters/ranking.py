@@ -29,6 +29,9 @@ class RankParams(StrictModel):
     column: str | None = Field(None, description="score column to rank; clip_score/dfn name their own")
     threshold: float | None = Field(None, description="keep scores >= threshold")
     top_fraction: float | None = Field(None, gt=0, le=1, description="keep this fraction of the pool, best first")
+    better: Literal["higher", "lower"] = Field(
+        "higher", description="lower: keep scores <= threshold, or the lowest fraction (e.g. punsafe, pwatermark)"
+    )
 
     @model_validator(mode="after")
     def _one_rule(self) -> RankParams:
@@ -62,11 +65,13 @@ def top_fraction_mask(scores: np.ndarray, uids: list[str], fraction: float) -> t
 
 
 def rank_mask(scores: np.ndarray, uids: list[str], params: RankParams) -> tuple[np.ndarray, float]:
-    """(keep mask, threshold applied)."""
+    """(keep mask, threshold applied). Lower-is-better scores are ranked as their negation."""
+    sign = 1.0 if params.better == "higher" else -1.0
     if params.top_fraction is not None:
-        return top_fraction_mask(scores, uids, params.top_fraction)
+        keep, last = top_fraction_mask(sign * scores, uids, params.top_fraction)
+        return keep, sign * last
     with np.errstate(invalid="ignore"):
-        return np.nan_to_num(scores, nan=-np.inf) >= params.threshold, float(params.threshold)
+        return np.nan_to_num(sign * scores, nan=-np.inf) >= sign * params.threshold, float(params.threshold)
 
 
 def needs(params: RankParams) -> tuple[str, ...]:

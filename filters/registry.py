@@ -23,6 +23,7 @@ from filters import (
     ranking,
     semantic_dedupe,
     text_based,
+    uid_list,
 )
 from filters.base import FilterResult
 from filters.presets import expand_presets
@@ -49,6 +50,7 @@ FILTERS: dict[str, FilterSpec] = {
     "image_based": FilterSpec(image_based.apply, _static(image_based.NEEDS), parallel=True),
     "semantic_dedupe": FilterSpec(semantic_dedupe.apply, _static(semantic_dedupe.NEEDS), parallel=True),
     "metaclip_balance": FilterSpec(metaclip_balance.apply, _static(metaclip_balance.NEEDS)),
+    "uid_list": FilterSpec(uid_list.apply, _static(uid_list.NEEDS)),
 }
 
 FilterParams = Annotated[
@@ -60,7 +62,8 @@ FilterParams = Annotated[
     | text_based.TextBasedParams
     | image_based.ImageBasedParams
     | semantic_dedupe.SemanticDedupeParams
-    | metaclip_balance.MetaclipBalanceParams,
+    | metaclip_balance.MetaclipBalanceParams
+    | uid_list.UidListParams,
     Field(discriminator="name"),
 ]
 

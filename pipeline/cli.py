@@ -263,6 +263,26 @@ def sync(
         raise _fail(str(err), 1) from None
 
 
+@app.command("convert-checkpoint")
+def convert_checkpoint(
+    checkpoint: Annotated[Path, typer.Argument(help="OpenAI's TorchScript CLIP .pt (e.g. ViT-L-14.pt)")],
+    folder: Annotated[Path, typer.Argument(help="where to write the model folder (weights.pt + model.json)")],
+    model: Annotated[str, typer.Option("--model", help="open_clip architecture, e.g. ViT-L-14-quickgelu")],
+) -> None:
+    """Turn OpenAI's TorchScript checkpoint into a model folder that runs load with weights_only=True."""
+    from stages.clip_models import convert_torchscript, is_torchscript
+
+    if not checkpoint.is_file():
+        raise _fail(f"{checkpoint}: file not found")
+    if not is_torchscript(checkpoint):
+        raise _fail(f"{checkpoint}: not a TorchScript archive; a state dict loads as is (embed.model + model_name)")
+    try:
+        saved = convert_torchscript(checkpoint, model, folder)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    console.print(f"wrote {saved}: use it as embed.model={saved}", markup=False, highlight=False)
+
+
 def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, create_model, model_validator
 from filters.presets import expand_presets
 from pipeline.models import StrictModel
 from pipeline.stage import SourceOutputs
+from stages.metadata_schema import SchemaName
 from stages.registry import DEFAULT_SOURCE, DEFAULT_STAGES, STAGES
 
 RECIPES_PACKAGE = "pipeline.recipes"
@@ -31,8 +32,11 @@ class TableSourceFields(StrictModel):
     """Where the url/caption pairs come from: a table, or a source stage (`kind` names it)."""
 
     path: str | None = Field(None, description="parquet/csv/jsonl table, local path or fsspec URL")
-    url_col: str = "url"
-    caption_col: str = "caption"
+    metadata: SchemaName = Field(
+        "auto", description="auto recognises LAION and DataComp metadata by their columns; or laion/datacomp/plain"
+    )
+    url_col: str | None = Field(None, description="default: the schema's (URL for LAION, url otherwise)")
+    caption_col: str | None = Field(None, description="default: the schema's (TEXT for LAION, text for DataComp)")
     pool_size: int | None = Field(None, gt=0, description="expected rows, for --dry-run estimates")
 
     @model_validator(mode="after")
@@ -56,7 +60,10 @@ def source_outputs(recipe) -> SourceOutputs | None:
     if recipe.source.kind != TABLE_SOURCE:
         return None
     return SourceOutputs(
-        table=str(recipe.source.path), url_col=recipe.source.url_col, caption_col=recipe.source.caption_col
+        table=str(recipe.source.path),
+        metadata=recipe.source.metadata,
+        url_col=recipe.source.url_col,
+        caption_col=recipe.source.caption_col,
     )
 
 

@@ -24,7 +24,12 @@ def _fail(recipe: Recipe, message: str) -> ConfigError:
 
 
 def _producer_names(slot: InputSlot) -> str:
-    names = [stage.name for stage in STAGES if issubclass(stage.Outputs, slot.kind)]
+    """The stages that make what `slot` takes from scratch (not those that refine it, e.g. prefilter)."""
+    names = [
+        stage.name
+        for stage in STAGES
+        if issubclass(stage.Outputs, slot.kind) and not any(s.kind is slot.kind for s in input_slots(stage))
+    ]
     return " or ".join(f"'{name}'" for name in names) or f"a stage giving {slot.kind.__name__}"
 
 

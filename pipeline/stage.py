@@ -59,8 +59,9 @@ class SourceOutputs(StageOutputs):
     """The url/caption table a run downloads, and what a source may also provide."""
 
     table: str
-    url_col: str = "url"
-    caption_col: str = "caption"
+    metadata: str = "auto"  # the table's schema (stages.metadata_schema): auto, laion, datacomp, plain
+    url_col: str | None = None  # None: the schema's
+    caption_col: str | None = None
     labels: str | None = None  # labelled uids: default for seed_models.labels and heads.labels
     eval_dir: str | None = None  # held-out set: default for evaluation, always removed from training
 

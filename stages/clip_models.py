@@ -8,6 +8,7 @@ with `weights_only=True`) and `model.json` (the open_clip model name).
 from __future__ import annotations
 
 import json
+import zipfile
 from functools import cache
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def load_checkpoint(path: Path, model_name: str, device: str = "cpu"):
     """
     model, _, preprocess_eval, tokenizer = create(model_name)
     path = Path(path)
+    if is_torchscript(path):
+        raise ValueError(
+            f"{path}: a TorchScript archive (OpenAI's own .pt), not a state dict; convert it once with "
+            f"`python -m pipeline convert-checkpoint {path} <folder> --model {model_name}`"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -82,6 +88,36 @@ def load_checkpoint(path: Path, model_name: str, device: str = "cpu"):
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(f"{path}: weights do not fit open_clip model '{model_name}': {first}") from None
     return model.to(device).eval(), preprocess_eval, tokenizer
+
+
+# what OpenAI's TorchScript state dicts carry beside the weights (open_clip drops them too)
+OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (code + constants), as OpenAI ships its CLIP checkpoints."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def convert_torchscript(path: Path, model_name: str, folder: Path) -> Path:
+    """OpenAI's TorchScript CLIP as a saved model folder (a plain state dict): loaded once here,
+    by the user's explicit command on a file they chose, so that runs never deserialise TorchScript.
+
+    The weights must fit `model_name` exactly; OpenAI's checkpoints are open_clip's `-quickgelu`
+    architectures (e.g. ViT-L-14-quickgelu): their activations are QuickGELU, not GELU."""
+    model, *_ = create(model_name)
+    scripted = torch.jit.load(str(path), map_location="cpu")
+    transient = {name for name, _ in model.named_buffers()} - set(model.state_dict())  # e.g. attn_mask
+    state = {k: v for k, v in scripted.state_dict().items() if k not in OPENAI_METADATA and k not in transient}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ValueError(f"{path}: weights do not fit open_clip model '{model_name}': {first}") from None
+    return save(model, model_name, folder)
 
 
 def load_model(path: str | Path, model_name: str | None = None, device: str = "cpu"):

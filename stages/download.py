@@ -26,10 +26,11 @@ from pipeline.manifest import Manifest, count_reasons, merge_reasons
 from pipeline.mapping import MapFn, local_map
 from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, RunContext, Shards, SourceOutputs, Stage
+from stages.metadata_schema import RESERVED, SchemaName
 from stages.shards import SHARD_DIGITS, shard_name, successful_rows, write_sorted_by_key
-from stages.source_table import load_source
+from stages.source_table import load_source, metadata_columns
 
-PART_COLUMNS = ["url", "caption", "uid"]
+PART_COLUMNS = ("uid", "url", "caption")
 POOL_COLUMNS = ("uid", "caption", "original_width", "original_height")  # per downloaded sample, for filters
 # Resizer messages that mean "this image does not meet the recipe's size rules": a policy drop,
 # not a failure of the download itself.
@@ -68,6 +69,7 @@ class DownloadPart:
     input_path: str
     shards_dir: str
     n_rows: int
+    columns: tuple[str, ...] = PART_COLUMNS  # uid, url, caption, then the table's metadata columns
 
 
 @dataclass
@@ -143,7 +145,7 @@ def _writer_class():
     return UidKeyedWebDatasetWriter
 
 
-def _build_downloader(config: DownloadConfig, shards_dir: str):
+def _build_downloader(config: DownloadConfig, shards_dir: str, columns: tuple[str, ...] = PART_COLUMNS):
     # img2dataset imports wandb (keep it off) and albumentations (which otherwise asks PyPI for updates)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -166,7 +168,7 @@ def _build_downloader(config: DownloadConfig, shards_dir: str):
         save_caption=True,
         extract_exif=config.extract_exif,
         output_folder=shards_dir,
-        column_list=PART_COLUMNS,
+        column_list=list(columns),  # all of them reach the shard's parquet and each sample's json
         timeout=config.timeout,
         number_sample_per_shard=config.samples_per_shard,
         oom_shard_count=SHARD_DIGITS,
@@ -219,7 +221,7 @@ def download_part(part: DownloadPart, config: DownloadConfig) -> PartResult:
     if part_finished(part.shards_dir, part.index):
         return summarize_part(part, part_uids, 0.0, skipped=True)
     started = time.perf_counter()
-    downloader = _build_downloader(config, part.shards_dir)
+    downloader = _build_downloader(config, part.shards_dir, part.columns)
     downloader.download_shard((part.index, part.input_path))  # raises on failure: task retries
     return summarize_part(part, part_uids, time.perf_counter() - started, skipped=False)
 
@@ -258,8 +260,8 @@ def plan_parts(table: pa.Table, config: DownloadConfig, stage_dir: Path) -> list
         chunk = table.slice(index * config.samples_per_shard, config.samples_per_shard)
         input_path = inputs_dir / f"{shard_name(index)}.arrow"
         if not part_finished(shards_dir, index):
-            _write_arrow(chunk.select(PART_COLUMNS), input_path)
-        parts.append(DownloadPart(index, str(input_path), str(shards_dir), chunk.num_rows))
+            _write_arrow(chunk, input_path)
+        parts.append(DownloadPart(index, str(input_path), str(shards_dir), chunk.num_rows, tuple(table.column_names)))
     return parts
 
 
@@ -272,13 +274,14 @@ def run_download(
     source_path: str,
     config: DownloadConfig,
     stage_dir: Path,
-    url_col: str = "url",
-    caption_col: str = "caption",
+    metadata: SchemaName = "auto",
+    url_col: str | None = None,
+    caption_col: str | None = None,
     map_fn: MapFn = local_map,
 ) -> Manifest:
     """Download every row of the source table into `stage_dir/shards`; return the manifest."""
     started = time.perf_counter()
-    table = load_source(source_path, url_col, caption_col)
+    table = load_source(source_path, metadata, url_col, caption_col)
     n_in = table.num_rows
     table, n_duplicate_rows = drop_duplicate_rows(table)
     parts = plan_parts(table, config, stage_dir)
@@ -324,12 +327,14 @@ def _brace_pattern(shards_dir: Path, n: int) -> str:
 
 
 def downloaded_rows(shards_dir: Path) -> pa.Table:
-    """uid, caption and original size of every successfully downloaded sample."""
+    """uid, caption and original size of every successfully downloaded sample, then the metadata
+    columns the source table carried (LAION's `punsafe`, DataComp's `clip_l14_similarity_score`, ...)."""
     table = successful_rows(sorted(Path(shards_dir).glob("*.parquet")))
     for name in POOL_COLUMNS[2:]:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, pa.int64()))
-    return table.select(list(POOL_COLUMNS))
+    carried = [c for c in table.column_names if c not in POOL_COLUMNS and c not in RESERVED]
+    return table.select([*POOL_COLUMNS, *carried])
 
 
 class DownloadOutputs(Shards):
@@ -350,7 +355,10 @@ class Download(Stage):
     counts_from = "source"
 
     def columns(self, before: list[Stage]) -> tuple[str, ...]:
-        return POOL_COLUMNS
+        source = self.recipe.source
+        if not source.path:  # a source stage's table (the demo's): url and caption only
+            return POOL_COLUMNS
+        return (*POOL_COLUMNS, *metadata_columns(source.path, source.metadata, source.url_col, source.caption_col))
 
     def storage(self, rows: int) -> dict[str, float]:
         estimate = storage_estimate(rows, self.config.image_size, None)
@@ -369,6 +377,12 @@ class Download(Stage):
     def run(self, ctx: RunContext, inputs: DownloadInputs) -> tuple[DownloadOutputs, Manifest]:
         source = inputs.source
         manifest = run_download(
-            source.table, self.config, self.stage_dir(ctx), source.url_col, source.caption_col, map_fn=ctx.map_fn
+            source.table,
+            self.config,
+            self.stage_dir(ctx),
+            source.metadata,
+            source.url_col,
+            source.caption_col,
+            map_fn=ctx.map_fn,
         )
         return self.finished(manifest)

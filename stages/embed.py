@@ -26,15 +26,18 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline.atomic import write_parquet
 from pipeline.manifest import Manifest, count_reasons
+from pipeline.mapping import MapFn
 from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, Resources, RunContext, SourceOutputs, Stage, StageOutputs
 from stages import clip_models
 from stages.class_embeddings import write_class_embeddings
-from stages.download import Download, DownloadOutputs
+from stages.download import Download, DownloadOutputs, downloaded_rows
+from stages.embed_precomputed import MISSING, WIDTH, Features, convert, npz_files, uid_tables
 from stages.evaluate import eval_classnames
 from stages.seed_models import SeedModels, SeedModelsOutputs
 from stages.shards import expected_samples, image_bytes, read_parquet_folder, read_tar_samples
@@ -59,6 +62,13 @@ class EmbedConfig(StrictModel):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     shard_glob: str = "*.tar"
+    precomputed: str | None = Field(
+        None, description="folder of DataComp's .npz embeddings: used as they are, no model pass (see README)"
+    )
+    precomputed_features: Features = Field("l14", description="which of DataComp's features: l14 or b32")
+    precomputed_uids: str | None = Field(
+        None, description="folder of the parquets the .npz rows follow (same stems); default: beside each .npz"
+    )
 
 
 def _device(preference: str) -> str:
@@ -325,6 +335,39 @@ def run_embed(shards_dir: Path, config: EmbedConfig, stage_dir: Path, model_path
     )
 
 
+def run_embed_precomputed(shards_dir: Path, config: EmbedConfig, stage_dir: Path, map_fn: MapFn) -> Manifest:
+    """DataComp's .npz embeddings as this stage's tables, one task per file; every downloaded
+    sample is kept (its embedding was found) or failed (`no_precomputed_embedding`)."""
+    started = time.perf_counter()
+    out_dir = stage_dir / EMBEDDINGS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npzs = npz_files(config.precomputed)
+    parquets = uid_tables(npzs, config.precomputed_uids)
+    todo = [npz for npz in npzs if not (out_dir / f"{npz.stem}.parquet").exists()]
+
+    def read_npz(npz: Path) -> int:  # named: Ray's dashboard shows tasks by function name
+        return convert(npz, parquets[npz.stem], out_dir / f"{npz.stem}.parquet", config.precomputed_features)
+
+    rows = sum(map_fn(read_npz, todo, desc="embed", weight=lambda n: n)) if todo else 0
+    downloaded = downloaded_rows(shards_dir).column("uid")
+    embedded = read_embedding_tables(out_dir, columns=["uid"]).column("uid")
+    found = int(pc.sum(pc.is_in(downloaded, value_set=embedded)).as_py() or 0)
+    seconds = time.perf_counter() - started
+    model = f"DataComp {config.precomputed_features} features ({config.precomputed})"
+    return Manifest(
+        stage="embed",
+        **{"in": len(downloaded)},
+        kept=found,
+        failed={MISSING: len(downloaded) - found} if len(downloaded) > found else {},
+        outputs=EmbedOutputs(embeddings_dir=str(out_dir), model=model, n_shards=str(len(npzs))).as_dict(),
+        seconds=seconds,
+        metrics={
+            "rows_read_per_second": rows / seconds if seconds else 0.0,
+            "files_skipped": float(len(npzs) - len(todo)),
+        },
+    )
+
+
 def read_embedding_tables(embeddings_dir: Path, columns: list[str] | None = None) -> pa.Table:
     """Every shard's embedding table, concatenated in shard order."""
     table = read_parquet_folder(embeddings_dir, columns)
@@ -362,6 +405,8 @@ class Embed(Stage):
         return next((s for s in before if isinstance(s, SeedModels)), None)
 
     def columns(self, before: list[Stage]) -> tuple[str, ...]:
+        if self.config.precomputed:
+            return ("image_emb", "text_emb", "clip_score")
         seed = self._seeded(before)
         extra = {"dfn_score": self.config.dfn_model or (seed and seed.config.dfn), "nsfw_onnx": self.config.nsfw_onnx}
         return ("image_emb", "text_emb", "clip_score", *(column for column, on in extra.items() if on))
@@ -371,13 +416,17 @@ class Embed(Stage):
 
     def width(self, before: list[Stage]) -> int | None:
         """The embedding width the scoring model gives, read from its config (no weights loaded)."""
+        if self.config.precomputed:
+            return WIDTH[self.config.precomputed_features]
         if self.config.model and Path(self.config.model).exists():
             return clip_models.embed_dim(self.config.model, self.config.model_name)
         seed = self._seeded(before)
         return clip_models.embed_dim(None, seed.config.train.model) if not self.config.model and seed else None
 
     def check(self, before: list[Stage]) -> None:
-        if not self.config.model and not self._seeded(before):
+        if self.config.precomputed and not Path(self.config.precomputed).is_dir():
+            raise ValueError(f"embed.precomputed: not a folder: {self.config.precomputed}")
+        if not self.config.model and not self._seeded(before) and not self.config.precomputed:
             raise ValueError("embed.model is needed (a saved model folder or checkpoint) unless seed_models runs first")
         for key in ("model", "dfn_model"):
             path = getattr(self.config, key)
@@ -405,12 +454,19 @@ class Embed(Stage):
         c = self.config
         scores = self.columns(self._listed_seed())[2:]  # the pair and image scores, after the two embeddings
         note = f"{c.model or 'seed_models clip'} via Ray Data, batch {c.batch_size}; {', '.join(scores)}"
+        if c.precomputed:
+            note = f"DataComp's {c.precomputed_features} .npz features from {c.precomputed}: no model pass"
         output = str(run_dir / self.name / EMBEDDINGS_DIR)
         each = self.resources().describe().replace(" per task", "")
         replicas = f"{self.config.actors} x ({each})" if self.config.actors else f"{each} per replica"
         return PlanRow(self.name, str(run_dir / Download.name / "shards"), output, rows, note, replicas)
 
     def run(self, ctx: RunContext, inputs: EmbedInputs) -> tuple[EmbedOutputs, Manifest]:
+        if self.config.precomputed:  # DataComp's own features; a model, if given, only embeds class names
+            manifest = run_embed_precomputed(
+                Path(inputs.shards.shards_dir), self.config, self.stage_dir(ctx), ctx.map_fn
+            )
+            return self._with_class_embeddings(manifest, self.config.model, inputs.source, self.stage_dir(ctx))
         seed = inputs.seed
         model = self.config.model or (seed.clip_model if seed else None)
         if model is None:
@@ -420,12 +476,16 @@ class Embed(Stage):
         )
         stage_dir = self.stage_dir(ctx)
         manifest = run_embed(Path(inputs.shards.shards_dir), config, stage_dir, model)
+        return self._with_class_embeddings(manifest, model, inputs.source, stage_dir)
+
+    def _with_class_embeddings(self, manifest: Manifest, model: str | None, source, stage_dir: Path):
+        """The eval set's class names embedded by `model` (image_based's default targets), if both exist."""
         outputs = EmbedOutputs.model_validate(manifest.outputs)
-        classnames = eval_classnames(self.recipe.evaluate.eval_dir, inputs.source)
-        if classnames:
+        classnames = eval_classnames(self.recipe.evaluate.eval_dir, source)
+        if classnames and model:
             templates = self.recipe.evaluate.templates
             path = write_class_embeddings(
-                model, config.model_name, classnames, templates, stage_dir / "class_embeddings.npy"
+                model, self.config.model_name, classnames, templates, stage_dir / "class_embeddings.npy"
             )
             outputs.class_embeddings = str(path)
             manifest.outputs = outputs.as_dict()

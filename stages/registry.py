@@ -14,11 +14,12 @@ from stages.evaluate import Evaluate
 from stages.filter import Filter
 from stages.heads import Heads
 from stages.phash import Phash
+from stages.prefilter import Prefilter
 from stages.seed_models import SeedModels
 from stages.subset import Subset
 from stages.train import Train
 
-STAGES = [DemoPool, Download, Phash, Dedupe, SeedModels, Embed, Heads, Filter, Subset, Train, Evaluate]
+STAGES = [DemoPool, Prefilter, Download, Phash, Dedupe, SeedModels, Embed, Heads, Filter, Subset, Train, Evaluate]
 
 # What a recipe gets when it names no source or stages: the self-contained demo.
 DEFAULT_SOURCE = DemoPool.source_kind

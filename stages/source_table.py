@@ -16,6 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from stages.metadata_schema import MetadataSchema, SchemaName, resolve
 from stages.uid import compute_uid
 
 SUPPORTED_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -75,32 +76,82 @@ def read_table(path: str) -> pa.Table:
         raise SourceTableError(f"{path}: cannot read {fmt} table: {first_line}") from err
 
 
-def normalise_table(table: pa.Table, url_col: str, caption_col: str, source: str) -> pa.Table:
-    """Return a table with string columns `url`, `caption` and `uid`, in input order.
+def normalise_table(table: pa.Table, schema: MetadataSchema, source: str) -> pa.Table:
+    """Return a table with string columns `uid`, `url`, `caption`, in input order, then every other
+    column under its stable name (see `stages.metadata_schema`).
 
     Null captions become empty strings (a missing caption is a sample, not an error); null or empty
-    URLs are kept so the download stage can account for them as failures.
+    URLs are kept so the download stage can account for them as failures. A table's own uid column
+    (DataComp's) is kept as the uid; otherwise it is derived from the url and caption.
     """
-    for col in (url_col, caption_col):
+    for col, key in ((schema.url, "url_col"), (schema.caption, "caption_col")):
         if col not in table.column_names:
-            raise SourceTableError(f"{source}: missing column '{col}' (columns are: {', '.join(table.column_names)})")
-    urls = table.column(url_col)
-    captions = table.column(caption_col)
-    for name, column in ((url_col, urls), (caption_col, captions)):
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            if pa.types.is_null(column.type):
-                column = column.cast(pa.string())
-            else:
-                raise SourceTableError(f"{source}: column '{name}' must hold strings, found {column.type}")
-    urls = pc.fill_null(urls.cast(pa.string()), "")
-    captions = pc.fill_null(captions.cast(pa.string()), "")
-    uids = [compute_uid(u, c) for u, c in zip(urls.to_pylist(), captions.to_pylist(), strict=True)]
-    return pa.table({"uid": pa.array(uids, pa.string()), "url": urls, "caption": captions})
+            raise SourceTableError(
+                f"{source}: missing column '{col}' (columns are: {', '.join(table.column_names)}; "
+                f"name yours with --set source.{key}=...)"
+            )
+    urls, captions = (_string_column(table, name, source) for name in (schema.url, schema.caption))
+    urls = pc.fill_null(urls, "")
+    captions = pc.fill_null(captions, "")
+    if schema.uid and schema.uid in table.column_names:
+        uids = _own_uids(table, schema.uid, source)
+    else:
+        uids = pa.array([compute_uid(u, c) for u, c in zip(urls.to_pylist(), captions.to_pylist(), strict=True)])
+    carried = schema.carried_names(table.column_names)
+    columns = {"uid": uids, "url": urls, "caption": captions}
+    return pa.table({**columns, **{new: table.column(old) for old, new in carried.items()}})
 
 
-def load_source(path: str, url_col: str = "url", caption_col: str = "caption") -> pa.Table:
-    """Read, validate and normalise a url/caption table."""
+def _string_column(table: pa.Table, name: str, source: str) -> pa.ChunkedArray:
+    column = table.column(name)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
+        return column.cast(pa.string())
+    raise SourceTableError(f"{source}: column '{name}' must hold strings, found {column.type}")
+
+
+def _own_uids(table: pa.Table, name: str, source: str) -> pa.ChunkedArray:
+    """The table's uid column as strings; a missing uid would make a sample unaddressable."""
+    uids = _string_column(table, name, source)
+    empty = pc.sum(pc.or_(pc.is_null(uids), pc.equal(pc.utf8_length(pc.fill_null(uids, "")), 0))).as_py() or 0
+    if empty:
+        raise SourceTableError(f"{source}: column '{name}' has {empty:,} empty uid(s); every row needs one")
+    return uids
+
+
+def first_file_columns(path: str) -> list[str]:
+    """The column names of a table's first file, without reading its rows (parquet) or most of them."""
+    first = expand_table_paths(path)[0]
+    try:
+        if detect_format(first) == "parquet":
+            with fsspec.open(first, "rb") as f:
+                return pq.read_schema(f).names
+        return read_table(first).column_names
+    except FileNotFoundError as err:
+        raise SourceTableError(f"{first}: file not found") from err
+    except (pa.ArrowInvalid, OSError) as err:
+        raise SourceTableError(f"{first}: cannot read its columns: {str(err).strip().splitlines()[0]}") from err
+
+
+def metadata_columns(path: str, schema: SchemaName = "auto", url_col=None, caption_col=None) -> tuple[str, ...]:
+    """The per-uid table names of a table's metadata columns (none while the table cannot be read)."""
+    try:
+        names = first_file_columns(path)
+        return tuple(resolve(names, schema, url_col, caption_col).carried_names(names).values())
+    except ValueError:
+        return ()
+
+
+def load_source(
+    path: str, schema: SchemaName = "auto", url_col: str | None = None, caption_col: str | None = None
+) -> pa.Table:
+    """Read, validate and normalise a url/caption table (LAION or DataComp metadata as they ship)."""
     table = read_table(path)
     if table.num_rows == 0:
         raise SourceTableError(f"{path}: the table has no rows")
-    return normalise_table(table, url_col, caption_col, path)
+    chosen = resolve(table.column_names, schema, url_col, caption_col)
+    try:
+        return normalise_table(table, chosen, path)
+    except ValueError as err:
+        if isinstance(err, SourceTableError):
+            raise
+        raise SourceTableError(f"{path}: {err}") from err

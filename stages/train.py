@@ -4,7 +4,8 @@ Each worker streams the shards (`stages.train_data`), trains with open_clip's Cl
 temperature, local loss, gathered features), AdamW with open_clip's no-weight-decay groups,
 open_clip's cosine schedule with warmup, gradient clipping, and bf16 autocast on GPU. The budget
 is samples seen, as DataComp fixes it per scale. Every `checkpoint_every_samples` the state
-(model, optimiser, step) is reported to Ray Train as a checkpoint and copied to MLflow; a rerun
+(model, optimiser, step) is reported to Ray Train as a checkpoint (the final one, and every
+`mlflow_checkpoint_every`-th if set, is copied to MLflow); a rerun
 resumes from the latest one and sees the same batches an uninterrupted run would have.
 """
 
@@ -58,6 +59,11 @@ class TrainConfig(StrictModel):
     local_loss: bool = True
     gather_with_grad: bool = True
     checkpoint_every_samples: int = Field(1_000_000, gt=0)
+    mlflow_checkpoint_every: int = Field(
+        0,
+        ge=0,
+        description="also copy every Nth checkpoint (model + optimiser state) to MLflow; 0: only the final one",
+    )
     log_every_steps: int = Field(10, gt=0)
     loader_workers: int = Field(0, ge=0)
     shuffle_buffer: int = Field(1000, gt=0)
@@ -291,6 +297,20 @@ def _log_step(log_path: Path, client, tracking: Tracking | None, step: int, metr
         client.call("log_batch", tracking.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+def checkpoint_artifact(step: int) -> str:
+    return f"checkpoints/step_{step:08d}"
+
+
+def _copied_to_mlflow(config: TrainConfig, step: int) -> bool:
+    """Whether a checkpoint is copied to MLflow while training; the final one always is (by `run_train`).
+
+    Each copy is the whole training state (about 3x the model), so at scale a copy per checkpoint
+    costs as much as the checkpoints themselves; hence every Nth, or none before the final one."""
+    n = config.mlflow_checkpoint_every
+    index = -(-step // config.checkpoint_every_steps)  # 1-based; the last segment may be short
+    return n > 0 and index % n == 0
+
+
 def _report(model, optimizer, config: TrainConfig, step: int, metrics: dict, rank: int, client, tracking) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (and copies it to MLflow)."""
     import ray.train
@@ -305,8 +325,8 @@ def _report(model, optimizer, config: TrainConfig, step: int, metrics: dict, ran
         # written last, with the state's size: a copy torn anywhere is recognised as incomplete
         info = {"step": step, "model": config.model, "state_bytes": state_path.stat().st_size}
         (Path(folder) / STEP_FILE).write_text(json.dumps(info))
-        if client is not None:
-            client.call("log_artifacts", tracking.run_id, folder, f"checkpoints/step_{step:08d}")
+        if client is not None and _copied_to_mlflow(config, step):
+            client.call("log_artifacts", tracking.run_id, folder, checkpoint_artifact(step))
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -342,11 +362,12 @@ def run_train(
     if step != stop:
         raise RuntimeError(f"train: the last complete checkpoint is step {step}, expected {stop} ({final})")
     model_dir = _export_model(final, config.model, stage_dir / "model")
-    _remove_other_attempts(storage, keep=final)
+    _remove_other_checkpoints(storage, keep=final, finished=stop == config.total_steps)
     if tracking is not None:
         sink = MlflowSink(tracking.uri)
         sink.call("set_tag", tracking.run_id, "resumed_from", str(resume.folder or ""))
         sink.call("log_artifacts", tracking.run_id, str(model_dir), "model")
+        sink.call("log_artifacts", tracking.run_id, str(final), checkpoint_artifact(step))
     seconds = time.perf_counter() - started
     return Manifest(
         stage="train",
@@ -451,17 +472,28 @@ def _new_attempt_name(storage: Path) -> str:
     return f"{ATTEMPT_PREFIX}{index:03d}"
 
 
-def _remove_other_attempts(storage: Path, keep: Path) -> None:
-    """Earlier attempts (and their torn checkpoints) once a later one has finished: renamed away, then deleted."""
+def _remove_other_checkpoints(storage: Path, keep: Path, finished: bool) -> None:
+    """Earlier attempts (and their torn checkpoints) once a later one has finished: renamed away,
+    then deleted. Once training is `finished` (the final checkpoint verified whole, nothing left to
+    resume), the older checkpoint Ray keeps as a fallback goes too: it is only disk."""
     try:
         kept_attempt = keep.relative_to(storage).parts[0]
     except (ValueError, IndexError):
         return
     for folder in storage.iterdir() if storage.exists() else []:
-        if folder.is_dir() and folder.name != kept_attempt and not is_partial(folder):
-            doomed = folder.with_name(f".{folder.name}.removed{PARTIAL_SUFFIX}")
-            folder.rename(doomed)  # one atomic step: a kill mid-delete leaves only a `.partial` to sweep
-            shutil.rmtree(doomed, ignore_errors=True)
+        if folder.is_dir() and folder.name != kept_attempt:
+            _remove(folder)
+    for folder in keep.parent.iterdir() if finished else []:
+        if folder.is_dir() and folder != keep and folder.name.startswith("checkpoint_"):
+            _remove(folder)
+
+
+def _remove(folder: Path) -> None:
+    if is_partial(folder):
+        return
+    doomed = folder.with_name(f".{folder.name}.removed{PARTIAL_SUFFIX}")
+    folder.rename(doomed)  # one atomic step: a kill mid-delete leaves only a `.partial` to sweep
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _trim_log(path: Path, step: int) -> None:

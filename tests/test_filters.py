@@ -9,7 +9,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from filters import basic, ranking
-from filters.heads import EmbeddingHead, HeadError, HeadInfo, fit_head, load_head, save_head, score_head
+from filters.heads import HeadError, HeadInfo, fit_head, load_head, save_head, score_head
 from filters.ranking import top_fraction_mask
 from filters.registry import FilterParams
 from filters.strategy import StrategyError, apply_strategy
@@ -130,12 +130,36 @@ def test_head_fits_saves_loads_and_scores(tmp_path):
 
 
 def test_laion_layout_bare_state_dict_loads(tmp_path):
-    head = EmbeddingHead(768)  # LAION's aesthetic predictor for ViT-L/14 embeddings
-    keys = sorted(head.state_dict())
-    assert keys[:2] == ["layers.0.bias", "layers.0.weight"] and "layers.7.weight" in keys
-    torch.save(head.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    _, info = load_head(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    assert info.input_dim == 768 and info.hidden == (1024, 128, 64, 16)
+    """LAION's improved aesthetic predictor, built here from its published definition (an
+    nn.Sequential of Linear 768-1024, Dropout .2, 1024-128, Dropout .2, 128-64, Dropout .1, 64-16,
+    16-1, no activations, under `layers`), loads as a bare state dict and scores as it does."""
+
+    class LaionMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(
+                torch.nn.Linear(768, 1024),
+                torch.nn.Dropout(0.2),
+                torch.nn.Linear(1024, 128),
+                torch.nn.Dropout(0.2),
+                torch.nn.Linear(128, 64),
+                torch.nn.Dropout(0.1),
+                torch.nn.Linear(64, 16),
+                torch.nn.Linear(16, 1),
+            )
+
+        def forward(self, x):
+            return self.layers(x)
+
+    torch.manual_seed(0)
+    reference = LaionMLP().eval()
+    assert sorted(reference.state_dict())[:2] == ["layers.0.bias", "layers.0.weight"]
+    torch.save(reference.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    head, info = load_head(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    assert info.input_dim == 768 and info.hidden == (1024, 128, 64, 16) and info.is_laion_l14
+    embeddings = torch.nn.functional.normalize(torch.randn(5, 768), dim=-1)
+    with torch.no_grad():
+        assert torch.allclose(head(embeddings), reference(embeddings).squeeze(-1), atol=1e-6)
 
 
 def test_bad_head_files_give_one_line_errors(tmp_path):

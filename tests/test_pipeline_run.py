@@ -151,17 +151,22 @@ def test_a_stage_that_receives_more_than_upstream_kept_fails(ray_cluster, small_
 
 
 def test_datacomp_recipe_runs_in_miniature_on_a_datacomp_shaped_metadata_folder(ray_cluster, served_pool, tmp_path):
-    """`datacomp_small` pointed at parquet files with DataComp's metadata columns, shrunk by overrides."""
+    """`datacomp_small` on parquet files with DataComp's metadata columns, shrunk by overrides: no
+    column flags; DataComp's uids reach the shards; its L/14 score filters without an embed stage;
+    the kept uids come out as a DataComp uid list that, applied again, keeps exactly them."""
+    import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from pipeline.config import load_recipe
+    from stages.filter import FilterConfig, run_filter
+    from stages.filter.pool_table import build_pool_table
 
     pool_dir, _ = served_pool
     source = pq.read_table(pool_dir / "source.parquet")
     metadata = tmp_path / "metadata"
     metadata.mkdir()
     n = source.num_rows
+    scores = np.random.default_rng(0).uniform(0.1, 0.4, n).astype(np.float32)
     for part, rows in enumerate((slice(0, n // 2), slice(n // 2, n))):
         chunk = source.slice(rows.start, rows.stop - rows.start)
         table = pa.table(
@@ -169,7 +174,10 @@ def test_datacomp_recipe_runs_in_miniature_on_a_datacomp_shaped_metadata_folder(
                 "uid": [f"{i:032x}" for i in range(rows.start, rows.stop)],
                 "url": chunk.column("url"),
                 "text": chunk.column("caption"),
-                "clip_l14_similarity_score": pa.array([0.3] * chunk.num_rows),
+                "original_width": pa.array([512] * chunk.num_rows, pa.int64()),
+                "original_height": pa.array([512] * chunk.num_rows, pa.int64()),
+                "clip_l14_similarity_score": pa.array(scores[rows]),
+                "sha256": [f"{i:064x}" for i in range(rows.start, rows.stop)],
             }
         )
         pq.write_table(table, metadata / f"{part:08d}.parquet")
@@ -181,7 +189,8 @@ def test_datacomp_recipe_runs_in_miniature_on_a_datacomp_shaped_metadata_folder(
         "download.samples_per_shard=100",
         "download.min_image_size=16",
         "download.thread_count=16",
-        "filter.strategy.1.min_image_side=32",
+        "filter.strategy=[{name: dedupe}, {name: basic, min_image_side: 32},"
+        " {name: rank, column: clip_l14_similarity_score, top_fraction: 0.5}]",
         "subset.samples_per_shard=100",
         "train.model=demo-tiny",
         "train.samples_seen=64",
@@ -199,4 +208,25 @@ def test_datacomp_recipe_runs_in_miniature_on_a_datacomp_shaped_metadata_folder(
     for manifest in m.values():
         manifest.check_balance()
     assert m["filter"].dropped.get("basic:caption_length", 0) + m["filter"].dropped.get("basic:language", 0) > 0
+    assert m["filter"].dropped["clip_l14_similarity_score"] > 0
     assert m["subset"].kept == m["filter"].kept and m["train"].metrics["samples_seen"] == 64
+
+    shards = Path(m["download"].outputs["shards_dir"])
+    downloaded = pq.read_table(sorted(shards.glob("*.parquet"))[0])
+    expected = dict(zip([f"{i:032x}" for i in range(n)], scores.tolist(), strict=True))
+    uids = downloaded.column("uid").to_pylist()
+    assert set(uids) <= set(expected)  # DataComp's own uids, not recomputed ones
+    assert downloaded.column("clip_l14_similarity_score").to_pylist() == pytest.approx([expected[u] for u in uids])
+    assert "source_sha256" in downloaded.column_names  # beside img2dataset's own sha256 of the bytes
+
+    decisions = pq.read_table(m["filter"].outputs["decisions"])
+    kept = sorted(u for u, k in zip(decisions["uid"].to_pylist(), decisions["keep"].to_pylist(), strict=True) if k)
+    listed = np.load(m["filter"].outputs["kept_uids"])
+    assert listed.dtype == np.dtype("u8,u8") and len(listed) == len(kept) == m["filter"].kept
+    assert listed.tolist() == [(int(u[:16], 16), int(u[16:], 16)) for u in kept]  # DataComp's own conversion
+
+    pool = build_pool_table(shards)
+    again = FilterConfig.model_validate({"strategy": [{"name": "uid_list", "path": m["filter"].outputs["kept_uids"]}]})
+    manifest, _ = run_filter(pool, again, tmp_path / "again")
+    assert manifest.kept == len(kept) and manifest.dropped == {"uid_list:not_listed": pool.num_rows - len(kept)}
+    assert (tmp_path / "again" / "kept_uids.npy").read_bytes() == Path(m["filter"].outputs["kept_uids"]).read_bytes()

@@ -19,7 +19,8 @@ from pydantic import Field
 
 from filters.registry import Strategy
 from filters.strategy import StrategyResult, apply_strategy
-from pipeline.atomic import write_parquet
+from filters.uid_list import UidListError, to_datacomp
+from pipeline.atomic import write_parquet, write_with
 from pipeline.manifest import Manifest, count_reasons
 from pipeline.mapping import MapFn, local_map
 from pipeline.models import StrictModel
@@ -49,6 +50,9 @@ class FilterConfig(StrictModel):
     examples: int = Field(6, ge=0, le=64, description="kept and dropped example images per filter in the report")
 
 
+KEPT_UIDS = "kept_uids.npy"
+
+
 def decisions_table(pool: pa.Table, failure: list[str | None], result: StrategyResult) -> pa.Table:
     """One row per pool sample: final keep/reason plus each step's keep and score."""
     n = pool.num_rows
@@ -72,8 +76,10 @@ def decisions_table(pool: pa.Table, failure: list[str | None], result: StrategyR
 
 
 def run_filter(
-    pool: pa.Table, config: FilterConfig, stage_dir: Path, map_fn: MapFn = local_map
+    pool: pa.Table, config: FilterConfig, stage_dir: Path, map_fn: MapFn = local_map, stage: str = "filter"
 ) -> tuple[Manifest, StrategyResult]:
+    """Apply the strategy to the pool table; write decisions.parquet and kept_uids.npy (DataComp's
+    uid-list format) to `stage_dir`. `stage` names the manifest (the prefilter runs this too)."""
     started = time.perf_counter()
     failure = upstream_failure(pool)
     usable = pool.filter(pa.array([f is None for f in failure]))
@@ -82,6 +88,7 @@ def run_filter(
     decisions = decisions_table(pool, failure, result)
     path = stage_dir / "decisions.parquet"
     write_parquet(path, decisions)
+    kept_uids = _write_kept_uids(stage_dir / KEPT_UIDS, decisions)
     metrics: dict[str, float] = {"kept_fraction": float(result.keep.mean()) if len(result.keep) else 0.0}
     for index, (_, step) in enumerate(result.steps):
         label = result.step_label(index)
@@ -92,20 +99,32 @@ def run_filter(
         metrics.update({f"{label}.{key}": value for key, value in step.metrics.items()})
     kept = int(pc.sum(decisions.column("keep")).as_py() or 0)
     manifest = Manifest(
-        stage="filter",
+        stage=stage,
         **{"in": pool.num_rows},
         kept=kept,
         dropped=count_reasons([r for r, k in zip(result.reason, result.keep, strict=True) if not k]),
         failed=count_reasons([f for f in failure if f]),
-        outputs=FilterOutputs(decisions=str(path)).as_dict(),
+        outputs=FilterOutputs(decisions=str(path), kept_uids=kept_uids).as_dict(),
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
     return manifest, result
 
 
+def _write_kept_uids(path: Path, decisions: pa.Table) -> str | None:
+    """The kept uids in DataComp's `.npy` format, for its resharder and evaluation (None when the
+    uids are not DataComp's 32-digit hex, e.g. a table's own uids of another shape)."""
+    kept = decisions.filter(decisions.column("keep")).column("uid")
+    try:
+        pairs = to_datacomp(kept)
+    except UidListError:
+        return None
+    write_with(path, lambda tmp: np.save(tmp.open("wb"), pairs))
+    return str(path)
+
+
 class FilterOutputs(Decisions):
-    pass
+    kept_uids: str | None = None  # DataComp's uid-list format (filters.uid_list): feeds its resharder
 
 
 @dataclass
@@ -143,7 +162,8 @@ class Filter(Stage):
         embed = next((s for s in before if isinstance(s, Embed)), None)
         check_files(steps, has_classes, embed is not None)
         width = embed.width(before[: before.index(embed)]) if embed else None
-        check_heads(steps, any(isinstance(s, Heads) for s in before), width)
+        model_name = embed.config.model_name if embed and not embed.config.precomputed else None
+        check_heads(steps, any(isinstance(s, Heads) for s in before), width, model_name)
 
     def _all_stages(self) -> list[Stage]:
         from stages.registry import STAGES  # every stage's hints, for columns no earlier stage gives

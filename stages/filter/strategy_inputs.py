@@ -44,9 +44,9 @@ def check_columns(steps: list, columns: list[str], hints: dict[str, str]) -> Non
 
 
 def check_files(steps: list, has_classes: bool, has_embeddings: bool) -> None:
-    """Vocabulary and target files exist, and run-made defaults (eval class names) will exist."""
+    """Vocabulary, target and uid-list files exist, and run-made defaults (eval class names) will exist."""
     for params in steps:
-        for path in filter(None, (getattr(params, key, None) for key in ("vocabulary", "targets"))):
+        for path in filter(None, (getattr(params, key, None) for key in ("vocabulary", "targets", "path"))):
             if not Path(path).is_file():
                 raise ValueError(f"filter '{params.name}': file not found: {path}")
         if params.name in VOCABULARY_FILTERS and not (params.words or params.vocabulary) and not has_classes:
@@ -55,8 +55,9 @@ def check_files(steps: list, has_classes: bool, has_embeddings: bool) -> None:
             raise ValueError("filter 'image_based' needs targets=<.npy> (or eval class names and the embed stage)")
 
 
-def check_heads(steps: list, heads_fitted: bool, width: int | None) -> None:
-    """Every head a filter uses loads, and takes the embedding width the embed model gives."""
+def check_heads(steps: list, heads_fitted: bool, width: int | None, model_name: str | None = None) -> None:
+    """Every head a filter uses loads, and takes the embedding width the embed model gives; LAION's
+    L/14 predictor is refused on a GELU ViT-L-14 (OpenAI's weights run as open_clip's -quickgelu)."""
     for params in steps:
         head = getattr(params, "head", UNSET)
         if head == UNSET or (params.name == "nsfw" and params.backend != "head"):
@@ -72,4 +73,9 @@ def check_heads(steps: list, heads_fitted: bool, width: int | None) -> None:
         if width is not None and info.input_dim != width:
             raise ValueError(
                 f"filter '{params.name}': head takes {info.input_dim}-dim embeddings but the embed model gives {width}"
+            )
+        if info.is_laion_l14 and model_name and model_name.startswith("ViT-L-14") and "quickgelu" not in model_name:
+            raise ValueError(
+                f"filter '{params.name}': LAION's predictor takes OpenAI ViT-L/14 embeddings, which open_clip builds "
+                f"as ViT-L-14-quickgelu; embed.model_name {model_name} uses GELU and gives other embeddings"
             )
