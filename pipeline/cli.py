@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +43,8 @@ def _load(recipe: str, overrides: list[str] | None) -> Recipe:
 def _print_plan(recipe: Recipe, run_name: str | None) -> None:
     from pipeline.orchestrator import plan
 
-    run_dir, rows = plan(recipe, run_name)
+    missing: list = []
+    run_dir, rows = plan(recipe, run_name, missing)
     console.print(f"[bold]{recipe.name}[/]: {recipe.description.strip()}", highlight=False)
     console.print(f"run directory: {run_dir}   Ray: {recipe.ray.address or 'local (started by the run)'}")
     table = Table("stage", "input", "output", "est. samples in", "resources", "notes")
@@ -52,7 +54,12 @@ def _print_plan(recipe: Recipe, run_name: str | None) -> None:
     console.print(table)
     for line in budget_lines(recipe):
         console.print(line, highlight=False)
-    console.print("dry run: nothing was started or written.")
+    for problem in missing:
+        console.print(f"[yellow]missing:[/] {problem} (--set {problem.setting}=...)", highlight=False)
+    if missing:
+        console.print(f"dry run: nothing was started or written; a run needs the {len(missing)} input(s) above.")
+    else:
+        console.print("dry run: nothing was started or written.")
 
 
 def budget_lines(recipe: Recipe) -> list[str]:
@@ -60,7 +67,7 @@ def budget_lines(recipe: Recipe) -> list[str]:
     from pipeline.budget import human_bytes
     from pipeline.graph import build_stages, pool_rows
 
-    stages = build_stages(recipe)
+    stages = build_stages(recipe, check=False)  # estimates need no model or head on disk
     lines = [line for stage in stages for line in stage.budget_lines()]
     rows = pool_rows(recipe, stages)
     storage = {kind: size for stage in stages for kind, size in stage.storage(rows).items()} if rows else {}
@@ -226,25 +233,26 @@ def show(
 
 
 @app.command()
-def status(run: RunArgument, output_dir: OutputDirOption = "runs") -> None:
-    """Show each stage of a run: finished, incomplete (interrupted or failed) or pending, with counts."""
-    from pipeline.status import run_status
+def status(
+    run: RunArgument,
+    output_dir: OutputDirOption = "runs",
+    watch: Annotated[bool, typer.Option("--watch", help="refresh every 2 s while the run is going")] = False,
+) -> None:
+    """Show each stage of a run: finished (with counts), running (with live progress), interrupted or pending."""
+    from pipeline.progress import driver_alive
+    from pipeline.status import status_view
 
     run_dir = _find_run(run, output_dir)
-    record, stages = run_status(run_dir)
-    console.print(
-        f"run {run_dir} (recipe {record['recipe']['name']}, MLflow run {record['mlflow_run_id']})", highlight=False
-    )
-    table = Table("stage", "state", "in", "kept", "dropped", "failed", "seconds")
-    for item in stages:
-        m = item.manifest
-        counts = (
-            [str(m.in_count), str(m.kept), str(m.n_dropped), str(m.n_failed), f"{m.seconds:.1f}"] if m else [""] * 5
-        )
-        table.add_row(item.stage, item.state, *counts)
-    console.print(table)
-    if any(item.state != "finished" for item in stages):
-        console.print(f"continue with: python -m pipeline resume {run_dir}", highlight=False, markup=False)
+    if not watch:
+        console.print(status_view(run_dir))
+        return
+    from rich.live import Live
+
+    with Live(status_view(run_dir), console=console, refresh_per_second=1) as live:
+        while driver_alive(run_dir):
+            time.sleep(2)
+            live.update(status_view(run_dir))
+        live.update(status_view(run_dir))
 
 
 @app.command()

@@ -73,6 +73,9 @@ class RayConfig(StrictModel):
     dashboard: bool = True
     dashboard_port: int = Field(8265, gt=0, le=65535)
     temp_dir: str | None = Field(None, description="Ray session files; default is Ray's own")
+    max_tasks_in_flight: int | None = Field(
+        None, gt=0, description="per stage, tasks submitted and not yet finished; default: 2 per CPU slot"
+    )
 
 
 class TrackingConfig(StrictModel):

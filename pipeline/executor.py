@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.interrupts import raise_if_interrupted
+from pipeline.progress import ProgressWriter
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,8 +43,29 @@ def _cancelled_on_exit(pending: list) -> Iterator[None]:
         raise
 
 
-def make_ray_map(max_retries: int = 2, num_cpus: float = 1, console: Console | None = None):
-    """Build a `MapFn` that runs each item as a Ray task (retried on worker death or error)."""
+def default_in_flight(num_cpus: float) -> int:
+    """Two tasks per CPU slot the cluster has for them: one running, the next already queued, so a
+    slot never idles while the driver reacts, and the driver tracks a few refs, not a million."""
+    import ray
+
+    slots = ray.cluster_resources().get("CPU", 1.0) / max(num_cpus, 1e-6)
+    return max(2, int(2 * slots))
+
+
+def make_ray_map(
+    max_retries: int = 2,
+    num_cpus: float = 1,
+    console: Console | None = None,
+    max_in_flight: int | None = None,
+    progress_dir: Path | None = None,
+):
+    """Build a `MapFn` that runs each item as a Ray task (retried on worker death or error).
+
+    At most `max_in_flight` tasks exist at once (default: `default_in_flight`); the next item is
+    submitted as one finishes. The driver so holds a bounded list of pending refs however many
+    items there are (DataComp xlarge has 1.28M download shards), and each `ray.wait` looks at that
+    bounded list only. Tasks are named `<desc>:<item index>` in the Ray dashboard. With a
+    `progress_dir`, `<progress_dir>/<desc>/progress.json` says how far it is (`pipeline status`)."""
     console = console or Console(stderr=True)
 
     def ray_map(
@@ -53,10 +76,30 @@ def make_ray_map(max_retries: int = 2, num_cpus: float = 1, console: Console | N
         if not items:
             return []
         remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True)(fn)
-        index_of = {remote.remote(item): i for i, item in enumerate(items)}
+        limit = max_in_flight or default_in_flight(num_cpus)
         results: list[R | None] = [None] * len(items)
-        pending = list(index_of)
+        index_of: dict = {}
+        pending: list = []
+        submitted = 0
+
+        def submit_more() -> None:
+            nonlocal submitted
+            while submitted < len(items) and len(pending) < limit:
+                ref = remote.options(name=f"{desc or fn.__name__}:{submitted}").remote(items[submitted])
+                index_of[ref] = submitted
+                pending.append(ref)
+                submitted += 1
+
         samples, started = 0, time.perf_counter()
+        writer = ProgressWriter(progress_dir / desc) if progress_dir is not None and desc else None
+
+        def report(done: int, force: bool = False) -> None:
+            if writer is not None:
+                rate = samples / max(time.perf_counter() - started, 1e-9)
+                writer.update(
+                    force, unit="tasks", done=done, total=len(items), samples=samples, samples_per_second=rate
+                )
+
         columns = [
             TextColumn(f"[bold]{desc}"),
             BarColumn(),
@@ -66,12 +109,14 @@ def make_ray_map(max_retries: int = 2, num_cpus: float = 1, console: Console | N
         ]
         with Progress(*columns, console=console, transient=False) as progress, _cancelled_on_exit(pending):
             task = progress.add_task(desc, total=len(items), rate="")
+            report(0, force=True)
+            submit_more()
             while pending:
                 raise_if_interrupted()
-                done, still = ray.wait(pending, num_returns=1, timeout=1.0)
+                done, still = ray.wait(pending, num_returns=1, timeout=1.0, fetch_local=False)
                 pending[:] = still  # in place: `_cancelled_on_exit` holds this list
                 for ref in done:
-                    i = index_of[ref]
+                    i = index_of.pop(ref)
                     try:
                         results[i] = ray.get(ref)
                     except ray.exceptions.RayError as err:
@@ -84,6 +129,9 @@ def make_ray_map(max_retries: int = 2, num_cpus: float = 1, console: Console | N
                     elapsed = time.perf_counter() - started
                     rate = f"{samples} samples, {samples / elapsed:.0f}/s" if weight else ""
                     progress.update(task, advance=1, rate=rate)
+                    report(submitted - len(pending))
+                submit_more()
+            report(len(items), force=True)
         return results  # type: ignore[return-value]
 
     return ray_map

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, Recipe, source_outputs
-from pipeline.stage import InputSlot, PlanRow, Stage, StageOutputs, input_slots, producer
+from pipeline.stage import InputSlot, MissingInput, PlanRow, Stage, StageOutputs, input_slots, producer
 from stages.registry import STAGES
 
 STAGE_BY_NAME: dict[str, type[Stage]] = {stage.name: stage for stage in STAGES}
@@ -33,9 +33,10 @@ def _producer_names(slot: InputSlot) -> str:
     return " or ".join(f"'{name}'" for name in names) or f"a stage giving {slot.kind.__name__}"
 
 
-def build_stages(recipe: Recipe, check: bool = True) -> list[Stage]:
+def build_stages(recipe: Recipe, check: bool = True, missing: list[MissingInput] | None = None) -> list[Stage]:
     """The recipe's stages, checked: names exist, no repeats, every input made before it is read;
-    and, with `check`, each stage's own checks (files exist, filters have their columns)."""
+    and, with `check`, each stage's own checks (files exist, filters have their columns). Given a
+    `missing` list, inputs that are not there yet (a model, a head) are added to it, not raised."""
     stages: list[Stage] = []
     for name in recipe.stages:
         if name not in STAGE_BY_NAME:
@@ -54,6 +55,10 @@ def build_stages(recipe: Recipe, check: bool = True) -> list[Stage]:
     for index, stage in enumerate(stages if check else []):
         try:
             stage.check(stages[:index])
+        except MissingInput as err:
+            if missing is None:
+                raise _fail(recipe, str(err)) from None
+            missing.append(err)
         except ValueError as err:
             raise _fail(recipe, str(err)) from None
     return stages
@@ -100,8 +105,8 @@ def pool_rows(recipe: Recipe, stages: Sequence[Stage]) -> int | None:
     return None
 
 
-def plan_rows(recipe: Recipe, run_dir: Path) -> list[PlanRow]:
-    stages = build_stages(recipe)
+def plan_rows(recipe: Recipe, run_dir: Path, missing: list[MissingInput] | None = None) -> list[PlanRow]:
+    stages = build_stages(recipe, missing=missing)
     rows = pool_rows(recipe, stages)
     plans = [(stage, stage.plan(run_dir, rows)) for stage in stages]
     return [row if row.resources else replace(row, resources=stage.resources().describe()) for stage, row in plans]

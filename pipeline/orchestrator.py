@@ -23,8 +23,9 @@ from pipeline.config import ConfigError, Recipe, format_validation_error, source
 from pipeline.graph import build_stages, counts_source, plan_rows, resolve_inputs
 from pipeline.interrupts import ctrl_c_remembered, raise_if_interrupted
 from pipeline.manifest import AccountingError, Manifest
+from pipeline.progress import driver_marker
 from pipeline.runtime import ray_runtime
-from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage, StageOutputs
+from pipeline.stage import MissingInput, PlanRow, RunContext, SourceOutputs, Stage, StageOutputs
 from pipeline.tracking import Tracker, flatten
 
 T = TypeVar("T", bound=StageOutputs)
@@ -223,10 +224,11 @@ def run_pipeline(
     log(f"MLflow: {tracker.uri} (experiment '{tracker.experiment_name}')")
     skipped: list[str] = []
     done = _Done()
-    with ctrl_c_remembered(), ray_runtime(recipe.ray, log):
+    with ctrl_c_remembered(), driver_marker(run_dir), ray_runtime(recipe.ray, log):
         from pipeline.executor import make_ray_map
 
-        map_fn = map_fn_factory() if map_fn_factory else make_ray_map()
+        limit = recipe.ray.max_tasks_in_flight
+        map_fn = map_fn_factory() if map_fn_factory else make_ray_map(max_in_flight=limit, progress_dir=run_dir)
         ctx = RunContext(run_dir=run_dir, map_fn=map_fn, tracking_uri=tracker.uri, log=log)
         run_record = record["mlflow_run_id"]
         with (
@@ -259,10 +261,16 @@ def run_pipeline(
     )
 
 
-def plan(recipe: Recipe, run_name: str | None = None) -> tuple[Path, list[PlanRow]]:
-    """The stage plan `--dry-run` prints; reads nothing but table metadata and creates nothing."""
+def plan(
+    recipe: Recipe, run_name: str | None = None, missing: list[MissingInput] | None = None
+) -> tuple[Path, list[PlanRow]]:
+    """The stage plan `--dry-run` prints; reads nothing but table metadata and creates nothing.
+    With a `missing` list, inputs not there yet are collected in it instead of stopping the plan."""
     run_dir = Path(recipe.output_dir) / (run_name or f"{recipe.name}-<timestamp>")
-    return run_dir, plan_rows(recipe, run_dir)
+    source = recipe.source.path
+    if missing is not None and source and "://" not in source and not Path(source).exists():
+        missing.append(MissingInput(f"source.path: not found: {source}", "source.path"))
+    return run_dir, plan_rows(recipe, run_dir, missing)
 
 
 __all__ = ["RunResult", "plan", "run_pipeline"]

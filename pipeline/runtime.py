@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +35,59 @@ def dashboard_hint(url: str) -> str:
     return f"Ray dashboard: http://{url}{token_note}"
 
 
+def cluster_token() -> str | None:
+    """Where this machine holds a Ray cluster token: `RAY_AUTH_TOKEN`, the file `RAY_AUTH_TOKEN_PATH`
+    names, or `~/.ray/auth_token` (where `ray start` and `ray get-auth-token` put it)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return str(path) if path.is_file() and path.read_text().strip() else None
+
+
+def use_token_to_join() -> str | None:
+    """Before joining a cluster: send the token when there is one. Ray 2.60 heads have token auth
+    on by default, but a driver joining one sends its token only with `RAY_AUTH_MODE=token`; a
+    mode the user set is left alone. Returns where the token came from (None: no token here)."""
+    token = cluster_token()
+    if token and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray caches its config when imported: make it read the mode again
+    return token
+
+
+def _join_failure(address: str, err: Exception, token: str | None) -> RuntimeError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if token is None and os.environ.get("RAY_AUTH_MODE", "") != "disabled":
+        return RuntimeError(
+            f"cannot connect to Ray at {address} ({first}); if the cluster uses token authentication (Ray's "
+            "default), put its token (`ray get-auth-token` on the head) in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+        )
+    return RuntimeError(f"cannot connect to Ray at {address}: {first}")
+
+
+@contextmanager
+def _stderr_kept_back(enabled: bool) -> Iterator[None]:
+    """Hold back what is written to file descriptor 2 (Ray's C++ core writes there directly) while
+    joining a cluster: a refused connection is retried for seconds, a warning line each time, and
+    the one line that matters is ours. Replayed if joining succeeds, dropped if it fails."""
+    if not enabled:
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        sys.stderr.write(sink.read().decode(errors="replace"))  # reached only when joining worked
+
+
 @contextmanager
 def ray_runtime(config: RayConfig, log=print) -> Iterator[RayRuntime]:
     """Use the Ray already initialised in this process, join `config.address`, or start Ray locally."""
@@ -57,10 +112,14 @@ def ray_runtime(config: RayConfig, log=print) -> Iterator[RayRuntime]:
         )
         if config.temp_dir:
             kwargs["_temp_dir"] = str(Path(config.temp_dir).absolute())
+    token = use_token_to_join() if config.address else None
     try:
-        context = ray.init(**kwargs)
-    except ConnectionError as err:
-        raise RuntimeError(f"cannot connect to Ray at {config.address}: {err}") from err
+        with _stderr_kept_back(enabled=config.address is not None):
+            context = ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
+        if config.address is None:
+            raise
+        raise _join_failure(config.address, err, token) from None
     url = context.dashboard_url or None
     if url:
         log(dashboard_hint(url))

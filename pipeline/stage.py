@@ -113,13 +113,24 @@ def earlier_source(before: list[Stage]) -> type[SourceOutputs] | None:
     return next((s.Outputs for s in reversed(before) if issubclass(s.Outputs, SourceOutputs)), None)
 
 
+class MissingInput(ValueError):
+    """A file or model the recipe needs is not there (yet): a run stops on it in one line, a dry run
+    lists it with the `--set` that provides it."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 def check_labels(stage: Stage, labels: str | None, before: list[Stage]) -> None:
     """A stage that fits on labelled uids has them: its own `labels` file, or the source's."""
     if labels and not Path(labels).exists():
-        raise ValueError(f"{stage.name}.labels: not found: {labels}")
+        raise MissingInput(f"{stage.name}.labels: not found: {labels}", f"{stage.name}.labels")
     source = earlier_source(before)
     if not labels and not (source and source.gives_labels):
-        raise ValueError(f"{stage.name}.labels is needed (a parquet of labelled uids): the source has none")
+        raise MissingInput(
+            f"{stage.name}.labels is needed (a parquet of labelled uids): the source has none", f"{stage.name}.labels"
+        )
 
 
 class NoInputs:

@@ -60,6 +60,11 @@ def manifest_metrics(manifest: Manifest) -> dict[str, float]:
     return metrics
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it may land on the GenAI
+# "Overview" (traces, token usage) instead of the runs table and their charts.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 class Tracker:
     """Owns the MLflow parent run of one pipeline run.
 
@@ -83,7 +88,9 @@ class Tracker:
             # a local store keeps artifacts beside its database, not in ./mlruns of the cwd
             artifacts = (Path(recipe.output_dir).absolute() / "mlartifacts").as_uri()
             location = artifacts if self.uri.startswith("sqlite:") else None
-            self.experiment_id = self.sink.call("create_experiment", self.experiment_name, artifact_location=location)
+            self.experiment_id = self.sink.call(
+                "create_experiment", self.experiment_name, artifact_location=location, tags=EXPERIMENT_TAGS
+            )
         else:
             self.experiment_id = None
 

@@ -33,7 +33,7 @@ from pipeline.atomic import write_parquet
 from pipeline.manifest import Manifest, count_reasons
 from pipeline.mapping import MapFn
 from pipeline.models import StrictModel
-from pipeline.stage import PlanRow, Resources, RunContext, SourceOutputs, Stage, StageOutputs
+from pipeline.stage import MissingInput, PlanRow, Resources, RunContext, SourceOutputs, Stage, StageOutputs
 from stages import clip_models
 from stages.class_embeddings import write_class_embeddings
 from stages.download import Download, DownloadOutputs, downloaded_rows
@@ -425,13 +425,16 @@ class Embed(Stage):
 
     def check(self, before: list[Stage]) -> None:
         if self.config.precomputed and not Path(self.config.precomputed).is_dir():
-            raise ValueError(f"embed.precomputed: not a folder: {self.config.precomputed}")
+            raise MissingInput(f"embed.precomputed: not a folder: {self.config.precomputed}", "embed.precomputed")
         if not self.config.model and not self._seeded(before) and not self.config.precomputed:
-            raise ValueError("embed.model is needed (a saved model folder or checkpoint) unless seed_models runs first")
+            raise MissingInput(
+                "embed.model is needed (a saved model folder or checkpoint) unless seed_models runs first",
+                "embed.model",
+            )
         for key in ("model", "dfn_model"):
             path = getattr(self.config, key)
             if path and not Path(path).exists():
-                raise ValueError(f"embed.{key}: not found: {path}")
+                raise MissingInput(f"embed.{key}: not found: {path}", f"embed.{key}")
             if path and Path(path).is_file() and not getattr(self.config, f"{key}_name"):
                 raise ValueError(f"embed.{key}_name: the open_clip architecture of {path} is needed")
 

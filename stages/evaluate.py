@@ -22,7 +22,15 @@ from pydantic import Field
 from pipeline.atomic import write_json
 from pipeline.manifest import Manifest, count_reasons
 from pipeline.models import StrictModel
-from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage, StageOutputs, earlier_source
+from pipeline.stage import (
+    MissingInput,
+    PlanRow,
+    RunContext,
+    SourceOutputs,
+    Stage,
+    StageOutputs,
+    earlier_source,
+)
 from stages import clip_models
 from stages.shards import image_bytes, read_tar_samples
 from stages.train import TrainOutputs
@@ -167,7 +175,7 @@ class Evaluate(Stage):
     def check(self, before: list[Stage]) -> None:
         source = earlier_source(before)
         if not self.config.eval_dir and not (source and source.gives_eval_set):
-            raise ValueError("evaluate.eval_dir is needed: the source has no held-out set")
+            raise MissingInput("evaluate.eval_dir is needed: the source has no held-out set", "evaluate.eval_dir")
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         where = self.config.eval_dir or "the source's held-out set"

@@ -26,7 +26,7 @@ from pipeline.atomic import atomic_path, write_parquet
 from pipeline.manifest import Manifest
 from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage
-from stages.filter import FilterConfig, run_filter
+from stages.filter import FilterConfig, FilterOutputs, run_filter
 from stages.filter.strategy_inputs import check_columns, check_files
 from stages.metadata_schema import NORMALISED, resolve
 from stages.source_table import first_file_columns, load_source
@@ -90,7 +90,7 @@ class Prefilter(Stage):
         columns = self._source_columns()
         if columns is not None:
             check_columns(self.config.strategy, list(columns), hints)
-        check_files(self.config.strategy, has_classes=False, has_embeddings=False)
+        check_files(self.config.strategy, has_classes=False, has_embeddings=False, key="prefilter.strategy")
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         steps = " ∩ ".join(p.name for p in self.config.strategy) or "(keep all)"
@@ -104,16 +104,16 @@ class Prefilter(Stage):
         manifest, _ = run_filter(
             pool_of(table), FilterConfig(strategy=self.config.strategy), stage_dir, stage=self.name
         )
-        decisions = manifest.outputs["decisions"]
-        keep = pq.read_table(decisions, columns=["keep"]).column("keep")  # in the table's row order
+        written = FilterOutputs.model_validate(manifest.outputs)
+        keep = pq.read_table(written.decisions, columns=["keep"]).column("keep")  # in the table's row order
         kept_dir = _write_parts(table.filter(keep), stage_dir / "kept")
         outputs = PrefilterOutputs(
             table=str(kept_dir),
             metadata=NORMALISED.name,
             labels=source.labels,
             eval_dir=source.eval_dir,
-            decisions=decisions,
-            kept_uids=manifest.outputs.get("kept_uids"),
+            decisions=written.decisions,
+            kept_uids=written.kept_uids,
         )
         manifest.outputs = outputs.as_dict()
         return outputs, manifest

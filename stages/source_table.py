@@ -22,6 +22,11 @@ from stages.uid import compute_uid
 SUPPORTED_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
+# a table's own uid becomes a tar member and file name: letters, digits, '_' and '-' only
+# (DataComp's are 32 hex digits)
+SAFE_UID = r"^[0-9A-Za-z_-]{1,128}$"
+
+
 class SourceTableError(ValueError):
     """The input table cannot be used; the message says why in one line."""
 
@@ -115,6 +120,13 @@ def _own_uids(table: pa.Table, name: str, source: str) -> pa.ChunkedArray:
     empty = pc.sum(pc.or_(pc.is_null(uids), pc.equal(pc.utf8_length(pc.fill_null(uids, "")), 0))).as_py() or 0
     if empty:
         raise SourceTableError(f"{source}: column '{name}' has {empty:,} empty uid(s); every row needs one")
+    unsafe = pc.invert(pc.match_substring_regex(uids, SAFE_UID))
+    if pc.any(unsafe).as_py():
+        example = uids.filter(unsafe)[0].as_py()
+        raise SourceTableError(
+            f"{source}: column '{name}' has {pc.sum(unsafe).as_py():,} uid(s) that are not plain names (e.g. "
+            f"{example[:40]!r}): uids name files in the shards; --set source.metadata=plain derives them instead"
+        )
     return uids
 
 

@@ -30,6 +30,7 @@ from pipeline.budget import training_budget
 from pipeline.interrupts import note_interrupt
 from pipeline.manifest import Manifest
 from pipeline.models import StrictModel
+from pipeline.progress import ProgressWriter
 from pipeline.stage import PlanRow, Resources, RunContext, Shards, Stage, StageOutputs
 from stages.mlflow_sink import MlflowSink
 
@@ -222,6 +223,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracking = Tracking(**loop_config["tracking"]) if loop_config.get("tracking") and rank == 0 else None
     client = MlflowSink(tracking.uri) if tracking else None
     log_path = Path(loop_config["log_path"])
+    progress = ProgressWriter(log_path.parent)  # what `pipeline status` shows while this trains
     stop = min(config.total_steps, config.stop_at_step or config.total_steps)
     per_worker = config.batch_size // world
     every = config.checkpoint_every_steps
@@ -273,7 +275,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "samples_seen": step * config.batch_size,
                 }
                 if rank == 0:
-                    _log_step(log_path, client, tracking, step, metrics)
+                    _log_step(log_path, client, tracking, step, metrics, progress, config.total_steps)
                 window_started, data_wait, window_steps = time.perf_counter(), 0.0, 0
         _report(core, optimizer, config, step, metrics, rank, client, tracking)
 
@@ -287,9 +289,20 @@ def _load_state(folder: Path, model, optimizer) -> int:
     return int(state["step"])
 
 
-def _log_step(log_path: Path, client, tracking: Tracking | None, step: int, metrics: dict) -> None:
+def _log_step(
+    log_path: Path, client, tracking: Tracking | None, step: int, metrics: dict, progress: ProgressWriter, total: int
+) -> None:
     with log_path.open("a") as log:
         log.write(json.dumps({"step": step, **metrics}) + "\n")
+    progress.update(
+        force=step == total,
+        unit="steps",
+        done=step,
+        total=total,
+        samples=int(metrics["samples_seen"]),
+        samples_per_second=metrics["samples_per_second"],
+        loss=metrics["loss"],
+    )
     if client is not None:
         from mlflow.entities import Metric
 

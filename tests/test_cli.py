@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -74,7 +75,7 @@ def test_dry_run_prints_the_plan_with_published_figures_and_touches_nothing(tmp_
             "'train' needs 'download' or 'subset' before it",
         ),
         (["run", "demo", "--set", "output_dir=/proc/forbidden"], "cannot create run directory"),
-        (["run", "laion_a", "--dry-run"], "embed.model is needed"),
+        (["run", "laion_a"], "embed.model is needed"),
         (["run", "demo", "--resume", "--set", "output_dir=/tmp/definitely-empty-xyz"], "cannot resume"),
         (["status", "no-such-run"], "no run at 'no-such-run'"),
         (["resume", "/tmp/definitely-empty-xyz"], "no run at"),
@@ -86,6 +87,19 @@ def test_bad_input_gives_a_one_line_error_and_nonzero_exit(args, message):
     assert message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_dry_run_with_missing_inputs_prints_the_plan_and_what_would_provide_them():
+    out = cli("run", "laion_a", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert all(stage in out.stdout for stage in ("download", "dedupe", "embed", "filter", "subset"))
+    for expected in (
+        "missing: source.path: not found: data/laion_a/urls.parquet (--set source.path=...)",
+        "(--set embed.model=...)",
+        "needs head=<path> or the heads stage before filter (--set filter.strategy.1.head=...)",
+        "a run needs the 3 input(s) above",
+    ):
+        assert expected in out.stdout, out.stdout
 
 
 def test_unknown_option_is_rejected():
@@ -109,11 +123,19 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
         "train.samples_seen=384",
         "train.batch_size=32",
         "train.checkpoint_every_samples=96",
+        "train.log_every_steps=1",
         "subset.samples_per_shard=60",
     ]
     first = start_in_background("run", "demo", "--run-name", "k", *[x for o in overrides for x in ("--set", o)])
     storage = runs / "k" / "train" / "ray"
     deadline = time.time() + 240
+    while time.time() < deadline and not (runs / "k" / "train" / "progress.json").exists():
+        assert first.poll() is None, "the run ended before training started"
+        time.sleep(0.2)
+    live = cli("status", "k", "--output-dir", str(runs))  # another process, while the run trains
+    assert _states(live.stdout)["train"] == "running" and _states(live.stdout)["download"] == "finished"
+    assert re.search(r"step \d+/12, loss \d+\.\d{3}", live.stdout), live.stdout
+    assert "resume" not in live.stdout  # nothing to continue while it runs
     # wait for a *complete* checkpoint (what resume may use), not for the first file of one being copied
     while time.time() < deadline and latest_checkpoint(storage) is None:
         assert first.poll() is None, "the run ended before its first checkpoint"
@@ -125,12 +147,8 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
 
     status = cli("status", "k", "--output-dir", str(runs))
     assert status.returncode == 0, status.stderr
-    rows = {
-        line.split("│")[1].strip(): line.split("│")[2].strip()
-        for line in status.stdout.splitlines()
-        if line.startswith("│")
-    }
-    assert rows["download"] == "finished" and rows["train"] == "incomplete" and rows["evaluate"] == "pending"
+    rows = _states(status.stdout)
+    assert rows["download"] == "finished" and rows["train"] == "interrupted" and rows["evaluate"] == "pending"
     assert f"python -m pipeline resume {runs / 'k'}" in status.stdout
 
     out = cli("resume", str(runs / "k"), timeout=400)  # the recipe and its overrides come from run.json
@@ -147,6 +165,12 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
     assert "RUNNING" not in statuses and statuses.count("FINISHED") == 1 and len(statuses) == 2
     finished = cli("status", str(runs / "k"))
     assert finished.stdout.count("finished") == 7 and "resume" not in finished.stdout
+
+
+def _states(status_output: str) -> dict[str, str]:
+    """stage -> state, from `pipeline status`'s table."""
+    rows = [line.split("│") for line in status_output.splitlines() if line.startswith("│")]
+    return {row[1].strip(): row[2].strip() for row in rows if row[1].strip()}
 
 
 def _kill_ray_processes_of(temp_dir: str) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 
 from pipeline.atomic import PARTIAL_SUFFIX, Partial, atomic_path, remove_partials, write_text
 from stages.train import STATE_FILE, STEP_FILE, TrainConfig, choose_checkpoint, run_train
+from tests.benchmark_modules import load_benchmark
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_new_one(tmp_path):
@@ -100,18 +99,9 @@ def test_damaged_newer_checkpoints_fall_back_and_the_loaded_step_is_recorded(ray
     assert [p.name for p in (stage / "ray").iterdir() if p.is_dir()] == ["attempt-001"]  # torn attempts are gone
 
 
-def _load_soak():
-    path = Path(__file__).parents[1] / "benchmarks" / "soak.py"
-    spec = importlib.util.spec_from_file_location("soak", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninterrupted_run(tmp_path):
-    soak = _load_soak()
+    soak = load_benchmark("soak")
     lines: list[str] = []
     report = soak.soak(kills=8, seed=1, workdir=tmp_path, log=lines.append)
     killed = [a for a in report.attempts if a.killed]

@@ -48,6 +48,8 @@ def test_demo_run_records_manifests_and_mlflow_tree(ray_cluster, small_demo):
         assert child.data.metrics[f"failed.{reason}"] == count
     assert child.data.params["image_size"] == "64"
     client = _client(small_demo)
+    # the MLflow 3 UI opens a custom-model experiment on its runs, not on the GenAI overview
+    assert client.get_experiment_by_name(small_demo.name).tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = client.list_artifacts(child.info.run_id)
     assert [a.path for a in artifacts] == ["manifest.json"]
     local = client.download_artifacts(child.info.run_id, "manifest.json", str(small_demo.output_dir))

@@ -26,7 +26,7 @@ def test_hostile_table_values_stay_inside_the_stage_folder(served_pool, tmp_path
     n = source.num_rows
     table = pa.table(
         {
-            "uid": [f"{HOSTILE}{i}" for i in range(n)],  # a table's own uid column is ignored
+            "uid": [f"{HOSTILE}{i}" for i in range(n)],  # a plain table's uid column is carried, not used
             "key": [f"../key{i}" for i in range(n)],
             "url": source.column("url"),
             "caption": [f"{HOSTILE}/{i}.jpg" for i in range(n)],
@@ -45,6 +45,17 @@ def test_hostile_table_values_stay_inside_the_stage_folder(served_pool, tmp_path
         with tarfile.open(tar) as archive:
             for name in archive.getnames():
                 assert re.fullmatch(r"[0-9a-f]{32}\.(jpg|txt|json)", name), name  # our uids, never the table's
+
+
+def test_a_metadata_table_whose_own_uids_are_paths_is_refused_in_one_line(tmp_path):
+    from stages.source_table import SourceTableError, load_source
+
+    table = pa.table({"uid": ["a" * 32, f"{HOSTILE}1"], "url": ["http://x/1", "http://x/2"], "text": ["a", "b"]})
+    pq.write_table(table, tmp_path / "datacomp-shaped.parquet")  # DataComp's columns: its uids are kept
+    with pytest.raises(SourceTableError) as err:
+        load_source(str(tmp_path / "datacomp-shaped.parquet"))
+    assert "1 uid(s) that are not plain names" in str(err.value) and "\n" not in str(err.value)
+    assert load_source(str(tmp_path / "datacomp-shaped.parquet"), "plain", caption_col="text").num_rows == 2
 
 
 def test_tar_member_paths_are_reduced_to_their_base_name(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from filters.heads import HeadError, load_head
 from filters.strategy import missing_columns
+from pipeline.stage import MissingInput
 
 VOCABULARY_FILTERS = ("text_based", "metaclip_balance")  # default vocabulary: the eval set's class names
 UNSET = "unset"
@@ -43,29 +44,36 @@ def check_columns(steps: list, columns: list[str], hints: dict[str, str]) -> Non
         raise ValueError(f"filter '{name}' needs '{column}': {hints.get(column, 'no stage gives it')}")
 
 
-def check_files(steps: list, has_classes: bool, has_embeddings: bool) -> None:
+def check_files(steps: list, has_classes: bool, has_embeddings: bool, key: str = "filter.strategy") -> None:
     """Vocabulary, target and uid-list files exist, and run-made defaults (eval class names) will exist."""
-    for params in steps:
-        for path in filter(None, (getattr(params, key, None) for key in ("vocabulary", "targets", "path"))):
-            if not Path(path).is_file():
-                raise ValueError(f"filter '{params.name}': file not found: {path}")
+    for index, params in enumerate(steps):
+        for field in ("vocabulary", "targets", "path"):
+            path = getattr(params, field, None)
+            if path and not Path(path).is_file():
+                raise MissingInput(f"filter '{params.name}': file not found: {path}", f"{key}.{index}.{field}")
         if params.name in VOCABULARY_FILTERS and not (params.words or params.vocabulary) and not has_classes:
             raise ValueError(f"filter '{params.name}' needs words or vocabulary (no eval class names to default to)")
         if params.name == "image_based" and not params.targets and not (has_classes and has_embeddings):
             raise ValueError("filter 'image_based' needs targets=<.npy> (or eval class names and the embed stage)")
 
 
-def check_heads(steps: list, heads_fitted: bool, width: int | None, model_name: str | None = None) -> None:
+def check_heads(
+    steps: list, heads_fitted: bool, width: int | None, model_name: str | None = None, key: str = "filter.strategy"
+) -> None:
     """Every head a filter uses loads, and takes the embedding width the embed model gives; LAION's
     L/14 predictor is refused on a GELU ViT-L-14 (OpenAI's weights run as open_clip's -quickgelu)."""
-    for params in steps:
+    for index, params in enumerate(steps):
         head = getattr(params, "head", UNSET)
         if head == UNSET or (params.name == "nsfw" and params.backend != "head"):
             continue
         if head is None:
             if not heads_fitted:
-                raise ValueError(f"filter '{params.name}' needs head=<path> or the heads stage before filter")
+                raise MissingInput(
+                    f"filter '{params.name}' needs head=<path> or the heads stage before filter", f"{key}.{index}.head"
+                )
             continue
+        if not Path(head).is_file():
+            raise MissingInput(f"filter '{params.name}': head not found: {head}", f"{key}.{index}.head")
         try:
             _, info = load_head(head, "binary" if params.name == "nsfw" else "regression")
         except HeadError as err:
