@@ -31,11 +31,16 @@ def is_partial(path: Path) -> bool:
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file, or every file of a folder and the folder itself, to disk."""
+    """Flush a file, or every file of a folder being published and the folder itself, to disk."""
     if path.is_dir():
         for child in path.rglob("*"):
             if child.is_file():
-                _fsync(child)
+                _fsync_one(child)
+    _fsync_one(path)
+
+
+def _fsync_one(path: Path) -> None:
+    """Flush one file, or one folder's entries (not what is inside its subfolders)."""
     flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
     fd = os.open(path, flags)
     try:
@@ -71,7 +76,7 @@ class Partial:
             if self.folder and self.path.is_dir():
                 _remove(self.path)
             os.replace(self.tmp, self.path)
-            _fsync(self.path.parent)
+            _fsync_one(self.path.parent)  # the new name; never a walk of the parent (other writers' files)
         except BaseException:
             self.abort()
             raise

@@ -26,6 +26,7 @@ console = Console(width=None if sys.stdout.isatty() else 140)
 error_console = Console(stderr=True)
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: key.sub=value")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", help="show Ray's, img2dataset's and MLflow's output live")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -41,41 +42,9 @@ def _load(recipe: str, overrides: list[str] | None) -> Recipe:
 
 
 def _print_plan(recipe: Recipe, run_name: str | None) -> None:
-    from pipeline.orchestrator import plan
+    from pipeline.views import plan_view
 
-    missing: list = []
-    run_dir, rows = plan(recipe, run_name, missing)
-    console.print(f"[bold]{recipe.name}[/]: {recipe.description.strip()}", highlight=False)
-    console.print(f"run directory: {run_dir}   Ray: {recipe.ray.address or 'local (started by the run)'}")
-    table = Table("stage", "input", "output", "est. samples in", "resources", "notes")
-    for row in rows:
-        estimate = f"{row.estimated_in:,}" if row.estimated_in is not None else "unknown"
-        table.add_row(row.stage, row.input, row.output, estimate, row.resources, row.note)
-    console.print(table)
-    for line in budget_lines(recipe):
-        console.print(line, highlight=False)
-    for problem in missing:
-        console.print(f"[yellow]missing:[/] {problem} (--set {problem.setting}=...)", highlight=False)
-    if missing:
-        console.print(f"dry run: nothing was started or written; a run needs the {len(missing)} input(s) above.")
-    else:
-        console.print("dry run: nothing was started or written.")
-
-
-def budget_lines(recipe: Recipe) -> list[str]:
-    """Compute and storage estimates for the plan (see pipeline.budget for the conventions)."""
-    from pipeline.budget import human_bytes
-    from pipeline.graph import build_stages, pool_rows
-
-    stages = build_stages(recipe, check=False)  # estimates need no model or head on disk
-    lines = [line for stage in stages for line in stage.budget_lines()]
-    rows = pool_rows(recipe, stages)
-    storage = {kind: size for stage in stages for kind, size in stage.storage(rows).items()} if rows else {}
-    if storage:
-        parts = ", ".join(f"{kind} ~{human_bytes(size)}" for kind, size in storage.items())
-        total = human_bytes(sum(storage.values()))
-        lines.append(f"storage for {rows:,} samples: {parts} (total ~{total})")
-    return lines
+    console.print(plan_view(recipe, run_name))
 
 
 @app.command()
@@ -83,23 +52,44 @@ def run(
     recipe: Annotated[str, typer.Argument(help="recipe name (see `list`) or path to a YAML file")],
     overrides: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the stage plan and exit")] = False,
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: local)")] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="join Ray at HOST:PORT, or submit a job to http://HEAD:8265")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the latest (or --run-name) run")] = False,
     run_name: Annotated[str | None, typer.Option("--run-name", help="run folder name under output_dir")] = None,
+    verbose: VerboseOption = False,
 ) -> None:
-    """Run a recipe end to end (or print its plan with --dry-run)."""
-    extra = [f"ray.address={address}"] if address else []
+    """Run a recipe end to end (or print its plan with --dry-run); `--address http://HEAD:8265`
+    submits it to that cluster as a Ray Job instead."""
+    from pipeline.jobs import is_job_address
+
+    submit = is_job_address(address) and not dry_run
+    extra = [f"ray.address={address}"] if address and not submit else []
     config = _load(recipe, (overrides or []) + extra)
+    if submit:
+        _submit(address, recipe, overrides or [], config)
+        return
     if dry_run:
         try:
             _print_plan(config, run_name)
         except ConfigError as err:
             raise _fail(str(err)) from None
         return
-    _execute(config, run_name=run_name, resume=resume)
+    _execute(config, run_name=run_name, resume=resume, verbose=verbose)
 
 
-def _execute(config: Recipe, run_name: str | None, resume: bool) -> None:
+def _submit(address: str, recipe: str, overrides: list[str], config: Recipe) -> None:
+    from pipeline.jobs import submit_run
+
+    try:
+        status = submit_run(address, recipe, overrides, config.output_dir, log=lambda m: console.print(m, markup=False))
+    except (ValueError, RuntimeError, ConnectionError) as err:
+        raise _fail(str(err).strip().splitlines()[0], 1) from None
+    if status != "SUCCEEDED":
+        raise _fail(f"the job ended {status}", 1)
+
+
+def _execute(config: Recipe, run_name: str | None, resume: bool, verbose: bool = False) -> None:
     from pipeline.orchestrator import run_pipeline
 
     try:
@@ -108,6 +98,7 @@ def _execute(config: Recipe, run_name: str | None, resume: bool) -> None:
             run_name=run_name,
             resume=resume,
             log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+            consoles=None if verbose else (console, error_console),
         )
     except KeyboardInterrupt:
         raise _fail("interrupted: continue with `python -m pipeline resume RUN`", 130) from None
@@ -116,20 +107,9 @@ def _execute(config: Recipe, run_name: str | None, resume: bool) -> None:
     except (ConfigError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _fail(first, 1) from None
-    table = Table("stage", "in", "kept", "dropped", "failed", "seconds")
-    for name, manifest in result.manifests.items():
-        note = " (skipped)" if name in result.skipped else ""
-        table.add_row(
-            name + note,
-            str(manifest.in_count),
-            str(manifest.kept),
-            str(manifest.n_dropped),
-            str(manifest.n_failed),
-            f"{manifest.seconds:.1f}",
-        )
-    console.print(table)
-    mlflow_run = result.mlflow_run_id or "not logged: see `pipeline sync`"
-    console.print(f"done: {result.run_dir} (MLflow run {mlflow_run})", highlight=False)
+    from pipeline.views import summary_view
+
+    console.print(summary_view(result))
 
 
 def _os_error_line(err: OSError, config: Recipe) -> str:
@@ -147,6 +127,7 @@ def sweep(
     name: Annotated[str, typer.Argument(help="sweep name (pipeline/sweeps/) or path to a sweep YAML file")],
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the latest run of this sweep")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run several filter strategies on one pool at equal training compute; print the results table."""
     from pipeline.sweep import load_sweep, run_sweep
@@ -158,6 +139,7 @@ def sweep(
             overrides or [],
             resume=resume,
             log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+            consoles=None if verbose else (console, error_console),
         )
     except KeyboardInterrupt:
         raise _fail(f"interrupted: continue with `python -m pipeline sweep {name} --resume`", 130) from None
@@ -193,12 +175,12 @@ def _find_run(run: str, output_dir: str) -> Path:
 
 
 @app.command()
-def resume(run: RunArgument, output_dir: OutputDirOption = "runs") -> None:
+def resume(run: RunArgument, output_dir: OutputDirOption = "runs", verbose: VerboseOption = False) -> None:
     """Continue a run with the recipe it was started with (its --set overrides included)."""
     from pipeline.status import load_run_recipe
 
     run_dir = _find_run(run, output_dir)
-    _execute(load_run_recipe(run_dir), run_name=run_dir.name, resume=True)
+    _execute(load_run_recipe(run_dir), run_name=run_dir.name, resume=True, verbose=verbose)
 
 
 @app.command("list")
@@ -240,7 +222,7 @@ def status(
 ) -> None:
     """Show each stage of a run: finished (with counts), running (with live progress), interrupted or pending."""
     from pipeline.progress import driver_alive
-    from pipeline.status import status_view
+    from pipeline.views import status_view
 
     run_dir = _find_run(run, output_dir)
     if not watch:

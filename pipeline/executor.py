@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.interrupts import raise_if_interrupted
+from pipeline.metrics import record_throughput
 from pipeline.progress import ProgressWriter
 
 T = TypeVar("T")
@@ -94,8 +95,10 @@ def make_ray_map(
         writer = ProgressWriter(progress_dir / desc) if progress_dir is not None and desc else None
 
         def report(done: int, force: bool = False) -> None:
+            rate = samples / max(time.perf_counter() - started, 1e-9)
+            if desc and done:
+                record_throughput(desc, rate)
             if writer is not None:
-                rate = samples / max(time.perf_counter() - started, 1e-9)
                 writer.update(
                     force, unit="tasks", done=done, total=len(items), samples=samples, samples_per_second=rate
                 )

@@ -110,3 +110,18 @@ def plan_rows(recipe: Recipe, run_dir: Path, missing: list[MissingInput] | None 
     rows = pool_rows(recipe, stages)
     plans = [(stage, stage.plan(run_dir, rows)) for stage in stages]
     return [row if row.resources else replace(row, resources=stage.resources().describe()) for stage, row in plans]
+
+
+def budget_lines(recipe: Recipe) -> list[str]:
+    """Compute and storage estimates for the plan (see pipeline.budget for the conventions)."""
+    from pipeline.budget import human_bytes
+
+    stages = build_stages(recipe, check=False)  # estimates need no model or head on disk
+    lines = [line for stage in stages for line in stage.budget_lines()]
+    rows = pool_rows(recipe, stages)
+    storage = {kind: size for stage in stages for kind, size in stage.storage(rows).items()} if rows else {}
+    if storage:
+        parts = ", ".join(f"{kind} ~{human_bytes(size)}" for kind, size in storage.items())
+        total = human_bytes(sum(storage.values()))
+        lines.append(f"storage for {rows:,} samples: {parts} (total ~{total})")
+    return lines

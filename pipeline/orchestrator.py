@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,15 +17,18 @@ from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
+from rich.console import Console
 
 from pipeline.atomic import remove_partials, write_json, write_text
 from pipeline.config import ConfigError, Recipe, format_validation_error, source_outputs
 from pipeline.graph import build_stages, counts_source, plan_rows, resolve_inputs
 from pipeline.interrupts import ctrl_c_remembered, raise_if_interrupted
 from pipeline.manifest import AccountingError, Manifest
-from pipeline.progress import driver_marker
+from pipeline.metrics import record_stage
+from pipeline.progress import driver_marker, step_progress
 from pipeline.runtime import ray_runtime
 from pipeline.stage import MissingInput, PlanRow, RunContext, SourceOutputs, Stage, StageOutputs
+from pipeline.terminal import after_ray_started, run_output
 from pipeline.tracking import Tracker, flatten
 
 T = TypeVar("T", bound=StageOutputs)
@@ -179,7 +182,8 @@ def _run_stage(stage: Stage, ctx: RunContext, done: _Done, tracker: Tracker, par
         upstream = done.upstream(stage)
         ctx.upstream_kept = upstream[1].kept if upstream else None
         inputs = resolve_inputs(stage, [*ctx_sources(stage.recipe), *done.outputs])
-        outputs, manifest = stage.run(ctx, inputs)
+        with step_progress(stage_dir, ctx.progress_console, stage.name):
+            outputs, manifest = stage.run(ctx, inputs)
         manifest.outputs = outputs.as_dict()
         manifest.metrics.update(done.quality(outputs))
         try:
@@ -190,6 +194,7 @@ def _run_stage(stage: Stage, ctx: RunContext, done: _Done, tracker: Tracker, par
         remove_partials(stage_dir)  # e.g. a retried task's abandoned shard
         path = manifest.write(stage_dir)
         tracker.log_manifest(stage_run_id, manifest, path)
+        record_stage(manifest)  # Prometheus, through Ray's metrics agent
     done.add(stage, outputs, manifest)
     log(f"[{stage.name}] {manifest.summary()}")
 
@@ -209,27 +214,38 @@ def run_pipeline(
     map_fn_factory: Callable[[], object] | None = None,
     reuse: dict[str, Manifest] | None = None,
     parent_run_id: str | None = None,
+    consoles: Sequence[Console] | None = None,
 ) -> RunResult:
     """Run every stage of `recipe`; return the manifests. Raises on any accounting error.
 
     `reuse` holds finished stages of another run (a sweep's shared stages): they are taken as
-    done. `parent_run_id` nests this run's MLflow run under another (a sweep's).
+    done. `parent_run_id` nests this run's MLflow run under another (a sweep's). Given `consoles`
+    (the CLI's), the run is quiet: only they reach the terminal, all else goes to `<run>/logs/`.
     """
     reuse = reuse or {}
     stages = build_stages(recipe)
     run_dir = resolve_run_dir(recipe, run_name, resume)
     record = load_or_create_run(run_dir, recipe)
-    tracker = Tracker(recipe, os.environ, warn=log)
     log(f"run directory: {run_dir}")
-    log(f"MLflow: {tracker.uri} (experiment '{tracker.experiment_name}')")
     skipped: list[str] = []
     done = _Done()
-    with ctrl_c_remembered(), driver_marker(run_dir), ray_runtime(recipe.ray, log):
+    quiet = consoles is not None
+    with ExitStack() as scope:
+        for context in (ctrl_c_remembered(), driver_marker(run_dir), run_output(run_dir, consoles, log)):
+            scope.enter_context(context)
+        tracker = Tracker(recipe, os.environ, warn=log)  # after `run_output`: MLflow's own lines go to the log
+        log(f"MLflow: {tracker.uri} (experiment '{tracker.experiment_name}')")
+        scope.enter_context(ray_runtime(recipe.ray, log, log_to_driver=not quiet))
         from pipeline.executor import make_ray_map
 
-        limit = recipe.ray.max_tasks_in_flight
-        map_fn = map_fn_factory() if map_fn_factory else make_ray_map(max_in_flight=limit, progress_dir=run_dir)
-        ctx = RunContext(run_dir=run_dir, map_fn=map_fn, tracking_uri=tracker.uri, log=log)
+        after_ray_started(run_dir, quiet)
+        bars = consoles[-1] if quiet else None  # progress bars on the terminal's stderr
+        map_fn = (
+            map_fn_factory()
+            if map_fn_factory
+            else make_ray_map(console=bars, max_in_flight=recipe.ray.max_tasks_in_flight, progress_dir=run_dir)
+        )
+        ctx = RunContext(run_dir=run_dir, map_fn=map_fn, tracking_uri=tracker.uri, log=log, progress_console=bars)
         run_record = record["mlflow_run_id"]
         with (
             tracker.parent_run(

@@ -91,3 +91,47 @@ def describe(stage_dir: Path) -> str:
         text += f", {progress['samples']:,} samples, {progress.get('samples_per_second', 0):,.0f}/s"
     age = time.time() - progress.get("updated", time.time())
     return text + (f" (updated {age:.0f} s ago)" if age >= 5 else "")
+
+
+@contextmanager
+def step_progress(stage_dir: Path, console, desc: str, every_seconds: float = 1.0):
+    """A live line on `console` for a stage that counts steps in its `progress.json` (training:
+    step of total, loss, samples/s) while the block runs. Stages that fan out tasks draw their
+    own bar (pipeline.executor), so only `unit: steps` is drawn here. No console: nothing."""
+    if console is None:
+        yield
+        return
+    import threading
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    stop = threading.Event()
+    columns = [TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}")]
+    bar = Progress(*columns, TimeRemainingColumn(), console=console, transient=False)
+    tasks: list = []  # the one bar's task, once the stage reported its first step
+
+    def draw() -> None:
+        progress = read_progress(stage_dir)
+        if not progress or progress.get("unit") != "steps":
+            return
+        if not tasks:
+            bar.start()
+            tasks.append(bar.add_task(desc, total=progress["total"], detail=""))
+        rate = progress.get("samples_per_second", 0)
+        detail = f"loss {progress.get('loss', float('nan')):.3f}, {rate:,.0f} samples/s"
+        bar.update(tasks[0], completed=progress["done"], detail=detail)
+
+    def follow() -> None:
+        while not stop.wait(every_seconds):
+            draw()
+
+    thread = threading.Thread(target=follow, name=f"progress-{desc}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        draw()  # the last step the stage wrote
+        if tasks:
+            bar.stop()

@@ -89,8 +89,9 @@ def _stderr_kept_back(enabled: bool) -> Iterator[None]:
 
 
 @contextmanager
-def ray_runtime(config: RayConfig, log=print) -> Iterator[RayRuntime]:
-    """Use the Ray already initialised in this process, join `config.address`, or start Ray locally."""
+def ray_runtime(config: RayConfig, log=print, log_to_driver: bool = True) -> Iterator[RayRuntime]:
+    """Use the Ray already initialised in this process, join `config.address`, or start Ray locally.
+    `log_to_driver=False` leaves what workers print in Ray's session logs."""
     os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
     import ray
 
@@ -98,12 +99,12 @@ def ray_runtime(config: RayConfig, log=print) -> Iterator[RayRuntime]:
         context = ray.get_runtime_context()
         yield RayRuntime(address=context.gcs_address, dashboard_url=None, owned=False)
         return
-    kwargs: dict = {
-        "address": config.address,
-        "logging_level": logging.WARNING,
-        "runtime_env": {"env_vars": WORKER_ENV},
-    }
-    if config.address is None:
+    in_a_job = config.address is None and bool(os.environ.get("RAY_ADDRESS"))  # a Ray Job's driver
+    address = os.environ["RAY_ADDRESS"] if in_a_job else config.address
+    kwargs: dict = {"address": address, "logging_level": logging.WARNING, "log_to_driver": log_to_driver}
+    if not in_a_job:  # a job's runtime env (pipeline.jobs) already carries these, and Ray refuses a second
+        kwargs["runtime_env"] = {"env_vars": WORKER_ENV}
+    if address is None:
         kwargs.update(
             num_cpus=config.num_cpus,
             include_dashboard=config.dashboard,
@@ -112,14 +113,14 @@ def ray_runtime(config: RayConfig, log=print) -> Iterator[RayRuntime]:
         )
         if config.temp_dir:
             kwargs["_temp_dir"] = str(Path(config.temp_dir).absolute())
-    token = use_token_to_join() if config.address else None
+    token = use_token_to_join() if address else None
     try:
-        with _stderr_kept_back(enabled=config.address is not None):
+        with _stderr_kept_back(enabled=address is not None):
             context = ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
-        if config.address is None:
+        if address is None:
             raise
-        raise _join_failure(config.address, err, token) from None
+        raise _join_failure(address, err, token) from None
     url = context.dashboard_url or None
     if url:
         log(dashboard_hint(url))

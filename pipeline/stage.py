@@ -106,6 +106,7 @@ class RunContext:
     stage_run_id: str | None = None  # the MLflow run of the stage being run
     log: Callable[[str], None] = print
     upstream_kept: int | None = None  # `kept` of the stage this one counts from (see `counts_from`)
+    progress_console: Any = None  # a quiet run's terminal (rich Console) for live progress lines
 
 
 def earlier_source(before: list[Stage]) -> type[SourceOutputs] | None:

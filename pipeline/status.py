@@ -49,28 +49,3 @@ def run_status(run_dir: Path) -> tuple[dict, list[StageStatus]]:
         statuses.append(StageStatus(stage, state, manifest))
     return record, statuses
 
-
-def status_view(run_dir: Path):
-    """The run's header, a row per stage (counts when finished, live progress while running) and,
-    if it stopped unfinished, how to continue: one rich renderable."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    from pipeline.progress import describe, driver_alive
-
-    record, stages = run_status(run_dir)
-    alive = driver_alive(run_dir)
-    header = f"run {run_dir} (recipe {record['recipe']['name']}, MLflow run {record['mlflow_run_id']})"
-    table = Table("stage", "state", "in", "kept", "dropped", "failed", "seconds", "progress")
-    for item in stages:
-        m = item.manifest
-        counts = [str(m.in_count), str(m.kept), str(m.n_dropped), str(m.n_failed), f"{m.seconds:.1f}"] if m else []
-        state = item.state
-        if state == "incomplete":
-            state = "running" if alive else "interrupted"
-        table.add_row(item.stage, state, *(counts or [""] * 5), "" if m else describe(run_dir / item.stage))
-    parts = [Text(header), table]
-    if not alive and any(item.state != "finished" for item in stages):
-        parts.append(Text(f"continue with: python -m pipeline resume {run_dir}"))
-    return Group(*parts)

@@ -150,8 +150,13 @@ def latest_sweep_dir(output_dir: Path, name: str) -> Path | None:
 
 
 def run_sweep(
-    sweep: SweepConfig, overrides: list[str] | None = None, resume: bool = False, log: Callable[[str], None] = print
+    sweep: SweepConfig,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    consoles=None,
 ) -> tuple[Path, list[StrategyRow]]:
+    """Shared stages once, then each strategy's run; `consoles`: quiet runs (see `run_pipeline`)."""
     shared, per_strategy = sweep_recipes(sweep, overrides or [])
     root = Path(shared.output_dir)
     sweep_dir = latest_sweep_dir(root, sweep.name) if resume else None
@@ -178,7 +183,9 @@ def run_sweep(
             recipe = recipe.model_copy(update=runs_root)
             again = (sweep_dir / name / "run.json").exists()
             log(f"--- {name} ---")
-            return run_pipeline(recipe, run_name=name, resume=again, log=log, reuse=reuse, parent_run_id=sweep_run)
+            return run_pipeline(
+                recipe, run_name=name, resume=again, log=log, reuse=reuse, parent_run_id=sweep_run, consoles=consoles
+            )
 
         shared_result = run(shared, "shared")
         for name, recipe in per_strategy.items():
@@ -194,5 +201,5 @@ def run_sweep(
                 ("zeroshot_top1", row.zeroshot_top1),
                 ("image_to_text_R1", row.image_to_text_r1),
             ):
-                tracker.call("log_metric", sweep_run, metric_key(f"{row.strategy}.{key}"), value)
+                tracker.call("log_metric", sweep_run, metric_key(f"{row.strategy}/{key}"), value)
     return sweep_dir, rows

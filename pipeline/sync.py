@@ -19,7 +19,7 @@ from pipeline.manifest import MANIFEST_NAME, Manifest
 from pipeline.orchestrator import RUN_FILE, recipe_record, write_run_record
 from pipeline.status import load_run_recipe
 from pipeline.tracking import Tracker
-from stages.train import TrainOutputs
+from stages.train import TrainOutputs, curve_key
 
 
 def _replay_training_log(tracker: Tracker, run_id: str, outputs: TrainOutputs) -> None:
@@ -33,7 +33,7 @@ def _replay_training_log(tracker: Tracker, run_id: str, outputs: TrainOutputs) -
     for line in log_path.read_text().splitlines():
         entry = json.loads(line)
         step = int(entry.pop("step"))
-        metrics += [Metric(k, float(v), now, step) for k, v in entry.items() if isinstance(v, int | float)]
+        metrics += [Metric(curve_key(k), float(v), now, step) for k, v in entry.items() if isinstance(v, int | float)]
     for start in range(0, len(metrics), 1000):  # MLflow's batch limit for metrics
         tracker.call("log_batch", run_id, metrics=metrics[start : start + 1000])
     model = Path(outputs.model)

@@ -46,17 +46,22 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
+ACCOUNTING = "accounting"  # MLflow's UI draws each `section/` prefix as its own group of charts
+
+
 def manifest_metrics(manifest: Manifest) -> dict[str, float]:
+    """A stage's manifest as MLflow metrics: the sample accounting under `accounting/` (apart from
+    the curves), the stage's own figures under `<stage>/` (`evaluate/zeroshot_top1`)."""
     metrics = {
-        "in": float(manifest.in_count),
-        "kept": float(manifest.kept),
-        "dropped": float(manifest.n_dropped),
-        "failed": float(manifest.n_failed),
-        "seconds": manifest.seconds,
+        f"{ACCOUNTING}/in": float(manifest.in_count),
+        f"{ACCOUNTING}/kept": float(manifest.kept),
+        f"{ACCOUNTING}/dropped": float(manifest.n_dropped),
+        f"{ACCOUNTING}/failed": float(manifest.n_failed),
+        f"{manifest.stage}/seconds": manifest.seconds,
     }
-    metrics.update({metric_key(f"dropped.{k}"): float(v) for k, v in manifest.dropped.items()})
-    metrics.update({metric_key(f"failed.{k}"): float(v) for k, v in manifest.failed.items()})
-    metrics.update({metric_key(k): float(v) for k, v in manifest.metrics.items()})
+    metrics.update({metric_key(f"{ACCOUNTING}/dropped/{k}"): float(v) for k, v in manifest.dropped.items()})
+    metrics.update({metric_key(f"{ACCOUNTING}/failed/{k}"): float(v) for k, v in manifest.failed.items()})
+    metrics.update({metric_key(f"{manifest.stage}/{k}"): float(v) for k, v in manifest.metrics.items()})
     return metrics
 
 

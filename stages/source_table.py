@@ -43,7 +43,10 @@ def detect_format(path: str) -> str:
 
 def expand_table_paths(path: str) -> list[str]:
     """A file, a folder of tables or a glob (e.g. DataComp's metadata folder) -> sorted files."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as err:  # e.g. s3:// without s3fs installed: fsspec says which package
+        raise SourceTableError(f"{path}: {str(err).strip().splitlines()[0]}") from None
     protocol = path.split("://")[0] + "://" if "://" in path else ""
     if any(ch in fs_path for ch in "*?["):
         files = sorted(fs.glob(fs_path))

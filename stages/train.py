@@ -37,6 +37,11 @@ from stages.mlflow_sink import MlflowSink
 STATE_FILE = "state.pt"
 STEP_FILE = "train_state.json"
 LOG_FILE = "train_log.jsonl"
+
+
+def curve_key(name: str) -> str:
+    """Per-step metrics in MLflow: `train/loss`, `train/lr`, ... (one section of charts in its UI)."""
+    return f"train/{name}"
 ATTEMPT_PREFIX = "attempt-"  # one Ray Train run name per attempt (first run, then each resume)
 
 
@@ -307,7 +312,8 @@ def _log_step(
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        client.call("log_batch", tracking.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        curves = [Metric(curve_key(k), float(v), now, step) for k, v in metrics.items()]
+        client.call("log_batch", tracking.run_id, metrics=curves)
 
 
 def checkpoint_artifact(step: int) -> str:

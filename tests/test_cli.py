@@ -25,15 +25,27 @@ def cli(*args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess
     )
 
 
-def start_in_background(*args: str) -> subprocess.Popen:
-    """`python -m pipeline ...` in its own process group, so a test can signal it and its children."""
+def start_in_background(*args: str, output=None) -> subprocess.Popen:
+    """`python -m pipeline ...` in its own process group, so a test can signal it and its children;
+    what it prints goes to the file `output` (stdout and stderr together, as on a terminal)."""
+    sink = open(output, "w") if output else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=sink,
+        stderr=subprocess.STDOUT if output else subprocess.DEVNULL,
         env=_env(),
         start_new_session=True,
     )
+
+
+# what Ray, Ray Data, Ray Train, MLflow and Python's warnings print: none of it on a quiet console
+NOISE = re.compile(r"\(raylet\)|pid=\d|\.cc:\d|\bINFO\b|WARNING|Warning|Traceback|TrainController|RayTrainWorker")
+
+
+def assert_quiet(output: str, most_lines: int) -> None:
+    lines = output.splitlines()
+    assert len(lines) <= most_lines, output
+    assert not [line for line in lines if NOISE.search(line)], output
 
 
 def test_list_shows_recipes_and_stages():
@@ -126,7 +138,10 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
         "train.log_every_steps=1",
         "subset.samples_per_shard=60",
     ]
-    first = start_in_background("run", "demo", "--run-name", "k", *[x for o in overrides for x in ("--set", o)])
+    console = tmp_path / "console.txt"
+    first = start_in_background(
+        "run", "demo", "--run-name", "k", *[x for o in overrides for x in ("--set", o)], output=console
+    )
     storage = runs / "k" / "train" / "ray"
     deadline = time.time() + 240
     while time.time() < deadline and not (runs / "k" / "train" / "progress.json").exists():
@@ -144,6 +159,9 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     first.wait(timeout=120)
     assert not (runs / "k" / "train" / "manifest.json").exists()
+    assert_quiet(console.read_text(), 40)
+    assert f"logs: {runs / 'k' / 'logs'}" in console.read_text()
+    assert (runs / "k" / "logs" / "driver.log").is_file() and (runs / "k" / "logs" / "ray").is_dir()  # the rest
 
     status = cli("status", "k", "--output-dir", str(runs))
     assert status.returncode == 0, status.stderr
@@ -153,6 +171,8 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
 
     out = cli("resume", str(runs / "k"), timeout=400)  # the recipe and its overrides come from run.json
     assert out.returncode == 0, out.stderr[-3000:]
+    assert_quiet(out.stdout + out.stderr, 40)
+    assert re.search(r"train .* 12/12 loss \d+\.\d{3}, \d+ samples/s", out.stderr), out.stderr  # its live line
     assert "[download] finished earlier, skipped" in out.stdout
     assert "[demo_pool] finished earlier, skipped: in=160 kept=160" in out.stdout and "done:" in out.stdout
     train = json.loads((runs / "k" / "train" / "manifest.json").read_text())

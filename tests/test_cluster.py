@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,31 +25,35 @@ def _free_port() -> int:
 
 def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    return {**env, "HOME": str(home), "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    path = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # a job's `python` is the head's: this venv's
+    return {**env, "HOME": str(home), "PATH": path, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
 
-def _ray(*args: str, home: Path) -> subprocess.CompletedProcess:
+def _ray(*args: str, home: Path, token: bool = False) -> subprocess.CompletedProcess:
+    """The `ray` CLI as the user of `home`; `token`: sending that user's token (RAY_AUTH_MODE=token)."""
     ray = str(Path(sys.executable).with_name("ray"))
-    return subprocess.run([ray, *args], env=_env(home), capture_output=True, text=True, timeout=120)
+    env = {**_env(home), **({"RAY_AUTH_MODE": "token"} if token else {})}
+    return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def token_head(tmp_path):
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory):
     """A head started as an operator would (`ray start --head`) with a token in its user's
-    ~/.ray/auth_token, so Ray turns token authentication on; its own temp dir, loopback only."""
-    home = tmp_path / "operator"
-    home.mkdir()
+    ~/.ray/auth_token, so Ray turns token authentication on; its own temp dir, loopback only.
+    Yields (GCS address, dashboard URL, the operator's home)."""
+    home = tmp_path_factory.mktemp("operator")
     assert _ray("get-auth-token", "--generate", home=home).returncode == 0
     temp_dir = tempfile.mkdtemp(prefix="rth", dir="/tmp")  # socket paths are length-limited
-    port = _free_port()
+    port, dashboard = _free_port(), _free_port()
     started = _ray(
         *("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2"),
-        *("--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"),
+        *("--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"),
+        *(f"--temp-dir={temp_dir}", "--disable-usage-stats"),
         home=home,
     )
     assert started.returncode == 0, started.stderr
     try:
-        yield f"127.0.0.1:{port}", home
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", home
     finally:
         load_benchmark("soak").kill_ray_of(temp_dir)  # only this head: `ray stop` would take the suite's Ray too
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -63,7 +68,7 @@ def _run_demo(address: str, home: Path, output: Path) -> subprocess.CompletedPro
 
 @pytest.mark.slow
 def test_joining_a_token_authenticated_head_uses_the_token_or_says_how_in_one_line(token_head, tmp_path):
-    address, operator_home = token_head
+    address, _, operator_home = token_head
     joined = _run_demo(address, operator_home, tmp_path / "runs")  # the token is in ~/.ray/auth_token
     assert joined.returncode == 0, joined.stdout[-2000:] + joined.stderr[-2000:]
     assert "InvalidAuthToken" not in joined.stdout + joined.stderr
@@ -76,3 +81,19 @@ def test_joining_a_token_authenticated_head_uses_the_token_or_says_how_in_one_li
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert "cannot connect to Ray at" in lines[-1] and "~/.ray/auth_token" in lines[-1], refused.stderr[-2000:]
     assert len(lines) <= 3, refused.stderr[-3000:]  # not a screen of Ray's retry warnings
+
+
+@pytest.mark.slow
+def test_a_run_submitted_to_the_dashboard_address_is_a_ray_job_with_its_log(token_head, tmp_path):
+    _, dashboard, operator_home = token_head
+    runs = tmp_path / "runs"  # absolute: the job's driver writes here, on the head
+    out = _run_demo(dashboard, operator_home, runs)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job_id = re.search(r"submitted as Ray Job (pipeline-demo-[0-9-]+)", out.stdout).group(1)
+    assert "[download] in=160" in out.stdout  # the job's own console, followed from its log
+    assert not [line for line in out.stdout.splitlines() if "(raylet)" in line or "pid=" in line]
+    assert list(runs.glob("*/download/manifest.json"))
+    status = _ray("job", "status", job_id, "--address", dashboard, home=operator_home, token=True)  # as an operator
+    assert status.returncode == 0 and f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr
+    listed = _ray("job", "list", "--address", dashboard, home=operator_home, token=True)
+    assert "'recipe': 'demo'" in listed.stdout and "python -m pipeline run demo --set" in listed.stdout, listed.stdout

@@ -185,9 +185,9 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
     experiment = client.get_experiment_by_name("demo").experiment_id
     runs = {r.info.run_name: r for r in client.search_runs([experiment])}
     train = runs["train"]
-    assert [x.step for x in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [x.step for x in client.get_metric_history(train.info.run_id, "train/loss")] == [1, 2, 3, 4]
     for key in ["lr", "temperature", "samples_per_second", "samples_per_second_per_worker", "data_wait_fraction"]:
-        assert key in train.data.metrics
+        assert f"train/{key}" in train.data.metrics
     checkpoints = [a.path for a in client.list_artifacts(train.info.run_id, "checkpoints")]
     assert checkpoints == ["checkpoints/step_00000004"]  # the final one; mlflow_checkpoint_every=0
     assert {a.path for a in client.list_artifacts(train.info.run_id, "model")} == {
@@ -195,14 +195,15 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
         "model/weights.pt",
     }
     evaluate = runs["evaluate"]
-    assert 0 <= evaluate.data.metrics["zeroshot_top1"] <= 1 and "image_to_text_recall_at_5" in evaluate.data.metrics
+    assert 0 <= evaluate.data.metrics["evaluate/zeroshot_top1"] <= 1
+    assert "evaluate/image_to_text_recall_at_5" in evaluate.data.metrics
     assert evaluate.data.tags["mlflow.parentRunId"] == result.mlflow_run_id
     filtered = runs["filter"]
     artifacts = {a.path for a in client.list_artifacts(filtered.info.run_id, "report")}
     assert {"report/3_dfn_hist.png", "report/4_aesthetic_examples.png", "report/5_nsfw_hist.png"} <= artifacts
     for key in ("3_dfn.precision", "4_aesthetic.recall", "5_nsfw.prevalence", "1_basic.recall", "3_dfn.dropped"):
-        assert key in filtered.data.metrics
-    assert runs["dedupe"].data.metrics["dedupe_precision"] >= 0.8  # ground truth scored and logged
+        assert f"filter/{key}" in filtered.data.metrics
+    assert runs["dedupe"].data.metrics["dedupe/dedupe_precision"] >= 0.8  # ground truth scored and logged
 
     # the filters whose defaults the run makes: eval class names (vocabulary), class embeddings (targets);
     # run on the same pool table, with their chunked work as Ray tasks

@@ -42,10 +42,10 @@ def test_demo_run_records_manifests_and_mlflow_tree(ray_cluster, small_demo):
     assert parent.data.params["download.samples_per_shard"] == "50"
     assert parent.info.status == "FINISHED"
     child = next(r for r in children if r.info.run_name == "download")
-    assert child.data.metrics["in"] == 160
-    assert child.data.metrics["kept"] == download.kept
+    assert child.data.metrics["accounting/in"] == 160
+    assert child.data.metrics["accounting/kept"] == download.kept
     for reason, count in download.failed.items():
-        assert child.data.metrics[f"failed.{reason}"] == count
+        assert child.data.metrics[f"accounting/failed/{reason}"] == count
     assert child.data.params["image_size"] == "64"
     client = _client(small_demo)
     # the MLflow 3 UI opens a custom-model experiment on its runs, not on the GenAI overview

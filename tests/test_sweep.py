@@ -98,5 +98,5 @@ def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, 
         "results/results.md",
         "results/accuracy_vs_kept.png",
     }
-    assert sweep_run.data.metrics["dedupe_clip.kept_fraction"] == pytest.approx(filtered.kept_fraction)
+    assert sweep_run.data.metrics["dedupe_clip/kept_fraction"] == pytest.approx(filtered.kept_fraction)
     assert all(r.info.status == "FINISHED" for r in runs)

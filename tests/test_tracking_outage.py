@@ -58,7 +58,7 @@ def test_unreachable_store_at_start_runs_anyway_and_sync_replays_the_folder(ray_
     parent, logged = sync_run(result.run_dir, store, log=lambda m: None)
     assert logged == ["demo_pool", "download", "phash"]
     runs = _stage_runs(store, "demo")
-    assert runs["download"].data.metrics["kept"] == result.manifests["download"].kept
+    assert runs["download"].data.metrics["accounting/kept"] == result.manifests["download"].kept
     assert runs["phash"].data.tags["mlflow.parentRunId"] == parent
     assert json.loads((result.run_dir / "run.json").read_text())["mlflow_run_id"] == parent
 
@@ -112,11 +112,11 @@ def test_tracking_server_killed_mid_training_does_not_stop_the_run(ray_cluster, 
     assert any("failed" in m and f"127.0.0.1:{port}" in m for m in messages)
     live = _stage_runs(f"sqlite:///{tmp_path / 'server.db'}", "demo")
     assert {"demo_pool", "download"} <= set(live)  # logged before the outage
-    assert "kept" not in live["train"].data.metrics  # nothing after it
+    assert "accounting/kept" not in live["train"].data.metrics  # nothing after it
 
     store = f"sqlite:///{tmp_path / 'later.db'}"
     sync_run(result.run_dir, store, log=lambda m: None)
     train = _stage_runs(store, "demo")["train"]
-    history = mlflow.MlflowClient(store).get_metric_history(train.info.run_id, "loss")
+    history = mlflow.MlflowClient(store).get_metric_history(train.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2]  # the training curve, replayed from train_log.jsonl
-    assert train.data.metrics["kept"] == result.manifests["train"].kept
+    assert train.data.metrics["accounting/kept"] == result.manifests["train"].kept

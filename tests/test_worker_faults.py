@@ -109,7 +109,7 @@ def test_killed_download_task_is_retried_and_no_uid_is_lost_or_doubled(ray_clust
         thread, outcome = _run_in_thread(
             lambda: run_download(str(tmp_path / "source.parquet"), config, stage, map_fn=make_ray_map())
         )
-        _kill_when(lambda: True, "download_shard")  # as soon as a shard's task runs
+        _kill_when(lambda: True, "ray::download:")  # as soon as a shard's task runs (tasks are named stage:item)
         thread.join(600)
     assert "error" not in outcome, outcome.get("error")
     manifest = outcome["result"]

@@ -73,7 +73,7 @@ def check_heads(
                 )
             continue
         if not Path(head).is_file():
-            raise MissingInput(f"filter '{params.name}': head not found: {head}", f"{key}.{index}.head")
+            raise MissingInput(f"filter '{params.name}': head weights not found: {head}", f"{key}.{index}.head")
         try:
             _, info = load_head(head, "binary" if params.name == "nsfw" else "regression")
         except HeadError as err:
