@@ -173,7 +173,8 @@ def _finished(stage: Stage, stage_dir: Path, reuse: dict[str, Manifest]) -> tupl
 
 def _run_stage(stage: Stage, ctx: RunContext, done: _Done, tracker: Tracker, parent_id: str | None, log) -> None:
     stage_dir = stage.stage_dir(ctx)
-    log(f"[{stage.name}] {stage.summary}")
+    if ctx.progress_console is None:  # a quiet run shows one line per stage: its result (and a live bar)
+        log(f"[{stage.name}] {stage.summary}")
     removed = remove_partials(stage_dir)  # what a killed earlier attempt was still writing
     if removed:
         log(f"[{stage.name}] removed {removed} partial file(s) left by an interrupted run")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -39,7 +40,7 @@ def plan_view(recipe: Recipe, run_name: str | None) -> Group:
 
 def summary_view(result) -> Group:
     """The table a finished run ends with, and where it is (folder, MLflow run)."""
-    table = Table("stage", "in", "kept", "dropped", "failed", "seconds")
+    table = Table("stage", "in", "kept", "dropped", "failed", "seconds", box=box.SIMPLE_HEAD, show_edge=False)
     for name, m in result.manifests.items():
         note = " (skipped)" if name in result.skipped else ""
         table.add_row(

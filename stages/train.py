@@ -445,6 +445,10 @@ def _fit(
     ctrl_c = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures are spent
+    except SystemExit as exit_:  # Ray's core turns a Ctrl-C inside `ray.get` into SystemExit(1)
+        if trainer.interrupted:
+            raise KeyboardInterrupt("train: interrupted") from exit_
+        raise
     finally:
         if threading.current_thread() is threading.main_thread():  # Ray registers it only there too
             signal.signal(signal.SIGINT, ctrl_c)

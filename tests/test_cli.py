@@ -159,7 +159,9 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     first.wait(timeout=120)
     assert not (runs / "k" / "train" / "manifest.json").exists()
+    assert first.returncode == 130, console.read_text()
     assert_quiet(console.read_text(), 40)
+    assert "error: interrupted: continue with `python -m pipeline resume RUN`" in console.read_text()
     assert f"logs: {runs / 'k' / 'logs'}" in console.read_text()
     assert (runs / "k" / "logs" / "driver.log").is_file() and (runs / "k" / "logs" / "ray").is_dir()  # the rest
 

@@ -103,11 +103,12 @@ def test_damaged_newer_checkpoints_fall_back_and_the_loaded_step_is_recorded(ray
 def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninterrupted_run(tmp_path):
     soak = load_benchmark("soak")
     lines: list[str] = []
-    report = soak.soak(kills=8, seed=1, workdir=tmp_path, log=lines.append)
+    # the three writer events and one timed kill; `benchmarks/soak.py --kills 100` is the long run
+    report = soak.soak(kills=4, seed=1, workdir=tmp_path, log=lines.append)
     killed = [a for a in report.attempts if a.killed]
     assert report.failed_resumes == 0, "\n".join(lines)
-    assert len(killed) >= 8, "\n".join(lines)
-    assert len({a.where for a in killed}) >= 4, "\n".join(lines)  # spread over the chain, not piled in one stage
+    assert len(killed) >= 4, "\n".join(lines)
+    assert len({a.where for a in killed}) >= 2, "\n".join(lines)  # not all in one stage
     assert {a.kill.event for a in killed} >= {"checkpoint_persist", "shard_write", "artifact_upload"}
     assert report.mismatches == [] and report.unreadable == [] and report.running_mlflow_runs == 0, report.summary()
     assert report.passed, "\n".join(lines)

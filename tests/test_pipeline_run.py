@@ -54,6 +54,25 @@ def test_demo_run_records_manifests_and_mlflow_tree(ray_cluster, small_demo):
     assert [a.path for a in artifacts] == ["manifest.json"]
     local = client.download_artifacts(child.info.run_id, "manifest.json", str(small_demo.output_dir))
     assert json.loads(Path(local).read_text())["kept"] == download.kept
+    series = _prometheus_series("ray_pipeline_samples_failed_total")  # Ray's metrics agent, as Prometheus scrapes it
+    assert any('stage="download"' in line and 'reason="http_404"' in line for line in series), series
+
+
+def _prometheus_series(name: str, timeout: float = 60) -> list[str]:
+    """The lines of `name` on this node's metrics export port (Ray reports custom metrics every few seconds)."""
+    import time
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.time() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            lines = [line for line in answer.read().decode().splitlines() if line.startswith(name + "{")]
+        if lines or time.time() > deadline:
+            return lines
+        time.sleep(2)
 
 
 def test_resume_skips_finished_stages_and_finished_shards(ray_cluster, small_demo):
