@@ -39,6 +39,9 @@ STAGES = [
     *("demo_pool", "download", "phash", "dedupe", "seed_models", "embed"),
     *("heads", "filter", "subset", "train", "evaluate"),
 ]
+# the chain without models (no seed training, embedding, heads or filter): the writer events are all in
+# it, at well under half the time; CI soaks this one, `--chain model_free` here
+MODEL_FREE = ["demo_pool", "download", "phash", "dedupe", "subset", "train", "evaluate"]
 EVENTS = ("checkpoint_persist", "shard_write", "artifact_upload")
 RUN = "soak"
 
@@ -49,7 +52,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def soak_overrides(output_dir: Path, ray_temp: str, port: int) -> list[str]:
+def soak_overrides(output_dir: Path, ray_temp: str, port: int, stages: list[str] = STAGES) -> list[str]:
     """A small demo chain with every stage and tiny models: a few minutes on 2 cores. The demo's
     urls (and so its uids) name the server's port: the reference and the soaked runs share one."""
     return [
@@ -57,7 +60,7 @@ def soak_overrides(output_dir: Path, ray_temp: str, port: int) -> list[str]:
         f"source.demo.port={port}",
         f"ray.temp_dir={ray_temp}",
         "ray.dashboard=false",
-        "stages=[" + ", ".join(STAGES) + "]",
+        "stages=[" + ", ".join(stages) + "]",
         "source.demo.n_samples=160",
         "source.demo.n_eval=30",
         "download.samples_per_shard=40",
@@ -137,25 +140,27 @@ class SoakReport:
 
 
 def plan_kills(n: int, seed: int, stage_seconds: dict[str, float], events: bool = True) -> list[KillPoint]:
-    """n kill points in run order: one per event kind, the rest at uniform instants of the reference timeline."""
+    """n kill points in run order: one per event kind, the rest at uniform instants of the reference timeline
+    (`stage_seconds`, in run order: its stages are the soaked chain's)."""
     rng = random.Random(seed)
+    order = list(stage_seconds)
     signals = ["KILL", "INT"]
     points: list[tuple[int, float, KillPoint]] = []
     event_stage = {"shard_write": "download", "checkpoint_persist": "train", "artifact_upload": "train"}
     chosen_events = list(EVENTS[: min(n, len(EVENTS))]) if events else []
     for event in chosen_events:
         stage = event_stage[event]
-        points.append((STAGES.index(stage), -1.0, KillPoint(stage, 0.0, event, rng.choice(signals))))
-    total = sum(stage_seconds.get(s, 0.0) for s in STAGES)
+        points.append((order.index(stage), -1.0, KillPoint(stage, 0.0, event, rng.choice(signals))))
+    total = sum(stage_seconds.values())
     for _ in range(n - len(chosen_events)):
-        instant, stage = rng.uniform(0, total), STAGES[-1]
-        for name in STAGES:
+        instant, stage = rng.uniform(0, total), order[-1]
+        for name in order:
             if instant < stage_seconds.get(name, 0.0):
                 stage = name
                 break
             instant -= stage_seconds.get(name, 0.0)
         fraction = instant / max(stage_seconds.get(stage, 0.0), 1e-9)
-        points.append((STAGES.index(stage), fraction, KillPoint(stage, fraction, "", rng.choice(signals))))
+        points.append((order.index(stage), fraction, KillPoint(stage, fraction, "", rng.choice(signals))))
     return [p for _, _, p in sorted(points, key=lambda t: (t[0], t[1]))]
 
 
@@ -292,7 +297,8 @@ def run_until_killed(
     started = time.monotonic()
     before = _existing(point.event, run_dir) if point.event else set()
     # an earlier kill may have moved past the planned stage: then the first stage still unfinished
-    later = STAGES[STAGES.index(point.stage) :]
+    order = list(reference_seconds)
+    later = order[order.index(point.stage) :]
     target = next((stage for stage in later if not _stage_finished(run_dir, stage)), point.stage)
     offset = point.fraction * reference_seconds.get(target, 0.0)
     run = RunProcess(args, log_path)
@@ -329,6 +335,8 @@ def _uids(run_dir: Path) -> dict[str, list]:
 
     found = {}
     for stage in ("dedupe", "filter"):
+        if not (run_dir / stage / "decisions.parquet").exists():
+            continue  # not in this chain
         table = pq.read_table(run_dir / stage / "decisions.parquet", columns=["uid", "keep", "reason"])
         found[stage] = sorted(zip(*(table.column(c).to_pylist() for c in ("uid", "keep", "reason")), strict=True))
     shards = sorted((run_dir / "subset" / "shards").glob("*.parquet"))
@@ -339,7 +347,7 @@ def _uids(run_dir: Path) -> dict[str, list]:
 def compare_runs(reference: Path, soaked: Path) -> list[str]:
     """What differs between the finished soaked run and the uninterrupted reference."""
     problems = []
-    for stage in STAGES:
+    for stage in stage_seconds(reference):
         ref = json.loads((reference / stage / "manifest.json").read_text())
         got = json.loads((soaked / stage / "manifest.json").read_text())
         if _comparable(ref) != _comparable(got):
@@ -397,15 +405,17 @@ def running_mlflow_runs(output_dir: Path) -> int:
 
 
 def stage_seconds(run_dir: Path) -> dict[str, float]:
-    return {s: json.loads((run_dir / s / "manifest.json").read_text())["seconds"] for s in STAGES}
+    """Each stage's seconds, in run order, for the stages the run has."""
+    found = [s for s in STAGES if (run_dir / s / "manifest.json").exists()]
+    return {s: json.loads((run_dir / s / "manifest.json").read_text())["seconds"] for s in found}
 
 
-def reference_run(workdir: Path, port: int, timeout: float = 900) -> tuple[Path, float]:
+def reference_run(workdir: Path, port: int, stages: list[str], timeout: float = 900) -> tuple[Path, float]:
     """The uninterrupted run every soaked run must equal."""
     output = workdir / "reference"
     ray_temp = tempfile.mkdtemp(prefix="rsr", dir="/tmp")
     started = time.monotonic()
-    overrides = soak_overrides(output, ray_temp, port)
+    overrides = soak_overrides(output, ray_temp, port, stages)
     args = ["run", "demo", "--run-name", RUN, *[a for o in overrides for a in ("--set", o)]]
     try:
         run = RunProcess(args, workdir / "reference.log")
@@ -432,13 +442,13 @@ def run_cycle(
     before all are reached, and the rest go to the next run."""
     run_dir = output / RUN
     ray_temp = tempfile.mkdtemp(prefix="rsk", dir="/tmp")
-    overrides = soak_overrides(output, ray_temp, port)
+    overrides = soak_overrides(output, ray_temp, port, list(reference_seconds))
     first = ["run", "demo", "--run-name", RUN, *[a for o in overrides for a in ("--set", o)]]
     resume = ["resume", str(run_dir)]
     finished, consumed = False, 0
     try:
         for point in points:
-            if all(_stage_finished(run_dir, stage) for stage in STAGES):
+            if all(_stage_finished(run_dir, stage) for stage in reference_seconds):
                 break  # nothing left to interrupt: the rest go to the next run
             consumed += 1
             args = resume if (run_dir / "run.json").exists() else first
@@ -483,14 +493,16 @@ def drop_bulk(run_dir: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def soak(kills: int, seed: int, workdir: Path, reference: Path | None = None, log=print) -> SoakReport:
+def soak(
+    kills: int, seed: int, workdir: Path, reference: Path | None = None, log=print, stages: list[str] = STAGES
+) -> SoakReport:
     """Kill soaked runs `kills` times in all; a run that finishes before its kill points are spent
-    is checked, and the rest are drawn afresh for a new run."""
+    is checked, and the rest are drawn afresh for a new run. `stages`: the chain (a given reference's own)."""
     workdir.mkdir(parents=True, exist_ok=True)
     report = SoakReport(kills=kills, seed=seed)
     if reference is None:
         port = free_port()
-        reference, report.reference_seconds = reference_run(workdir, port)
+        reference, report.reference_seconds = reference_run(workdir, port, stages)
         drop_bulk(reference)  # what the comparisons read (manifests, decisions) stays
         log(f"reference run: {report.reference_seconds:.0f} s")
     else:
@@ -524,17 +536,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chain", choices=["full", "model_free"], default="full", help="full: all 11 stages")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="soak-"))
-    report = soak(args.kills, args.seed, workdir)
+    report = soak(args.kills, args.seed, workdir, stages=STAGES if args.chain == "full" else MODEL_FREE)
     if args.json:
         record = {
             "name": "soak",
             "passed": report.passed,
             "summary": report.summary(),
-            "params": {"kills": args.kills, "seed": args.seed},
+            "params": {"kills": args.kills, "seed": args.seed, "chain": args.chain},
             "reference_seconds": report.reference_seconds,
             "soak_seconds": report.soak_seconds,
             "finished_runs": report.runs,

@@ -1,8 +1,10 @@
 """What a recipe will cost before it runs: training compute and storage, for `--dry-run`.
 
 Compute follows DataComp's convention: multiply-accumulates of one forward pass of both towers,
-times samples seen (their Table 2: 9.5e16 MACs for `small`, ViT-B-32 x 12.8M). It is counted
-analytically from the open_clip config, so even ViT-L-14 costs nothing to estimate. Training
+times samples seen (their Table 2: 9.5e16 MACs for `small`, ViT-B-32 x 12.8M). ViTs are counted
+analytically from the open_clip config; any other model (ConvNeXt, ResNet) or image size by one
+forward pass on the meta device under torch's FLOP counter (ViT-B-32 that way: 7.39e9 per sample,
+DataComp's 7.42e9). Training
 FLOPs are taken as 6 x MACs (forward + backward, 2 FLOPs per MAC). Storage scales DataComp's
 published pool sizes (450 GB for 12.8M samples at 512 px, keep_ratio_largest) by pixels.
 """
@@ -48,6 +50,26 @@ def forward_macs_per_sample(model_name: str) -> float | None:
     return float(image + text_macs)
 
 
+def counted_macs_per_sample(model_name: str, image_size: int | None = None) -> float:
+    """MACs of one image + one caption, counted by running the model once on the meta device (no
+    memory, no arithmetic) under torch's FLOP counter: any open_clip model, ConvNeXt and ResNets too."""
+    import open_clip
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    clip_models.register_model_configs()
+    with torch.device("meta"):
+        model = open_clip.create_model(model_name, pretrained=None, device="meta", force_image_size=image_size)
+    size = image_size or model.visual.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    image = torch.zeros(1, 3, height, width, device="meta")
+    text = torch.zeros(1, model.context_length, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.encode_image(image)
+        model.encode_text(text)
+    return counter.get_total_flops() / 2
+
+
 @dataclass(frozen=True)
 class Budget:
     samples_seen: int
@@ -56,10 +78,11 @@ class Budget:
     reference_gpu_hours: float | None
 
 
-def training_budget(model_name: str, samples_seen: int) -> Budget:
-    per_sample = forward_macs_per_sample(model_name)
+def training_budget(model_name: str, samples_seen: int, image_size: int | None = None) -> Budget:
+    """Analytic for ViTs at their own size (DataComp's figures), counted from the model otherwise."""
+    per_sample = None if image_size else forward_macs_per_sample(model_name)
     if per_sample is None:
-        return Budget(samples_seen, None, None, None)
+        per_sample = counted_macs_per_sample(model_name, image_size)
     macs = per_sample * samples_seen
     return Budget(samples_seen, macs, 6 * macs, 6 * macs / REFERENCE_GPU_FLOPS / 3600)
 

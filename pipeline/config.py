@@ -187,9 +187,29 @@ def format_validation_error(err: ValidationError, recipe: str) -> str:
     return f"invalid recipe '{recipe}': " + "; ".join(problems)
 
 
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe's mapping, with `extends: <shipped recipe>` resolved (the base first, this file over it)."""
+    data = read_yaml_mapping(name_or_path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or base in seen:
+        raise ConfigError(f"recipe '{name_or_path}': extends must name another recipe (got {base!r})")
+    return _merged(read_recipe(base, (*seen, name_or_path)), data)
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe by name or path, apply overrides, validate; raise ConfigError on problems."""
-    data = apply_overrides(read_yaml_mapping(name_or_path), overrides or [])
+    data = apply_overrides(read_recipe(name_or_path), overrides or [])
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:

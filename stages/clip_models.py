@@ -28,15 +28,51 @@ def register_model_configs() -> None:
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-def create(model_name: str):
-    """(model, train transform, eval transform, tokenizer) with random weights."""
+def create(
+    model_name: str,
+    aug_cfg: dict | None = None,
+    force_image_size: int | None = None,
+    drop_path: float | None = None,
+):
+    """(model, train transform, eval transform, tokenizer) with random weights; `aug_cfg` is open_clip's
+    AugmentationCfg, `drop_path` the stochastic depth of a timm image tower (ConvNeXt)."""
     import open_clip
 
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model '{model_name}' (e.g. demo-tiny, RN50, ViT-B-32, ViT-L-14)")
-    model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(model_name, pretrained=None)
+    extra = {} if drop_path is None else {"vision_cfg": _with_drop_path(model_name, drop_path, force_image_size)}
+    model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+        model_name, pretrained=None, aug_cfg=aug_cfg, force_image_size=force_image_size, **extra
+    )
     return model, preprocess_train, preprocess_eval, open_clip.get_tokenizer(model_name)
+
+
+def check_drop_path(model_name: str) -> None:
+    """Stochastic depth is a setting of timm image towers; open_clip's own ViT has none."""
+    import open_clip
+
+    register_model_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model '{model_name}'")
+    if "timm_model_name" not in config["vision_cfg"]:
+        raise ValueError(
+            f"train.drop_path: {model_name}'s image tower is open_clip's own, which has no stochastic depth "
+            "(timm towers such as convnext_base_w's have)"
+        )
+
+
+def _with_drop_path(model_name: str, drop_path: float, image_size: int | None) -> dict:
+    """The model's image tower config with stochastic depth set (open_clip reads it for timm towers only)."""
+    import open_clip
+
+    check_drop_path(model_name)
+    vision = dict(open_clip.get_model_config(model_name)["vision_cfg"])
+    vision.update(timm_drop_path=drop_path, timm_model_pretrained=False)
+    if image_size:
+        vision["image_size"] = image_size
+    return vision
 
 
 def save(model: torch.nn.Module, model_name: str, folder: Path) -> Path:

@@ -42,7 +42,29 @@ LOG_FILE = "train_log.jsonl"
 def curve_key(name: str) -> str:
     """Per-step metrics in MLflow: `train/loss`, `train/lr`, ... (one section of charts in its UI)."""
     return f"train/{name}"
+
+
 ATTEMPT_PREFIX = "attempt-"  # one Ray Train run name per attempt (first run, then each resume)
+
+
+class AugCfg(StrictModel):
+    """open_clip's `AugmentationCfg` (its `--aug-cfg`): the train transform. LAION's augreg models
+    used scale (0.33, 1.0), re_prob 0.35 with use_timm."""
+
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] | None = None
+    color_jitter: float | tuple[float, float, float] | tuple[float, float, float, float] | None = None
+    re_prob: float | None = Field(None, ge=0, le=1, description="random erasing (needs use_timm)")
+    re_count: int | None = Field(None, ge=1)
+    use_timm: bool = False
+    color_jitter_prob: float | None = Field(None, ge=0, le=1)
+    gray_scale_prob: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _timm_only(self) -> AugCfg:
+        if not self.use_timm and (self.re_prob or self.re_count):
+            raise ValueError("re_prob/re_count are timm's random erasing: set use_timm: true (open_clip ignores them)")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -50,7 +72,17 @@ class TrainConfig(StrictModel):
 
     model: str = "ViT-B-32"
     samples_seen: int = Field(12_800_000, gt=0)
-    batch_size: int = Field(4096, gt=0, description="global batch, split evenly across workers")
+    batch_size: int = Field(
+        4096,
+        gt=0,
+        description="global batch per optimiser step; a remainder after dividing by workers x accum_freq is not used",
+    )
+    accum_freq: int = Field(1, ge=1, description="micro-batches per step, the loss over the whole batch (open_clip's)")
+    aug_cfg: AugCfg = Field(default_factory=AugCfg)
+    force_image_size: int | None = Field(None, gt=0, description="train at this image size instead of the model's")
+    drop_path: float | None = Field(
+        None, ge=0, lt=1, description="stochastic depth of a timm image tower (ConvNeXt); None: the model config's"
+    )
     lr: float = Field(5e-4, gt=0)
     warmup: int = Field(500, ge=0, description="warmup steps")
     weight_decay: float = Field(0.2, ge=0)
@@ -79,20 +111,43 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from")
 
     @model_validator(mode="after")
-    def _divisible(self) -> TrainConfig:
-        if self.batch_size % self.workers:
-            raise ValueError(f"train.batch_size {self.batch_size} must divide evenly by train.workers {self.workers}")
-        if self.samples_seen < self.batch_size:
+    def _batch_fits(self) -> TrainConfig:
+        if self.micro_batch < 1:
+            raise ValueError(
+                f"train.batch_size {self.batch_size} is smaller than train.workers x train.accum_freq "
+                f"({self.workers} x {self.accum_freq})"
+            )
+        if self.samples_seen < self.step_batch:
             raise ValueError("train.samples_seen must be at least one batch")
         return self
 
     @property
+    def micro_batch(self) -> int:
+        """Samples per worker per forward pass."""
+        return self.batch_size // (self.workers * self.accum_freq)
+
+    @property
+    def step_batch(self) -> int:
+        """The global batch a step really takes: batch_size rounded down to workers x accum_freq."""
+        return self.micro_batch * self.workers * self.accum_freq
+
+    @property
     def total_steps(self) -> int:
-        return self.samples_seen // self.batch_size
+        return self.samples_seen // self.step_batch
 
     @property
     def checkpoint_every_steps(self) -> int:
-        return max(1, self.checkpoint_every_samples // self.batch_size)
+        return max(1, self.checkpoint_every_samples // self.step_batch)
+
+    def batch_note(self) -> str:
+        """How the global batch is split; what of it goes unused when it does not divide."""
+        split = f"{self.workers} worker(s) x {self.accum_freq} micro-batch(es) of {self.micro_batch:,}"
+        unused = self.batch_size - self.step_batch
+        return split + (f"; {unused} of batch {self.batch_size:,} unused per step" if unused else "")
+
+    def model_overrides(self) -> dict:
+        """What open_clip's factory is given besides the model name."""
+        return {"force_image_size": self.force_image_size, "drop_path": self.drop_path}
 
 
 @dataclass(frozen=True)
@@ -189,6 +244,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from stages import clip_models
     from stages.train_data import batches
+    from stages.train_step import backward_step
 
     config = TrainConfig.model_validate(loop_config["train"])
     logging.getLogger().setLevel(logging.WARNING)  # open_clip's per-model INFO lines, once per worker
@@ -196,7 +252,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.threads_per_worker)
     torch.manual_seed(config.seed)
-    model, preprocess, _, tokenizer = clip_models.create(config.model)
+    model, preprocess, _, tokenizer = clip_models.create(
+        config.model, aug_cfg=config.aug_cfg.model_dump(), **config.model_overrides()
+    )
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model = ray.train.torch.prepare_model(model)
@@ -230,7 +288,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     log_path = Path(loop_config["log_path"])
     progress = ProgressWriter(log_path.parent)  # what `pipeline status` shows while this trains
     stop = min(config.total_steps, config.stop_at_step or config.total_steps)
-    per_worker = config.batch_size // world
+    per_worker = config.micro_batch * config.accum_freq
     every = config.checkpoint_every_steps
     window_started, data_wait, window_steps = time.perf_counter(), 0.0, 0
     while step < stop:
@@ -257,10 +315,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
             schedule(step)
             optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                image_features, text_features, logit_scale = model(images, texts)
-                loss = loss_fn(image_features, text_features, logit_scale)
-            loss.backward()
+            loss = backward_step(model, loss_fn, images, texts, config.accum_freq, autocast)
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -274,10 +329,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "loss": float(loss.detach()),
                     "lr": optimizer.param_groups[0]["lr"],
                     "temperature": float(1 / core.logit_scale.detach().exp()),
-                    "samples_per_second": window_steps * config.batch_size / elapsed,
+                    "samples_per_second": window_steps * config.step_batch / elapsed,
                     "samples_per_second_per_worker": window_steps * per_worker / elapsed,
                     "data_wait_fraction": data_wait / elapsed,
-                    "samples_seen": step * config.batch_size,
+                    "samples_seen": step * config.step_batch,
                 }
                 if rank == 0:
                     _log_step(log_path, client, tracking, step, metrics, progress, config.total_steps)
@@ -401,9 +456,9 @@ def run_train(
         seconds=seconds,
         metrics={
             "steps": float(step),
-            "samples_seen": float(step * config.batch_size),
+            "samples_seen": float(step * config.step_batch),
             "resumed_from_step": float(resume.step),  # the step whose weights were actually loaded
-            "fit_samples_per_second": step * config.batch_size / seconds,
+            "fit_samples_per_second": step * config.step_batch / seconds,
         },
     )
 
@@ -566,6 +621,12 @@ class Train(Stage):
     Outputs = TrainOutputs
     counts_from = "shards"
 
+    def check(self, before: list[Stage]) -> None:
+        if self.config.drop_path is not None:
+            from stages import clip_models
+
+            clip_models.check_drop_path(self.config.model)
+
     def resources(self) -> Resources:
         c = self.config
         return Resources(cpus=c.threads_per_worker, gpus=1 if c.use_gpu else 0, actors=c.workers)
@@ -576,11 +637,19 @@ class Train(Stage):
         lines = [
             f"training budget: model {c.model}, {c.samples_seen:,} samples seen, batch {c.batch_size:,} "
             f"({c.total_steps:,} steps), lr {c.lr:g}, warmup {c.warmup:,}, wd {c.weight_decay:g}, "
-            f"beta2 {c.beta2:g}, {c.workers} worker(s){gpu}"
+            f"beta2 {c.beta2:g}, grad-clip {c.grad_clip or 'off'}, {c.batch_note()}{gpu}, precision {c.precision}"
+            + (", gradient checkpointing" if c.grad_checkpointing else ""),
+            f"train transform: RandomResizedCrop scale {tuple(c.aug_cfg.scale)}"
+            + (f", random erasing {c.aug_cfg.re_prob:g}" if c.aug_cfg.re_prob else "")
+            + (f", stochastic depth {c.drop_path:g}" if c.drop_path is not None else "")
+            + (f", image size {c.force_image_size}" if c.force_image_size else ""),
         ]
-        budget = training_budget(c.model, c.samples_seen)
-        if budget.macs is None:
-            return [*lines, f"compute: not estimated for {c.model} (ViT configs only)"]
+        intervals = c.samples_seen / c.checkpoint_every_samples
+        lines.append(
+            f"checkpoints: {c.samples_seen:,} samples seen in {intervals:,.4g} intervals of "
+            f"{c.checkpoint_every_samples:,} ({c.checkpoint_every_steps:,} steps each)"
+        )
+        budget = training_budget(c.model, c.samples_seen, c.force_image_size)
         return [
             *lines,
             f"compute: {budget.macs:.2g} MACs (forward, both towers, x samples seen; DataComp's measure), "
@@ -591,7 +660,7 @@ class Train(Stage):
         c = self.config
         device = "GPU" if c.use_gpu else "CPU"
         note = (
-            f"{c.model}, {c.samples_seen:,} samples seen = {c.total_steps:,} steps of {c.batch_size:,}, "
+            f"{c.model}, {c.samples_seen:,} samples seen = {c.total_steps:,} steps of {c.step_batch:,}, "
             f"{c.workers} {device} worker(s), checkpoint every {c.checkpoint_every_steps:,} steps"
         )
         output = str(run_dir / self.name / "model")

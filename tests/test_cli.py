@@ -134,6 +134,7 @@ def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_pa
         f"ray.temp_dir=/tmp/rtk{os.getpid()}",
         "train.samples_seen=384",
         "train.batch_size=32",
+        "train.accum_freq=2",  # two micro-batches of 16 a step: open_clip's accumulation in the real loop
         "train.checkpoint_every_samples=96",
         "train.log_every_steps=1",
         "subset.samples_per_shard=60",

@@ -14,8 +14,10 @@ import torch
 
 from filters.heads import EmbeddingHead, HeadInfo, save_head
 from pipeline.config import ConfigError, load_recipe
+from pipeline.manifest import Manifest
 from pipeline.orchestrator import plan, run_pipeline
 from tests.conftest import fast_filter_overrides, small_demo_overrides
+from tests.test_cli import assert_quiet, cli
 
 FILTER_STAGES = "stages=[demo_pool, download, phash, dedupe, seed_models, embed, heads, filter, subset]"
 
@@ -158,9 +160,14 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
         "train.log_every_steps=1",
     ]
     recipe = load_recipe("demo", overrides)
-    result = run_pipeline(recipe, run_name="full", log=lambda m: None)
-    m = result.manifests
-    assert list(m) == recipe.stages == [
+    # as a user runs it, in a terminal of its own: the console is the quiet one (<= 40 lines, no Ray noise)
+    args = ["run", "demo", "--run-name", "full", *[a for o in overrides for a in ("--set", o)]]
+    out = cli(*args, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_quiet(out.stdout + out.stderr, 40)
+    run_dir = tmp_path / "runs" / "full"
+    m = {stage: Manifest.read(run_dir / stage) for stage in recipe.stages}
+    assert [s for s in m if m[s] is not None] == recipe.stages == [
         "demo_pool", "download", "phash", "dedupe", "seed_models", "embed", "heads", "filter", "subset", "train",
         "evaluate",
     ]  # fmt: skip
@@ -197,7 +204,7 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
     evaluate = runs["evaluate"]
     assert 0 <= evaluate.data.metrics["evaluate/zeroshot_top1"] <= 1
     assert "evaluate/image_to_text_recall_at_5" in evaluate.data.metrics
-    assert evaluate.data.tags["mlflow.parentRunId"] == result.mlflow_run_id
+    assert evaluate.data.tags["mlflow.parentRunId"] == json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
     filtered = runs["filter"]
     artifacts = {a.path for a in client.list_artifacts(filtered.info.run_id, "report")}
     assert {"report/3_dfn_hist.png", "report/4_aesthetic_examples.png", "report/5_nsfw_hist.png"} <= artifacts

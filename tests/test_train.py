@@ -56,13 +56,9 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(ray_cluster, shards, t
     assert latest_checkpoint(tmp_path / "full" / "ray").name.startswith("checkpoint_")
 
 
-def test_evaluation_reports_zero_shot_and_retrieval(ray_cluster, shards, served_pool, tmp_path):
-    tars, n = shards
-    pool_dir, _ = served_pool
-    trained = run_train(
-        tars, n, CONFIG.model_copy(update={"samples_seen": 64, "checkpoint_every_samples": 64}), tmp_path / "train"
-    )
-    manifest = run_evaluate(Path(trained.outputs["model"]), pool_dir / "eval", EvaluateConfig(), tmp_path / "eval")
+def test_evaluation_reports_zero_shot_and_retrieval(tiny_model, served_pool, tmp_path):
+    pool_dir, _ = served_pool  # the model need not be trained: the figures are checked for range and shape
+    manifest = run_evaluate(Path(tiny_model), pool_dir / "eval", EvaluateConfig(), tmp_path / "eval")
     manifest.check_balance()
     assert manifest.kept == 40
     for key in ["zeroshot_top1", "zeroshot_top5", "image_to_text_recall_at_1", "text_to_image_recall_at_10"]:
@@ -70,7 +66,7 @@ def test_evaluation_reports_zero_shot_and_retrieval(ray_cluster, shards, served_
     assert manifest.metrics["zeroshot_chance"] == pytest.approx(1 / 120)
     assert json.loads((tmp_path / "eval" / "results.json").read_text()) == manifest.metrics
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
-        run_evaluate(Path(trained.outputs["model"]), tmp_path, EvaluateConfig(), tmp_path / "eval2")
+        run_evaluate(Path(tiny_model), tmp_path, EvaluateConfig(), tmp_path / "eval2")
 
 
 class _Exploit:
@@ -91,8 +87,8 @@ def test_loading_a_malicious_checkpoint_executes_nothing(tmp_path):
 def test_missing_model_and_bad_config_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved model"):
         clip_models.load(tmp_path)
-    with pytest.raises(ValueError, match="must divide evenly"):
-        TrainConfig(batch_size=10, workers=3)
+    with pytest.raises(ValueError, match="smaller than train.workers"):
+        TrainConfig(batch_size=2, workers=3)
     with pytest.raises(ValueError, match="unknown open_clip model"):
         clip_models.create("no-such-model")
 
