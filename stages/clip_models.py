@@ -8,6 +8,7 @@ with `weights_only=True`) and `model.json` (the open_clip model name).
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -33,6 +34,7 @@ def create(
     aug_cfg: dict | None = None,
     force_image_size: int | None = None,
     drop_path: float | None = None,
+    siglip: bool = False,
 ):
     """(model, train transform, eval transform, tokenizer) with random weights; `aug_cfg` is open_clip's
     AugmentationCfg, `drop_path` the stochastic depth of a timm image tower (ConvNeXt)."""
@@ -42,6 +44,8 @@ def create(
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model '{model_name}' (e.g. demo-tiny, RN50, ViT-B-32, ViT-L-14)")
     extra = {} if drop_path is None else {"vision_cfg": _with_drop_path(model_name, drop_path, force_image_size)}
+    if siglip:  # open_clip's --siglip: a learned bias, and the temperature starting at 1/10
+        extra.update(init_logit_scale=math.log(10), init_logit_bias=-10.0)
     model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
         model_name, pretrained=None, aug_cfg=aug_cfg, force_image_size=force_image_size, **extra
     )
@@ -103,7 +107,18 @@ def load_checkpoint(path: Path, model_name: str, device: str = "cpu"):
     Accepts a bare state dict or open_clip's training checkpoint (`state_dict`, `module.` prefixes).
     """
     model, _, preprocess_eval, tokenizer = create(model_name)
+    load_weights(model, path, model_name, device)
+    return model.to(device).eval(), preprocess_eval, tokenizer
+
+
+def load_weights(
+    model: torch.nn.Module, path: Path, model_name: str, device: str = "cpu", may_lack: tuple[str, ...] = ()
+) -> None:
+    """Put an open_clip checkpoint's weights (a file, or a folder written by `save`) into `model`;
+    `may_lack`: parameters the checkpoint need not have (they keep their initial values)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS
     if is_torchscript(path):
         raise ValueError(
             f"{path}: a TorchScript archive (OpenAI's own .pt), not a state dict; convert it once with "
@@ -119,11 +134,10 @@ def load_checkpoint(path: Path, model_name: str, device: str = "cpu"):
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k in may_lack}, **state})
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(f"{path}: weights do not fit open_clip model '{model_name}': {first}") from None
-    return model.to(device).eval(), preprocess_eval, tokenizer
 
 
 # what OpenAI's TorchScript state dicts carry beside the weights (open_clip drops them too)

@@ -31,7 +31,7 @@ from pipeline.interrupts import note_interrupt
 from pipeline.manifest import Manifest
 from pipeline.models import StrictModel
 from pipeline.progress import ProgressWriter
-from pipeline.stage import PlanRow, Resources, RunContext, Shards, Stage, StageOutputs
+from pipeline.stage import MissingInput, PlanRow, Resources, RunContext, Shards, Stage, StageOutputs
 from stages.mlflow_sink import MlflowSink
 
 STATE_FILE = "state.pt"
@@ -83,6 +83,12 @@ class TrainConfig(StrictModel):
     drop_path: float | None = Field(
         None, ge=0, lt=1, description="stochastic depth of a timm image tower (ConvNeXt); None: the model config's"
     )
+    siglip: bool = Field(False, description="open_clip's SigLipLoss (sigmoid, learned bias) instead of ClipLoss")
+    pretrained: str | None = Field(None, description="start from this local open_clip checkpoint file or model folder")
+    lock_image: bool = Field(False, description="LiT: freeze the image tower")
+    lock_image_unlocked_groups: int = Field(0, ge=0, description="its last N layer groups stay trainable")
+    lock_text: bool = Field(False, description="freeze the text tower")
+    lock_text_unlocked_layers: int = Field(0, ge=0, description="its last N layers stay trainable")
     lr: float = Field(5e-4, gt=0)
     warmup: int = Field(500, ge=0, description="warmup steps")
     weight_decay: float = Field(0.2, ge=0)
@@ -147,7 +153,7 @@ class TrainConfig(StrictModel):
 
     def model_overrides(self) -> dict:
         """What open_clip's factory is given besides the model name."""
-        return {"force_image_size": self.force_image_size, "drop_path": self.drop_path}
+        return {"force_image_size": self.force_image_size, "drop_path": self.drop_path, "siglip": self.siglip}
 
 
 @dataclass(frozen=True)
@@ -239,7 +245,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from open_clip import ClipLoss
+    from open_clip.loss import ClipLoss, SigLipLoss
     from open_clip_train.scheduler import cosine_lr
 
     from stages import clip_models
@@ -255,8 +261,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, preprocess, _, tokenizer = clip_models.create(
         config.model, aug_cfg=config.aug_cfg.model_dump(), **config.model_overrides()
     )
-    if config.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+    prepare_start(model, config)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
@@ -264,13 +269,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         parameter_groups(core, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
     )
     schedule = cosine_lr(optimizer, config.lr, config.warmup, config.total_steps)
-    loss_fn = ClipLoss(
-        local_loss=config.local_loss,
-        gather_with_grad=config.gather_with_grad,
-        cache_labels=True,
-        rank=rank,
-        world_size=world,
-    )
+    if config.siglip:
+        loss_fn = SigLipLoss(rank=rank, world_size=world)
+    else:
+        loss_fn = ClipLoss(
+            local_loss=config.local_loss,
+            gather_with_grad=config.gather_with_grad,
+            cache_labels=True,
+            rank=rank,
+            world_size=world,
+        )
     bf16 = device.type == "cuda" and config.precision in ("auto", "bf16")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
@@ -338,6 +346,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     _log_step(log_path, client, tracking, step, metrics, progress, config.total_steps)
                 window_started, data_wait, window_steps = time.perf_counter(), 0.0, 0
         _report(core, optimizer, config, step, metrics, rank, client, tracking)
+
+
+def prepare_start(model, config: TrainConfig) -> None:
+    """Before the first step: a fine-tune's weights, locked towers (LiT), gradient checkpointing."""
+    from stages import clip_models
+
+    if config.pretrained:
+        # a CLIP checkpoint into a SigLIP model: the bias starts at its initial value
+        clip_models.load_weights(model, Path(config.pretrained), config.model, may_lack=("logit_bias",))
+    if config.lock_image:
+        model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups)
+    if config.lock_text:
+        model.lock_text_tower(unlocked_layers=config.lock_text_unlocked_layers)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
 
 
 def _load_state(folder: Path, model, optimizer) -> int:
@@ -622,6 +645,8 @@ class Train(Stage):
     counts_from = "shards"
 
     def check(self, before: list[Stage]) -> None:
+        if self.config.pretrained and not Path(self.config.pretrained).exists():
+            raise MissingInput(f"train.pretrained: not found: {self.config.pretrained}", "train.pretrained")
         if self.config.drop_path is not None:
             from stages import clip_models
 

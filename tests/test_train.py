@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -101,3 +102,20 @@ def test_clip_benchmark_layout_files_are_read(tmp_path):
     assert read_classnames(tmp_path) == ["red circle", "blue square"]
     assert read_templates(tmp_path, ["unused {}"]) == ["a photo of a {}.", "{}"]
     assert read_templates(tmp_path / "none", ["a {}."]) == ["a {}."]
+
+
+def test_siglip_from_a_local_checkpoint_with_the_image_tower_locked(ray_cluster, shards, tiny_model, tmp_path):
+    """open_clip's --siglip, --pretrained (a local file: nothing is fetched) and --lock-image, together."""
+    tars, n = shards
+    config = CONFIG.model_copy(
+        update={"samples_seen": 64, "workers": 1, "siglip": True, "pretrained": tiny_model, "lock_image": True}
+    )
+    trained = run_train(tars, n, config, tmp_path / "lit")
+    assert trained.metrics["steps"] == 2 and all(math.isfinite(v) for v in _losses(tmp_path / "lit").values())
+    start = torch.load(Path(tiny_model) / clip_models.WEIGHTS, weights_only=True)
+    end = torch.load(Path(trained.outputs["model"]) / clip_models.WEIGHTS, weights_only=True)
+    assert "logit_bias" in end and "logit_bias" not in start  # SigLIP's learned bias
+    image = [k for k in start if k.startswith("visual.")]
+    text = [k for k in start if k.startswith("transformer.")]
+    assert all(torch.equal(start[k], end[k]) for k in image)  # locked, and from the checkpoint
+    assert not all(torch.equal(start[k], end[k]) for k in text)  # the text tower trained

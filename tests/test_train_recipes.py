@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from open_clip import ClipLoss
+from open_clip.loss import ClipLoss
 
 from pipeline.config import ConfigError, load_recipe
 from stages import clip_models
