@@ -64,12 +64,18 @@ def _load_eval_set(eval_dir: Path, preprocess) -> tuple[torch.Tensor, list[str],
 
 
 @torch.no_grad()
-def _encode(model, tokenizer, images: torch.Tensor, captions: list[str], batch: int):
+def _encode(model, tokenizer, images: torch.Tensor, captions: list[str], batch: int, device: str = "cpu"):
     image_features = torch.cat(
-        [model.encode_image(images[i : i + batch], normalize=True) for i in range(0, len(images), batch)]
+        [
+            model.encode_image(images[i : i + batch].to(device), normalize=True).float().cpu()
+            for i in range(0, len(images), batch)
+        ]
     )
     text_features = torch.cat(
-        [model.encode_text(tokenizer(captions[i : i + batch]), normalize=True) for i in range(0, len(captions), batch)]
+        [
+            model.encode_text(tokenizer(captions[i : i + batch]).to(device), normalize=True).float().cpu()
+            for i in range(0, len(captions), batch)
+        ]
     )
     return image_features, text_features
 
@@ -111,24 +117,48 @@ def recall_at_k(similarity: torch.Tensor, ks: list[int]) -> dict[int, float]:
     return {k: float((ranks < k).float().mean()) for k in ks}
 
 
-def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_dir: Path) -> Manifest:
+@dataclass(frozen=True)
+class EvalSet:
+    """An evaluation folder decoded once (a model evaluated during training reuses it)."""
+
+    folder: Path
+    images: torch.Tensor
+    captions: list[str]
+    labels: list[int | None]
+    failures: dict[str, int]
+
+    @classmethod
+    def load(cls, folder: Path, preprocess) -> EvalSet:
+        return cls(folder, *_load_eval_set(folder, preprocess))
+
+
+def score_model(model, tokenizer, eval_set: EvalSet, config: EvaluateConfig, device: str = "cpu") -> dict[str, float]:
+    """Zero-shot top-1/top-5 (when the set has class names and labels) and recall@k both ways."""
     from open_clip import build_zero_shot_classifier
 
-    started = time.perf_counter()
-    model, preprocess, tokenizer = clip_models.load(model_dir)
-    images, captions, labels, failures = _load_eval_set(eval_dir, preprocess)
-    image_features, text_features = _encode(model, tokenizer, images, captions, config.batch_size)
+    images, captions, labels = eval_set.images, eval_set.captions, eval_set.labels
+    image_features, text_features = _encode(model, tokenizer, images, captions, config.batch_size, device)
     metrics: dict[str, float] = {}
-    classnames, templates = read_classnames(eval_dir), read_templates(eval_dir, config.templates)
+    classnames = read_classnames(eval_set.folder)
+    templates = read_templates(eval_set.folder, config.templates)
     if classnames and all(label is not None for label in labels):
-        classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device="cpu")
-        metrics.update(zeroshot_accuracy(image_features @ classifier, torch.tensor(labels)))
+        classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device=device)
+        metrics.update(zeroshot_accuracy(image_features @ classifier.float().cpu(), torch.tensor(labels)))
     similarity = image_features @ text_features.T
     for k, value in recall_at_k(similarity, config.recall_at).items():
         metrics[f"image_to_text_recall_at_{k}"] = value
     for k, value in recall_at_k(similarity.T, config.recall_at).items():
         metrics[f"text_to_image_recall_at_{k}"] = value
     metrics["retrieval_chance_recall_at_1"] = 1 / len(captions)
+    return metrics
+
+
+def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_dir: Path) -> Manifest:
+    started = time.perf_counter()
+    model, preprocess, tokenizer = clip_models.load(model_dir)
+    eval_set = EvalSet.load(eval_dir, preprocess)
+    metrics = score_model(model, tokenizer, eval_set, config)
+    captions, failures = eval_set.captions, eval_set.failures
     stage_dir.mkdir(parents=True, exist_ok=True)
     results = stage_dir / "results.json"
     write_json(results, metrics)

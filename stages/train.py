@@ -31,7 +31,17 @@ from pipeline.interrupts import note_interrupt
 from pipeline.manifest import Manifest
 from pipeline.models import StrictModel
 from pipeline.progress import ProgressWriter
-from pipeline.stage import MissingInput, PlanRow, Resources, RunContext, Shards, Stage, StageOutputs
+from pipeline.stage import (
+    MissingInput,
+    PlanRow,
+    Resources,
+    RunContext,
+    Shards,
+    SourceOutputs,
+    Stage,
+    StageOutputs,
+    earlier_source,
+)
 from stages.mlflow_sink import MlflowSink
 
 STATE_FILE = "state.pt"
@@ -89,6 +99,10 @@ class TrainConfig(StrictModel):
     lock_image_unlocked_groups: int = Field(0, ge=0, description="its last N layer groups stay trainable")
     lock_text: bool = Field(False, description="freeze the text tower")
     lock_text_unlocked_layers: int = Field(0, ge=0, description="its last N layers stay trainable")
+    zeroshot_frequency: int = Field(
+        0, ge=0, description="zero-shot and retrieval every N checkpoint intervals (open_clip: N epochs); 0: off"
+    )
+    zeroshot_eval_dir: str | None = Field(None, description="the set scored during training; default: the source's")
     lr: float = Field(5e-4, gt=0)
     warmup: int = Field(500, ge=0, description="warmup steps")
     weight_decay: float = Field(0.2, ge=0)
@@ -258,7 +272,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.threads_per_worker)
     torch.manual_seed(config.seed)
-    model, preprocess, _, tokenizer = clip_models.create(
+    model, preprocess, preprocess_eval, tokenizer = clip_models.create(
         config.model, aug_cfg=config.aug_cfg.model_dump(), **config.model_overrides()
     )
     prepare_start(model, config)
@@ -294,6 +308,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracking = Tracking(**loop_config["tracking"]) if loop_config.get("tracking") and rank == 0 else None
     client = MlflowSink(tracking.uri) if tracking else None
     log_path = Path(loop_config["log_path"])
+    scorer = (
+        ZeroShotDuringTraining(config, preprocess_eval, tokenizer, log_path.parent, str(device)) if rank == 0 else None
+    )
     progress = ProgressWriter(log_path.parent)  # what `pipeline status` shows while this trains
     stop = min(config.total_steps, config.stop_at_step or config.total_steps)
     per_worker = config.micro_batch * config.accum_freq
@@ -345,7 +362,47 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if rank == 0:
                     _log_step(log_path, client, tracking, step, metrics, progress, config.total_steps)
                 window_started, data_wait, window_steps = time.perf_counter(), 0.0, 0
+        if scorer is not None and scorer.due(step):
+            scorer.score(core, step, client, tracking)
         _report(core, optimizer, config, step, metrics, rank, client, tracking)
+
+
+class ZeroShotDuringTraining:
+    """Rank 0 scores the model on the evaluation set at checkpoint boundaries (every
+    `zeroshot_frequency` intervals, and at the end): a curve `eval/<metric>` in MLflow, and
+    `zeroshot.jsonl` beside the train log. The set is decoded once."""
+
+    def __init__(self, config: TrainConfig, preprocess, tokenizer, stage_dir: Path, device: str):
+        self.config, self.preprocess, self.tokenizer, self.device = config, preprocess, tokenizer, device
+        self.path = stage_dir / "zeroshot.jsonl"
+        self.eval_set = None
+
+    def due(self, step: int) -> bool:
+        c = self.config
+        if not c.zeroshot_frequency or not c.zeroshot_eval_dir:
+            return False
+        interval = -(-step // c.checkpoint_every_steps)
+        return interval % c.zeroshot_frequency == 0 or step == c.total_steps
+
+    def score(self, model, step: int, client, tracking: Tracking | None) -> dict[str, float]:
+        from stages.evaluate import EvalSet, EvaluateConfig, score_model
+
+        if self.eval_set is None:
+            self.eval_set = EvalSet.load(Path(self.config.zeroshot_eval_dir), self.preprocess)
+        model.eval()
+        try:
+            metrics = score_model(model, self.tokenizer, self.eval_set, EvaluateConfig(), self.device)
+        finally:
+            model.train()
+        with self.path.open("a") as log:
+            log.write(json.dumps({"step": step, **metrics}) + "\n")
+        if client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            curves = [Metric(f"eval/{k}", float(v), now, step) for k, v in metrics.items() if "chance" not in k]
+            client.call("log_batch", tracking.run_id, metrics=curves)
+        return metrics
 
 
 def prepare_start(model, config: TrainConfig) -> None:
@@ -634,6 +691,7 @@ class TrainOutputs(StageOutputs):
 @dataclass
 class TrainInputs:
     shards: Shards  # the latest shards made before training: the subset's, else the download's
+    source: SourceOutputs | None = None  # its held-out set, scored during training (zeroshot_frequency)
 
 
 class Train(Stage):
@@ -645,6 +703,10 @@ class Train(Stage):
     counts_from = "shards"
 
     def check(self, before: list[Stage]) -> None:
+        c, source = self.config, earlier_source(before)
+        if c.zeroshot_frequency and not c.zeroshot_eval_dir and not (source and source.gives_eval_set):
+            message = "train.zeroshot_eval_dir is needed for zeroshot_frequency: the source has no held-out set"
+            raise MissingInput(message, "train.zeroshot_eval_dir")
         if self.config.pretrained and not Path(self.config.pretrained).exists():
             raise MissingInput(f"train.pretrained: not found: {self.config.pretrained}", "train.pretrained")
         if self.config.drop_path is not None:
@@ -699,5 +761,8 @@ class Train(Stage):
         if ctx.upstream_kept is None:
             raise RuntimeError("train: the number of samples in its shards was not given (ctx.upstream_kept)")
         n_samples = ctx.upstream_kept  # what the stage that made the shards kept: no shard is read for it
-        manifest = run_train(shards, n_samples, self.config, self.stage_dir(ctx), tracking, log=ctx.log)
+        config = self.config
+        if config.zeroshot_frequency and not config.zeroshot_eval_dir and inputs.source is not None:
+            config = config.model_copy(update={"zeroshot_eval_dir": inputs.source.eval_dir})
+        manifest = run_train(shards, n_samples, config, self.stage_dir(ctx), tracking, log=ctx.log)
         return self.finished(manifest)

@@ -193,6 +193,8 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
     runs = {r.info.run_name: r for r in client.search_runs([experiment])}
     train = runs["train"]
     assert [x.step for x in client.get_metric_history(train.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    zeroshot = client.get_metric_history(train.info.run_id, "eval/zeroshot_top1")  # during training, per checkpoint
+    assert [x.step for x in zeroshot] == [2, 4] and all(0 <= x.value <= 1 for x in zeroshot)
     for key in ["lr", "temperature", "samples_per_second", "samples_per_second_per_worker", "data_wait_fraction"]:
         assert f"train/{key}" in train.data.metrics
     checkpoints = [a.path for a in client.list_artifacts(train.info.run_id, "checkpoints")]
