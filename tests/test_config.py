@@ -10,18 +10,22 @@ def test_all_shipped_recipes_load_and_have_valid_stage_lists(tmp_path):
     names = available_recipes()
     for required in ["demo", "laion_a", "datacomp_small", "datacomp_medium", "datacomp_large", "datacomp_xlarge"]:
         assert required in names
-    for name in [n for n in names if n != "laion_a"]:
+    needs_models = [n for n in names if n.startswith("laion_a") and n != "laion_a_metadata"]
+    assert needs_models == ["laion_a", "laion_a_convnext_base_w", "laion_a_convnext_base_w_320"]
+    for name in [n for n in names if n not in needs_models]:
         build_stages(load_recipe(name))
-    # laion_a needs the user's CLIP and aesthetic head: refused without, valid with files that fit
-    with pytest.raises(ConfigError, match="embed.model is needed"):
-        build_stages(load_recipe("laion_a"))
+    # LAION-A curation needs the user's CLIP and aesthetic head: refused without, valid with files that fit
+    for name in needs_models:
+        with pytest.raises(ConfigError, match="embed.model is needed"):
+            build_stages(load_recipe(name))
     from filters.heads import EmbeddingHead, HeadInfo, save_head
     from stages import clip_models
 
     model, *_ = clip_models.create("demo-tiny")
     folder = clip_models.save(model, "demo-tiny", tmp_path / "clip")
     head = save_head(EmbeddingHead(64), HeadInfo(kind="regression", input_dim=64), tmp_path / "aesthetic")
-    build_stages(load_recipe("laion_a", [f"embed.model={folder}", f"filter.strategy.1.head={head}"]))
+    for name in needs_models:
+        build_stages(load_recipe(name, [f"embed.model={folder}", f"filter.strategy.1.head={head}"]))
 
 
 def test_datacomp_recipes_carry_published_scale_figures():
