@@ -91,22 +91,23 @@ def save_state(state: dict, model_name: str, folder: Path) -> Path:
     return Path(folder)
 
 
-def load(folder: Path, device: str = "cpu"):
-    """(model, eval transform, tokenizer) from a folder written by `save`."""
+def load(folder: Path, device: str = "cpu", image_size: int | None = None):
+    """(model, eval transform, tokenizer) from a folder written by `save`; `image_size`: at another
+    resolution than it was trained at (a ViT's position embedding is interpolated, as open_clip does)."""
     folder = Path(folder)
     info_path, weights_path = folder / MODEL_INFO, folder / WEIGHTS
     if not info_path.exists() or not weights_path.exists():
         raise FileNotFoundError(f"{folder}: not a saved model (needs {MODEL_INFO} and {WEIGHTS})")
     model_name = json.loads(info_path.read_text())["model"]
-    return load_checkpoint(weights_path, model_name, device)
+    return load_checkpoint(weights_path, model_name, device, image_size)
 
 
-def load_checkpoint(path: Path, model_name: str, device: str = "cpu"):
+def load_checkpoint(path: Path, model_name: str, device: str = "cpu", image_size: int | None = None):
     """(model, eval transform, tokenizer) from an open_clip checkpoint file (.pt/.bin/.safetensors).
 
     Accepts a bare state dict or open_clip's training checkpoint (`state_dict`, `module.` prefixes).
     """
-    model, _, preprocess_eval, tokenizer = create(model_name)
+    model, _, preprocess_eval, tokenizer = create(model_name, force_image_size=image_size)
     load_weights(model, path, model_name, device)
     return model.to(device).eval(), preprocess_eval, tokenizer
 
@@ -133,6 +134,9 @@ def load_weights(
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    from open_clip.model import resize_pos_embed
+
+    resize_pos_embed(state, model)  # a ViT at another image size than its weights': interpolated
     try:
         model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k in may_lack}, **state})
     except RuntimeError as err:

@@ -40,15 +40,27 @@ DEFAULT_TEMPLATES = ["a {}.", "a photo of a {}.", "a small {}.", "a large {}.", 
 
 class EvaluateConfig(StrictModel):
     eval_dir: str | None = Field(None, description="folder with *.tar and classnames.json; demo: its held-out set")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="more evaluation folders (CLIP_benchmark's webdataset layout, test/ subfolder included): "
+        "each reported as task/<folder name>/<metric>, and their average as tasks_average/<metric>",
+    )
+    image_size: int | None = Field(None, gt=0, description="evaluate at this resolution instead of training's")
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     batch_size: int = Field(256, gt=0)
     recall_at: list[int] = Field(default_factory=lambda: [1, 5, 10])
 
 
-def _load_eval_set(eval_dir: Path, preprocess) -> tuple[torch.Tensor, list[str], list[int | None], dict[str, int]]:
-    tars = sorted(glob.glob(str(eval_dir / "*.tar")))
+def eval_tars(eval_dir: Path) -> list[str]:
+    """The set's shards: in the folder, or in its test/ split (CLIP_benchmark's webdataset layout)."""
+    tars = sorted(glob.glob(str(eval_dir / "*.tar"))) or sorted(glob.glob(str(eval_dir / "test" / "*.tar")))
     if not tars:
-        raise FileNotFoundError(f"evaluation set {eval_dir}: no .tar shards")
+        raise FileNotFoundError(f"evaluation set {eval_dir}: no .tar shards (in it or in its test/ folder)")
+    return tars
+
+
+def _load_eval_set(eval_dir: Path, preprocess) -> tuple[torch.Tensor, list[str], list[int | None], dict[str, int]]:
+    tars = eval_tars(eval_dir)
     images, captions, labels, failures = [], [], [], []
     for tar in tars:
         for _, sample in read_tar_samples(tar):
@@ -144,20 +156,35 @@ def score_model(model, tokenizer, eval_set: EvalSet, config: EvaluateConfig, dev
     if classnames and all(label is not None for label in labels):
         classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device=device)
         metrics.update(zeroshot_accuracy(image_features @ classifier.float().cpu(), torch.tensor(labels)))
-    similarity = image_features @ text_features.T
-    for k, value in recall_at_k(similarity, config.recall_at).items():
-        metrics[f"image_to_text_recall_at_{k}"] = value
-    for k, value in recall_at_k(similarity.T, config.recall_at).items():
-        metrics[f"text_to_image_recall_at_{k}"] = value
-    metrics["retrieval_chance_recall_at_1"] = 1 / len(captions)
+    if all(captions):  # a classification set (CLIP_benchmark's) has no captions: no retrieval
+        similarity = image_features @ text_features.T
+        for k, value in recall_at_k(similarity, config.recall_at).items():
+            metrics[f"image_to_text_recall_at_{k}"] = value
+        for k, value in recall_at_k(similarity.T, config.recall_at).items():
+            metrics[f"text_to_image_recall_at_{k}"] = value
+        metrics["retrieval_chance_recall_at_1"] = 1 / len(captions)
     return metrics
 
 
+def task_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
+    """task/<name>/<metric> for each task, and tasks_average/<metric> over the tasks that have it
+    (DataComp reports the average over its tasks the same way)."""
+    out = {f"task/{name}/{k}": v for name, metrics in per_task.items() for k, v in metrics.items()}
+    for key in sorted({k for metrics in per_task.values() for k in metrics}):
+        values = [metrics[key] for metrics in per_task.values() if key in metrics]
+        out[f"tasks_average/{key}"] = sum(values) / len(values)
+    return out
+
+
 def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_dir: Path) -> Manifest:
+    """Score the model on the held-out set (the manifest counts its samples) and on `config.tasks`."""
     started = time.perf_counter()
-    model, preprocess, tokenizer = clip_models.load(model_dir)
+    model, preprocess, tokenizer = clip_models.load(model_dir, image_size=config.image_size)
     eval_set = EvalSet.load(eval_dir, preprocess)
     metrics = score_model(model, tokenizer, eval_set, config)
+    tasks = {Path(task).name: score_model(model, tokenizer, EvalSet.load(Path(task), preprocess), config)
+             for task in config.tasks}  # fmt: skip
+    metrics.update(task_metrics(tasks))
     captions, failures = eval_set.captions, eval_set.failures
     stage_dir.mkdir(parents=True, exist_ok=True)
     results = stage_dir / "results.json"
@@ -206,6 +233,12 @@ class Evaluate(Stage):
         source = earlier_source(before)
         if not self.config.eval_dir and not (source and source.gives_eval_set):
             raise MissingInput("evaluate.eval_dir is needed: the source has no held-out set", "evaluate.eval_dir")
+        for i, task in enumerate(self.config.tasks):
+            if not Path(task).is_dir():
+                raise MissingInput(f"evaluate.tasks.{i}: not found: {task}", f"evaluate.tasks.{i}")
+        names = [Path(task).name for task in self.config.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluate.tasks: two folders share a name ({names}); their metrics would collide")
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         where = self.config.eval_dir or "the source's held-out set"

@@ -338,3 +338,16 @@ def test_counts_source_is_the_stage_that_made_the_counted_input(demo_recipe):
     assert counts_source(train, [(download, downloaded), (subset, subsetted)]) is subset
     assert counts_source(train, [(download, downloaded)]) is download
     assert counts_source(STAGE_BY_NAME["evaluate"](demo_recipe), [(download, downloaded)]) is None
+
+
+def test_task_metrics_average_over_the_tasks_that_report_each_metric():
+    from stages.evaluate import task_metrics
+
+    got = task_metrics({"cars": {"zeroshot_top1": 0.2}, "flowers": {"zeroshot_top1": 0.5, "recall": 1.0}})
+    assert got == {
+        "task/cars/zeroshot_top1": 0.2,
+        "task/flowers/zeroshot_top1": 0.5,
+        "task/flowers/recall": 1.0,
+        "tasks_average/recall": 1.0,
+        "tasks_average/zeroshot_top1": pytest.approx(0.35),
+    }

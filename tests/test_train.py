@@ -119,3 +119,25 @@ def test_siglip_from_a_local_checkpoint_with_the_image_tower_locked(ray_cluster,
     text = [k for k in start if k.startswith("transformer.")]
     assert all(torch.equal(start[k], end[k]) for k in image)  # locked, and from the checkpoint
     assert not all(torch.equal(start[k], end[k]) for k in text)  # the text tower trained
+
+
+def test_evaluation_tasks_in_clip_benchmark_layout_and_at_another_resolution(tiny_model, served_pool, tmp_path):
+    import shutil
+
+    pool_dir, _ = served_pool
+    task = tmp_path / "tasks" / "shapes"  # CLIP_benchmark's layout: shards in test/, class names as text
+    (task / "test").mkdir(parents=True)
+    for tar in (pool_dir / "eval").glob("*.tar"):
+        shutil.copy(tar, task / "test")
+    classnames = json.loads((pool_dir / "eval" / "classnames.json").read_text())
+    (task / "classnames.txt").write_text("\n".join(classnames) + "\n")
+    config = EvaluateConfig(tasks=[str(task)])
+    metrics = run_evaluate(Path(tiny_model), pool_dir / "eval", config, tmp_path / "eval").metrics
+    for key in ("zeroshot_top1", "image_to_text_recall_at_5"):  # the same images, labels and captions
+        assert metrics[f"task/shapes/{key}"] == pytest.approx(metrics[key])
+        assert metrics[f"tasks_average/{key}"] == pytest.approx(metrics[key])
+    larger = EvaluateConfig(image_size=96)
+    at_96 = run_evaluate(Path(tiny_model), pool_dir / "eval", larger, tmp_path / "eval96").metrics
+    model, transform, _ = clip_models.load(Path(tiny_model), image_size=96)
+    assert model.visual.image_size == (96, 96) and transform.transforms[0].size == 96
+    assert 0 <= at_96["zeroshot_top1"] <= 1 and at_96 != metrics
