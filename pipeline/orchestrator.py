@@ -235,7 +235,7 @@ def run_pipeline(
         for context in (ctrl_c_remembered(), driver_marker(run_dir), run_output(run_dir, consoles, log)):
             scope.enter_context(context)
         tracker = Tracker(recipe, os.environ, warn=log)  # after `run_output`: MLflow's own lines go to the log
-        log(f"MLflow: {tracker.uri} (experiment '{tracker.experiment_name}')")
+        log(tracker.describe())
         scope.enter_context(ray_runtime(recipe.ray, log, log_to_driver=not quiet))
         from pipeline.executor import make_ray_map
 

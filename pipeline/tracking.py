@@ -103,6 +103,15 @@ class Tracker:
     def problem(self) -> str | None:
         return self.sink.problem
 
+    def describe(self) -> str:
+        """One console line: the store, the experiment and, for a server, the link to its runs table.
+        (MLflow 3.17's UI opens a fresh browser on its GenAI view unless the link asks for training runs.)"""
+        where = f"MLflow: {self.uri} (experiment '{self.experiment_name}')"
+        if self.uri.startswith(("http://", "https://")) and self.experiment_id is not None:
+            link = f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+            return f"{where}: {link}"
+        return where
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.sink.call(method, *args, **kwargs)
 
