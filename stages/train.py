@@ -93,6 +93,7 @@ class TrainConfig(StrictModel):
     drop_path: float | None = Field(
         None, ge=0, lt=1, description="stochastic depth of a timm image tower (ConvNeXt); None: the model config's"
     )
+    ddp_static_graph: bool = Field(False, description="DDP's static_graph (open_clip's --ddp-static-graph)")
     siglip: bool = Field(False, description="open_clip's SigLipLoss (sigmoid, learned bias) instead of ClipLoss")
     pretrained: str | None = Field(None, description="start from this local open_clip checkpoint file or model folder")
     lock_image: bool = Field(False, description="LiT: freeze the image tower")
@@ -276,7 +277,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         config.model, aug_cfg=config.aug_cfg.model_dump(), **config.model_overrides()
     )
     prepare_start(model, config)
-    model = ray.train.torch.prepare_model(model)
+    static = {"static_graph": True} if config.ddp_static_graph and world > 1 else None
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=static)
     core = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
     optimizer = torch.optim.AdamW(

@@ -7,7 +7,7 @@ without gradients, then each micro-batch is run again with gradients and its fea
 of its cached ones, so each backward pass sees the whole batch. Two things are done better here:
 the learned temperature (and SigLIP's bias) get their gradient once per step, not once per
 micro-batch (open_clip scales theirs by accum_freq), and DDP all-reduces once per step, not after
-every micro-batch.
+every micro-batch (unless its static_graph is on).
 """
 
 from __future__ import annotations
@@ -44,16 +44,20 @@ def backward_step(
     image_chunks, text_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
     if len(image_chunks) != accum_freq:
         raise ValueError(f"a batch of {len(images)} cannot be split into {accum_freq} micro-batches")
+    plain = getattr(model, "module", model)  # past DDP: a forward without gradients needs none of its hooks
     with torch.no_grad(), autocast():
-        cached = [_split(model(i, t))[0] for i, t in zip(image_chunks, text_chunks, strict=True)]
+        cached = [_split(plain(i, t))[0] for i, t in zip(image_chunks, text_chunks, strict=True)]
     last = accum_freq - 1
+    # DDP's static_graph breaks under no_sync (an internal assert, then gradients silently not reduced:
+    # pytorch/pytorch#143580): with it, every micro-batch is reduced, as open_clip does
+    deferred = hasattr(model, "no_sync") and not getattr(model, "static_graph", False)
     for j, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks, strict=True)):
-        sync = contextlib.nullcontext() if j == last or not hasattr(model, "no_sync") else model.no_sync()
+        sync = model.no_sync() if deferred and j != last else contextlib.nullcontext()
         with sync:
             with autocast():
                 live, scale = _split(model(image_chunk, text_chunk))
-                if j != last:  # the temperature's gradient once, not accum_freq times
-                    scale = tuple(s.detach() for s in scale)
+                if j != last:  # the temperature's gradient once, not accum_freq times (still used: DDP's static graph)
+                    scale = tuple(s.detach() + 0 * s for s in scale)
                 features = [
                     torch.cat([*(c[k] for c in cached[:j]), live[k], *(c[k] for c in cached[j + 1 :])]) for k in (0, 1)
                 ]

@@ -49,6 +49,7 @@ def test_datacomp_recipes_carry_published_scale_figures():
         train = recipe.train
         assert train.checkpoint_every_samples * 5 == pool and train.total_steps // train.checkpoint_every_steps == 5
         assert train.grad_checkpointing and train.local_loss and train.gather_with_grad and train.grad_clip is None
+        assert train.ddp_static_graph
         assert train.beta2 == (0.95 if name == "datacomp_xlarge" else 0.98)  # open_clip's ViT default otherwise
 
 

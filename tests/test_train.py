@@ -52,6 +52,12 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(ray_cluster, shards, t
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-4), step
     assert expected[6] < expected[1]  # it learns
+    # the same batches as 2 micro-batches per worker, DDP's static graph: the same steps, to float rounding
+    accumulated = run_train(tars, n, CONFIG.model_copy(update={"accum_freq": 2, "ddp_static_graph": True}),
+                            tmp_path / "accumulated")  # fmt: skip
+    assert accumulated.metrics["steps"] == 6
+    for step, loss in _losses(tmp_path / "accumulated").items():
+        assert loss == pytest.approx(expected[step], abs=1e-4), step
     model, _, _ = clip_models.load(Path(full.outputs["model"]))
     assert isinstance(model, torch.nn.Module)
     assert latest_checkpoint(tmp_path / "full" / "ray").name.startswith("checkpoint_")
@@ -105,10 +111,11 @@ def test_clip_benchmark_layout_files_are_read(tmp_path):
 
 
 def test_siglip_from_a_local_checkpoint_with_the_image_tower_locked(ray_cluster, shards, tiny_model, tmp_path):
-    """open_clip's --siglip, --pretrained (a local file: nothing is fetched) and --lock-image, together."""
+    """open_clip's --siglip, --pretrained (a local file: nothing is fetched) and --lock-image, together,
+    on 2 DDP workers with 2 micro-batches each (DDP's reduction deferred to the last one)."""
     tars, n = shards
     config = CONFIG.model_copy(
-        update={"samples_seen": 64, "workers": 1, "siglip": True, "pretrained": tiny_model, "lock_image": True}
+        update={"samples_seen": 64, "accum_freq": 2, "siglip": True, "pretrained": tiny_model, "lock_image": True}
     )
     trained = run_train(tars, n, config, tmp_path / "lit")
     assert trained.metrics["steps"] == 2 and all(math.isfinite(v) for v in _losses(tmp_path / "lit").values())

@@ -48,7 +48,7 @@ def test_the_laion_a_convnext_recipe_has_the_model_cards_figures():
         "convnext_base_w", 81_920, 13_034_626_688, 1e-3, 10_000, 5.0,
     )  # fmt: skip
     assert c.samples_seen == 64 * c.checkpoint_every_samples == 64 * 203_666_042
-    assert c.precision == "bf16" and c.grad_checkpointing and c.local_loss and c.gather_with_grad
+    assert c.precision == "bf16" and c.grad_checkpointing and c.local_loss and c.gather_with_grad and c.ddp_static_graph
     assert recipe.stages[-1] == "train" and [s.name for s in recipe.filter.strategy] == ["dedupe", "aesthetic"]
     lines = "\n".join(Train(recipe).budget_lines())
     assert "batch 81,920" in lines and "in 64 intervals of 203,666,042" in lines and "A100-hours" in lines
