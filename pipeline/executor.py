@@ -44,6 +44,23 @@ def _cancelled_on_exit(pending: list) -> Iterator[None]:
         raise
 
 
+def run_one(fn: Callable[..., R], *args, name: str, num_cpus: float = 1, num_gpus: float = 0) -> R:
+    """`fn(*args)` as one Ray task with these resources (in-process when Ray is not running), named
+    `name` in the dashboard; Ctrl-C cancels it, as for a stage's fanned-out tasks."""
+    import ray
+
+    if not ray.is_initialized():
+        return fn(*args)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(fn)
+    pending = [task.options(name=name).remote(*args)]
+    ref = pending[0]
+    with _cancelled_on_exit(pending):
+        while not ray.wait([ref], timeout=1.0, fetch_local=False)[0]:
+            raise_if_interrupted()
+        raise_if_interrupted()
+        return ray.get(ref)
+
+
 def default_in_flight(num_cpus: float) -> int:
     """Two tasks per CPU slot the cluster has for them: one running, the next already queued, so a
     slot never idles while the driver reacts, and the driver tracks a few refs, not a million."""

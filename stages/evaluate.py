@@ -25,6 +25,7 @@ from pipeline.models import StrictModel
 from pipeline.stage import (
     MissingInput,
     PlanRow,
+    Resources,
     RunContext,
     SourceOutputs,
     Stage,
@@ -46,6 +47,8 @@ class EvaluateConfig(StrictModel):
         "each reported as task/<folder name>/<metric>, and their average as tasks_average/<metric>",
     )
     image_size: int | None = Field(None, gt=0, description="evaluate at this resolution instead of training's")
+    use_gpu: bool = Field(False, description="run the evaluation task on a GPU of the cluster")
+    cpus: float = Field(1, gt=0, description="CPUs of the evaluation task (decoding, and the model on CPU)")
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     batch_size: int = Field(256, gt=0)
     recall_at: list[int] = Field(default_factory=lambda: [1, 5, 10])
@@ -177,12 +180,14 @@ def task_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_dir: Path) -> Manifest:
-    """Score the model on the held-out set (the manifest counts its samples) and on `config.tasks`."""
+    """Score the model on the held-out set (the manifest counts its samples) and on `config.tasks`,
+    in batches of `config.batch_size`, on the GPU when the process has one and `use_gpu` is set."""
     started = time.perf_counter()
-    model, preprocess, tokenizer = clip_models.load(model_dir, image_size=config.image_size)
+    device = "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
+    model, preprocess, tokenizer = clip_models.load(model_dir, device=device, image_size=config.image_size)
     eval_set = EvalSet.load(eval_dir, preprocess)
-    metrics = score_model(model, tokenizer, eval_set, config)
-    tasks = {Path(task).name: score_model(model, tokenizer, EvalSet.load(Path(task), preprocess), config)
+    metrics = score_model(model, tokenizer, eval_set, config, device)
+    tasks = {Path(task).name: score_model(model, tokenizer, EvalSet.load(Path(task), preprocess), config, device)
              for task in config.tasks}  # fmt: skip
     metrics.update(task_metrics(tasks))
     captions, failures = eval_set.captions, eval_set.failures
@@ -240,12 +245,21 @@ class Evaluate(Stage):
         if len(set(names)) != len(names):
             raise ValueError(f"evaluate.tasks: two folders share a name ({names}); their metrics would collide")
 
+    def resources(self) -> Resources:
+        return Resources(cpus=self.config.cpus, gpus=1 if self.config.use_gpu else 0)
+
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         where = self.config.eval_dir or "the source's held-out set"
         output = str(run_dir / self.name / "results.json")
-        return PlanRow(self.name, where, output, None, "zero-shot top-1/top-5, retrieval R@1/5/10", "driver, CPU")
+        tasks = f", {len(self.config.tasks)} more task(s) and their average" if self.config.tasks else ""
+        note = f"zero-shot top-1/top-5, retrieval R@1/5/10{tasks}"
+        return PlanRow(self.name, where, output, None, note, f"one Ray task: {self.resources().describe()}")
 
     def run(self, ctx: RunContext, inputs: EvaluateInputs) -> tuple[EvaluateOutputs, Manifest]:
+        """One Ray task on a worker with the resources asked (a GPU with `use_gpu`), not the driver."""
+        from pipeline.executor import run_one
+
         eval_dir = Path(held_out_dir(self.config.eval_dir, inputs.source))
-        manifest = run_evaluate(Path(inputs.model.model), eval_dir, self.config, self.stage_dir(ctx))
+        need, args = self.resources(), (Path(inputs.model.model), eval_dir, self.config, self.stage_dir(ctx).absolute())
+        manifest = run_one(run_evaluate, *args, name=f"{self.name}:0", num_cpus=need.cpus, num_gpus=need.gpus)
         return self.finished(manifest)

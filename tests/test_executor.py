@@ -28,3 +28,20 @@ def test_at_most_n_tasks_are_in_flight_and_each_is_named_by_stage_and_item(ray_c
     most_at_once = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert 2 <= most_at_once <= 3, spans
     assert [r[3] for r in results] == [f"probe:{i}" for i in range(9)]
+
+
+def _where(value: int) -> tuple[int, int, str]:
+    import os
+
+    import ray
+
+    return value * 2, os.getpid(), ray.get_runtime_context().get_task_name()
+
+
+def test_one_task_runs_on_a_worker_under_its_name(ray_cluster):
+    import os
+
+    from pipeline.executor import run_one
+
+    doubled, pid, name = run_one(_where, 21, name="evaluate:0", num_cpus=0.5)
+    assert (doubled, name) == (42, "evaluate:0") and pid != os.getpid()  # a worker's, not the driver's
