@@ -62,37 +62,54 @@ def eval_tars(eval_dir: Path) -> list[str]:
     return tars
 
 
-def _load_eval_set(eval_dir: Path, preprocess) -> tuple[torch.Tensor, list[str], list[int | None], dict[str, int]]:
-    tars = eval_tars(eval_dir)
-    images, captions, labels, failures = [], [], [], []
-    for tar in tars:
+@dataclass(frozen=True)
+class EncodedSet:
+    """An evaluation folder as one model sees it: image features (not images: a set the size of
+    ImageNet's 50,000 would be 30 GB of decoded tensors), captions, labels, undecodable images."""
+
+    folder: Path
+    image_features: torch.Tensor
+    captions: list[str]
+    labels: list[int | None]
+    failures: dict[str, int]
+
+
+@torch.no_grad()
+def encode_eval_set(model, preprocess, folder: Path, batch: int, device: str = "cpu") -> EncodedSet:
+    """Decode and encode the set's images a batch at a time: memory is one batch, however large the set."""
+    features, pending, captions, labels, failures = [], [], [], [], []
+
+    def encode_pending() -> None:
+        if pending:
+            features.append(model.encode_image(torch.stack(pending).to(device), normalize=True).float().cpu())
+            pending.clear()
+
+    for tar in eval_tars(folder):
         for _, sample in read_tar_samples(tar):
             try:
                 with Image.open(io.BytesIO(image_bytes(sample) or b"")) as image:
-                    images.append(preprocess(image.convert("RGB")))
+                    pending.append(preprocess(image.convert("RGB")))
             except Exception:  # noqa: BLE001 - an undecodable eval image is counted, not fatal
                 failures.append("decode_error")
                 continue
             captions.append(sample.get("txt", b"").decode("utf-8"))
             labels.append(int(sample["cls"]) if "cls" in sample else None)
-    return torch.stack(images), captions, labels, count_reasons(failures)
+            if len(pending) == batch:
+                encode_pending()
+    encode_pending()
+    if not features:
+        raise ValueError(f"evaluation set {folder}: no image could be decoded")
+    return EncodedSet(folder, torch.cat(features), captions, labels, count_reasons(failures))
 
 
 @torch.no_grad()
-def _encode(model, tokenizer, images: torch.Tensor, captions: list[str], batch: int, device: str = "cpu"):
-    image_features = torch.cat(
-        [
-            model.encode_image(images[i : i + batch].to(device), normalize=True).float().cpu()
-            for i in range(0, len(images), batch)
-        ]
-    )
-    text_features = torch.cat(
+def _encode_texts(model, tokenizer, captions: list[str], batch: int, device: str) -> torch.Tensor:
+    return torch.cat(
         [
             model.encode_text(tokenizer(captions[i : i + batch]).to(device), normalize=True).float().cpu()
             for i in range(0, len(captions), batch)
         ]
     )
-    return image_features, text_features
 
 
 def read_classnames(eval_dir: Path) -> list[str] | None:
@@ -132,34 +149,19 @@ def recall_at_k(similarity: torch.Tensor, ks: list[int]) -> dict[int, float]:
     return {k: float((ranks < k).float().mean()) for k in ks}
 
 
-@dataclass(frozen=True)
-class EvalSet:
-    """An evaluation folder decoded once (a model evaluated during training reuses it)."""
-
-    folder: Path
-    images: torch.Tensor
-    captions: list[str]
-    labels: list[int | None]
-    failures: dict[str, int]
-
-    @classmethod
-    def load(cls, folder: Path, preprocess) -> EvalSet:
-        return cls(folder, *_load_eval_set(folder, preprocess))
-
-
-def score_model(model, tokenizer, eval_set: EvalSet, config: EvaluateConfig, device: str = "cpu") -> dict[str, float]:
+def score_model(model, tokenizer, encoded: EncodedSet, config: EvaluateConfig, device: str = "cpu") -> dict[str, float]:
     """Zero-shot top-1/top-5 (when the set has class names and labels) and recall@k both ways."""
     from open_clip import build_zero_shot_classifier
 
-    images, captions, labels = eval_set.images, eval_set.captions, eval_set.labels
-    image_features, text_features = _encode(model, tokenizer, images, captions, config.batch_size, device)
+    image_features, captions, labels = encoded.image_features, encoded.captions, encoded.labels
     metrics: dict[str, float] = {}
-    classnames = read_classnames(eval_set.folder)
-    templates = read_templates(eval_set.folder, config.templates)
+    classnames = read_classnames(encoded.folder)
+    templates = read_templates(encoded.folder, config.templates)
     if classnames and all(label is not None for label in labels):
         classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device=device)
         metrics.update(zeroshot_accuracy(image_features @ classifier.float().cpu(), torch.tensor(labels)))
     if all(captions):  # a classification set (CLIP_benchmark's) has no captions: no retrieval
+        text_features = _encode_texts(model, tokenizer, captions, config.batch_size, device)
         similarity = image_features @ text_features.T
         for k, value in recall_at_k(similarity, config.recall_at).items():
             metrics[f"image_to_text_recall_at_{k}"] = value
@@ -185,12 +187,14 @@ def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_
     started = time.perf_counter()
     device = "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
     model, preprocess, tokenizer = clip_models.load(model_dir, device=device, image_size=config.image_size)
-    eval_set = EvalSet.load(eval_dir, preprocess)
-    metrics = score_model(model, tokenizer, eval_set, config, device)
-    tasks = {Path(task).name: score_model(model, tokenizer, EvalSet.load(Path(task), preprocess), config, device)
-             for task in config.tasks}  # fmt: skip
-    metrics.update(task_metrics(tasks))
-    captions, failures = eval_set.captions, eval_set.failures
+
+    def scored(folder: Path) -> tuple[dict[str, float], EncodedSet]:
+        encoded = encode_eval_set(model, preprocess, folder, config.batch_size, device)
+        return score_model(model, tokenizer, encoded, config, device), encoded
+
+    metrics, held_out = scored(eval_dir)
+    metrics.update(task_metrics({Path(task).name: scored(Path(task))[0] for task in config.tasks}))
+    captions, failures = held_out.captions, held_out.failures
     stage_dir.mkdir(parents=True, exist_ok=True)
     results = stage_dir / "results.json"
     write_json(results, metrics)

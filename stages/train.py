@@ -47,6 +47,7 @@ from stages.mlflow_sink import MlflowSink
 STATE_FILE = "state.pt"
 STEP_FILE = "train_state.json"
 LOG_FILE = "train_log.jsonl"
+ZEROSHOT_FILE = "zeroshot.jsonl"  # zero-shot during training (zeroshot_frequency)
 
 
 def curve_key(name: str) -> str:
@@ -372,12 +373,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 class ZeroShotDuringTraining:
     """Rank 0 scores the model on the evaluation set at checkpoint boundaries (every
     `zeroshot_frequency` intervals, and at the end): a curve `eval/<metric>` in MLflow, and
-    `zeroshot.jsonl` beside the train log. The set is decoded once."""
+    `zeroshot.jsonl` beside the train log. The set is read a batch at a time on each scoring (as open_clip's
+    zero-shot does): memory stays one batch for an ImageNet-sized set."""
 
     def __init__(self, config: TrainConfig, preprocess, tokenizer, stage_dir: Path, device: str):
         self.config, self.preprocess, self.tokenizer, self.device = config, preprocess, tokenizer, device
-        self.path = stage_dir / "zeroshot.jsonl"
-        self.eval_set = None
+        self.path = stage_dir / ZEROSHOT_FILE
 
     def due(self, step: int) -> bool:
         c = self.config
@@ -387,23 +388,17 @@ class ZeroShotDuringTraining:
         return interval % c.zeroshot_frequency == 0 or step == c.total_steps
 
     def score(self, model, step: int, client, tracking: Tracking | None) -> dict[str, float]:
-        from stages.evaluate import EvalSet, EvaluateConfig, score_model
+        from stages.evaluate import EvaluateConfig, encode_eval_set, score_model
 
-        if self.eval_set is None:
-            self.eval_set = EvalSet.load(Path(self.config.zeroshot_eval_dir), self.preprocess)
+        config, folder = EvaluateConfig(), Path(self.config.zeroshot_eval_dir)
         model.eval()
         try:
-            metrics = score_model(model, self.tokenizer, self.eval_set, EvaluateConfig(), self.device)
+            encoded = encode_eval_set(model, self.preprocess, folder, config.batch_size, self.device)
+            metrics = score_model(model, self.tokenizer, encoded, config, self.device)
         finally:
             model.train()
-        with self.path.open("a") as log:
-            log.write(json.dumps({"step": step, **metrics}) + "\n")
-        if client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            curves = [Metric(f"eval/{k}", float(v), now, step) for k, v in metrics.items() if "chance" not in k]
-            client.call("log_batch", tracking.run_id, metrics=curves)
+        curves = {k: v for k, v in metrics.items() if "chance" not in k}
+        _append_and_log(self.path, client, tracking, step, curves, lambda name: f"eval/{name}")
         return metrics
 
 
@@ -434,8 +429,7 @@ def _load_state(folder: Path, model, optimizer) -> int:
 def _log_step(
     log_path: Path, client, tracking: Tracking | None, step: int, metrics: dict, progress: ProgressWriter, total: int
 ) -> None:
-    with log_path.open("a") as log:
-        log.write(json.dumps({"step": step, **metrics}) + "\n")
+    _append_and_log(log_path, client, tracking, step, metrics, curve_key)
     progress.update(
         force=step == total,
         unit="steps",
@@ -445,11 +439,19 @@ def _log_step(
         samples_per_second=metrics["samples_per_second"],
         loss=metrics["loss"],
     )
+
+
+def _append_and_log(
+    path: Path, client, tracking: Tracking | None, step: int, metrics: dict, key: Callable[[str], str]
+) -> None:
+    """One step's metrics: a line of `path` (jsonl, trimmed on resume) and, when tracked, MLflow curves."""
+    with path.open("a") as log:
+        log.write(json.dumps({"step": step, **metrics}) + "\n")
     if client is not None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        curves = [Metric(curve_key(k), float(v), now, step) for k, v in metrics.items()]
+        curves = [Metric(key(k), float(v), now, step) for k, v in metrics.items()]
         client.call("log_batch", tracking.run_id, metrics=curves)
 
 
@@ -508,7 +510,8 @@ def run_train(
     for line in resume.fallback_lines():
         log(line)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _trim_log(stage_dir / LOG_FILE, resume.step)
+    for log in (LOG_FILE, ZEROSHOT_FILE):
+        _trim_log(stage_dir / log, resume.step)
     stop = min(config.total_steps, config.stop_at_step or config.total_steps)
     if resume.folder is not None and resume.step >= stop:
         final = resume.folder  # killed after the last checkpoint but before the manifest: nothing left to train
