@@ -12,13 +12,14 @@ import functools
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from torch import nn
 
 from pipeline.atomic import write_json, write_with
+
+if TYPE_CHECKING:  # torch is imported where a head is built or read: the CLI and recipe checks stay quick
+    from filters.head_net import EmbeddingHead
 
 HeadKind = Literal["regression", "binary"]  # aesthetic rating, or probability of a class (nsfw)
 LAION_HIDDEN = (1024, 128, 64, 16)
@@ -46,39 +47,12 @@ class HeadInfo:
         return self.input_dim == 768 and self.hidden == LAION_HIDDEN and not self.activation
 
 
-class EmbeddingHead(nn.Module):
-    """LAION's aesthetic MLP: Linear/Dropout stack; binary heads apply a sigmoid when scoring.
-
-    `activation` adds ReLU after each hidden Linear in `forward` without adding modules, so the
-    state dict keeps LAION's key names either way.
-    """
-
-    def __init__(self, input_dim: int, hidden: tuple[int, ...] = LAION_HIDDEN, activation: bool = False):
-        super().__init__()
-        self.activation = activation
-        layers: list[nn.Module] = []
-        width = input_dim
-        for i, size in enumerate(hidden):
-            layers.append(nn.Linear(width, size))
-            if i < len(LAION_DROPOUT):
-                layers.append(nn.Dropout(LAION_DROPOUT[i]))
-            width = size
-        layers.append(nn.Linear(width, 1))
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linears = [i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)]
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if self.activation and isinstance(layer, nn.Linear) and i != linears[-1]:
-                x = torch.relu(x)
-        return x.squeeze(-1)
-
-
 def save_head(head: EmbeddingHead, info: HeadInfo, path: Path) -> Path:
     path = Path(path).with_suffix(".pt")
     path.parent.mkdir(parents=True, exist_ok=True)
     info = replace(info, activation=head.activation)  # the file must describe the head it holds
+    import torch
+
     write_with(path, lambda tmp: torch.save(head.state_dict(), tmp))
     write_json(path.with_suffix(".json"), asdict(info))
     return path
@@ -113,6 +87,10 @@ def load_head(path: str | Path, kind: HeadKind = "regression") -> tuple[Embeddin
 
 @functools.lru_cache(maxsize=32)
 def _read_head(path: Path, kind: HeadKind, stamps: tuple) -> tuple[EmbeddingHead, HeadInfo]:
+    import torch
+
+    from filters.head_net import EmbeddingHead
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
@@ -142,6 +120,8 @@ def score_head(head: EmbeddingHead, info: HeadInfo, embeddings: np.ndarray, batc
             f"head expects {info.input_dim}-dim embeddings but the pool's are {embeddings.shape[-1]}-dim "
             "(fit the head on this embedding model's outputs)"
         )
+    import torch
+
     out = []
     with torch.inference_mode():
         for start in range(0, len(embeddings), batch):
@@ -163,6 +143,11 @@ def fit_head(
     seed: int = 0,
 ) -> tuple[EmbeddingHead, dict[str, float]]:
     """Full-batch Adam on (embedding, target) pairs; returns the head and held-out metrics."""
+    import torch
+    from torch import nn
+
+    from filters.head_net import EmbeddingHead
+
     if len(embeddings) != len(targets) or len(targets) < 4:
         raise HeadError(f"need at least 4 labelled embeddings to fit a head, got {len(targets)}")
     rng = np.random.default_rng(seed)

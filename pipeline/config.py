@@ -87,7 +87,6 @@ class RecipeBase(StrictModel):
     name: str
     description: str = ""
     output_dir: str = "runs"
-    seed: int = 0
     stages: list[str] = list(DEFAULT_STAGES)
 
 

@@ -115,10 +115,15 @@ def load_or_create_run(run_dir: Path, recipe: Recipe) -> dict:
     return record
 
 
+# top-level recipe keys earlier versions wrote to run.json and no stage read (`seed`)
+RETIRED_KEYS = frozenset({"seed"})
+
+
 def _as_read_now(stored: dict, run_dir: Path) -> dict:
-    """A stored recipe as this version reads it: renamed values and new defaults are not changes."""
+    """A stored recipe as this version reads it: renamed values, new defaults and keys that nothing
+    reads any more (RETIRED_KEYS) are not changes."""
     try:
-        return recipe_record(Recipe.model_validate(stored))
+        return recipe_record(Recipe.model_validate({k: v for k, v in stored.items() if k not in RETIRED_KEYS}))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, str(run_dir / RUN_FILE))) from None
 

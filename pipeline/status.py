@@ -48,4 +48,3 @@ def run_status(run_dir: Path) -> tuple[dict, list[StageStatus]]:
         state = "finished" if manifest else ("incomplete" if stage_dir.exists() else "pending")
         statuses.append(StageStatus(stage, state, manifest))
     return record, statuses
-

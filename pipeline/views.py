@@ -43,9 +43,7 @@ def summary_view(result) -> Group:
     table = Table("stage", "in", "kept", "dropped", "failed", "seconds", box=box.SIMPLE_HEAD, show_edge=False)
     for name, m in result.manifests.items():
         note = " (skipped)" if name in result.skipped else ""
-        table.add_row(
-            name + note, str(m.in_count), str(m.kept), str(m.n_dropped), str(m.n_failed), f"{m.seconds:.1f}"
-        )
+        table.add_row(name + note, str(m.in_count), str(m.kept), str(m.n_dropped), str(m.n_failed), f"{m.seconds:.1f}")
     mlflow_run = result.mlflow_run_id or "not logged: see `pipeline sync`"
     return Group(table, Text(f"done: {result.run_dir} (MLflow run {mlflow_run})"))
 

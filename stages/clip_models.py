@@ -12,10 +12,12 @@ import math
 import zipfile
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.atomic import atomic_path
+
+if TYPE_CHECKING:  # torch is imported where it is used: `pipeline --help` and recipe checks stay quick
+    import torch
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS = "weights.pt"
@@ -86,6 +88,8 @@ def save(model: torch.nn.Module, model_name: str, folder: Path) -> Path:
 
 def save_state(state: dict, model_name: str, folder: Path) -> Path:
     with atomic_path(folder, folder=True) as tmp:
+        import torch
+
         torch.save(state, tmp / WEIGHTS)
         (tmp / MODEL_INFO).write_text(json.dumps({"model": model_name}))
     return Path(folder)
@@ -130,6 +134,8 @@ def load_weights(
 
         state = load_file(str(path), device=device)
     else:
+        import torch
+
         state = torch.load(path, map_location=device, weights_only=True)  # never unpickles code
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -163,6 +169,8 @@ def convert_torchscript(path: Path, model_name: str, folder: Path) -> Path:
     The weights must fit `model_name` exactly; OpenAI's checkpoints are open_clip's `-quickgelu`
     architectures (e.g. ViT-L-14-quickgelu): their activations are QuickGELU, not GELU."""
     model, *_ = create(model_name)
+    import torch
+
     scripted = torch.jit.load(str(path), map_location="cpu")
     transient = {name for name, _ in model.named_buffers()} - set(model.state_dict())  # e.g. attn_mask
     state = {k: v for k, v in scripted.state_dict().items() if k not in OPENAI_METADATA and k not in transient}

@@ -14,8 +14,8 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 from pydantic import Field
 
@@ -35,6 +35,9 @@ from pipeline.stage import (
 from stages import clip_models
 from stages.shards import image_bytes, read_tar_samples
 from stages.train import TrainOutputs
+
+if TYPE_CHECKING:  # imported where a model runs: reading a recipe does not need torch
+    import torch
 
 DEFAULT_TEMPLATES = ["a {}.", "a photo of a {}.", "a small {}.", "a large {}.", "a {} on a plain background."]
 
@@ -74,14 +77,16 @@ class EncodedSet:
     failures: dict[str, int]
 
 
-@torch.no_grad()
 def encode_eval_set(model, preprocess, folder: Path, batch: int, device: str = "cpu") -> EncodedSet:
     """Decode and encode the set's images a batch at a time: memory is one batch, however large the set."""
+    import torch
+
     features, pending, captions, labels, failures = [], [], [], [], []
 
     def encode_pending() -> None:
         if pending:
-            features.append(model.encode_image(torch.stack(pending).to(device), normalize=True).float().cpu())
+            with torch.no_grad():
+                features.append(model.encode_image(torch.stack(pending).to(device), normalize=True).float().cpu())
             pending.clear()
 
     for tar in eval_tars(folder):
@@ -102,14 +107,16 @@ def encode_eval_set(model, preprocess, folder: Path, batch: int, device: str = "
     return EncodedSet(folder, torch.cat(features), captions, labels, count_reasons(failures))
 
 
-@torch.no_grad()
 def _encode_texts(model, tokenizer, captions: list[str], batch: int, device: str) -> torch.Tensor:
-    return torch.cat(
-        [
-            model.encode_text(tokenizer(captions[i : i + batch]).to(device), normalize=True).float().cpu()
-            for i in range(0, len(captions), batch)
-        ]
-    )
+    import torch
+
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model.encode_text(tokenizer(captions[i : i + batch]).to(device), normalize=True).float().cpu()
+                for i in range(0, len(captions), batch)
+            ]
+        )
 
 
 def read_classnames(eval_dir: Path) -> list[str] | None:
@@ -151,6 +158,7 @@ def recall_at_k(similarity: torch.Tensor, ks: list[int]) -> dict[int, float]:
 
 def score_model(model, tokenizer, encoded: EncodedSet, config: EvaluateConfig, device: str = "cpu") -> dict[str, float]:
     """Zero-shot top-1/top-5 (when the set has class names and labels) and recall@k both ways."""
+    import torch
     from open_clip import build_zero_shot_classifier
 
     image_features, captions, labels = encoded.image_features, encoded.captions, encoded.labels
@@ -184,6 +192,8 @@ def task_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
 def run_evaluate(model_dir: Path, eval_dir: Path, config: EvaluateConfig, stage_dir: Path) -> Manifest:
     """Score the model on the held-out set (the manifest counts its samples) and on `config.tasks`,
     in batches of `config.batch_size`, on the GPU when the process has one and `use_gpu` is set."""
+    import torch
+
     started = time.perf_counter()
     device = "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
     model, preprocess, tokenizer = clip_models.load(model_dir, device=device, image_size=config.image_size)

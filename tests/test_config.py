@@ -18,7 +18,8 @@ def test_all_shipped_recipes_load_and_have_valid_stage_lists(tmp_path):
     for name in needs_models:
         with pytest.raises(ConfigError, match="embed.model is needed"):
             build_stages(load_recipe(name))
-    from filters.heads import EmbeddingHead, HeadInfo, save_head
+    from filters.head_net import EmbeddingHead
+    from filters.heads import HeadInfo, save_head
     from stages import clip_models
 
     model, *_ = clip_models.create("demo-tiny")

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from filters.heads import EmbeddingHead, HeadInfo, save_head
+from filters.head_net import EmbeddingHead
+from filters.heads import HeadInfo, save_head
 from pipeline.config import ConfigError, load_recipe
 from pipeline.manifest import Manifest
 from pipeline.orchestrator import plan, run_pipeline
