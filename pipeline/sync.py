@@ -33,7 +33,9 @@ def _replay_training_log(tracker: Tracker, run_id: str, outputs: TrainOutputs) -
     for line in log_path.read_text().splitlines():
         entry = json.loads(line)
         step = int(entry.pop("step"))
-        metrics += [Metric(curve_key(k), float(v), now, step) for k, v in entry.items() if isinstance(v, int | float)]
+        wall = entry.pop("time", None)  # the step's own wall time (logs before it was recorded: now)
+        stamp = int(wall * 1000) if isinstance(wall, int | float) else now
+        metrics += [Metric(curve_key(k), float(v), stamp, step) for k, v in entry.items() if isinstance(v, int | float)]
     for start in range(0, len(metrics), 1000):  # MLflow's batch limit for metrics
         tracker.call("log_batch", run_id, metrics=metrics[start : start + 1000])
     model = Path(outputs.model)

@@ -2,7 +2,9 @@
 
 Two models, as in the Data Filtering Networks paper: a reference CLIP trained on the uncurated
 pool itself (what a CLIP trained on web data sees; no labels involved), and a *filtering
-network* trained only on the labelled pairs the labels call good. The embed stage scores the
+network*: that CLIP fine-tuned on the labelled pairs the labels call good (the paper fine-tunes
+a pretrained CLIP on high-quality data; `dfn_from: scratch` trains it from random weights on the
+good pairs alone, as this stage did before, at the reference's full budget). The embed stage scores the
 whole pool with both: `clip_score` with the first, `dfn_score` with the second. Real pools pass
 their own checkpoints to the embed stage instead (e.g. an OpenAI or DFN CLIP saved on disk) and
 skip this stage.
@@ -46,6 +48,32 @@ class SeedModelsConfig(StrictModel):
     clip_on: Literal["pool", "labelled"] = Field("pool", description="reference CLIP data: the whole pool or labels")
     train: TrainConfig = SEED_TRAIN_DEFAULTS
     dfn: bool = Field(True, description="also train the filtering network on the good pairs")
+    dfn_from: Literal["reference", "scratch"] = Field(
+        "reference", description="the filtering network fine-tunes the reference CLIP, or starts from random weights"
+    )
+    dfn_samples_seen: int | None = Field(
+        None,
+        gt=0,
+        description="its training budget; default: a quarter of train.samples_seen fine-tuned, all of it from scratch",
+    )
+
+
+def dfn_train_config(config: SeedModelsConfig, reference_model: str) -> TrainConfig:
+    """The filtering network's training run: the reference's settings, from its weights unless
+    `dfn_from: scratch`, for `dfn_samples_seen` samples (warm-up at most a fifth of its steps)."""
+    base = config.train
+    if config.dfn_from == "scratch":
+        samples = config.dfn_samples_seen or base.samples_seen
+        return TrainConfig.model_validate({**base.model_dump(), "samples_seen": samples})
+    samples = config.dfn_samples_seen or max(base.step_batch, base.samples_seen // 4)
+    steps = max(1, samples // base.step_batch)
+    update = {
+        "samples_seen": samples,
+        "pretrained": reference_model,
+        "warmup": min(base.warmup, max(1, steps // 5)),
+        "checkpoint_every_samples": min(base.checkpoint_every_samples, samples),
+    }
+    return TrainConfig.model_validate({**base.model_dump(), **update})
 
 
 def _train_on(shards: list[Path], uids: set[str], config: TrainConfig, folder: Path) -> tuple[str, Manifest | None]:
@@ -78,7 +106,7 @@ def run_seed_models(
     metrics["clip_pairs"] = float(len(reference))
     if config.dfn:
         curated = {u for u, g in zip(uids, good, strict=True) if g and u in usable}
-        dfn_model, _ = _train_on(shards, curated, config.train, stage_dir / "dfn")
+        dfn_model, _ = _train_on(shards, curated, dfn_train_config(config, clip_model), stage_dir / "dfn")
         metrics["dfn_pairs"] = float(len(curated))
     if clip_run is not None:
         metrics["clip_train_seconds"] = clip_run.seconds
@@ -118,8 +146,11 @@ class SeedModels(Stage):
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         t = self.config.train
-        what = "reference CLIP + filtering network" if self.config.dfn else "reference CLIP"
-        note = f"{what}: {t.model}, {t.samples_seen:,} samples seen each"
+        note = f"reference CLIP: {t.model}, {t.samples_seen:,} samples seen"
+        if self.config.dfn:
+            dfn = dfn_train_config(self.config, "reference")
+            start = "fine-tuned from it" if self.config.dfn_from == "reference" else "from scratch"
+            note += f"; filtering network {start}, {dfn.samples_seen:,}"
         labels = self.config.labels or "the source's labels"
         return PlanRow(self.name, labels, str(run_dir / self.name), None, note, f"{t.workers} train worker(s)")
 

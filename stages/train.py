@@ -446,12 +446,13 @@ def _append_and_log(
     path: Path, client, tracking: Tracking | None, step: int, metrics: dict, key: Callable[[str], str]
 ) -> None:
     """One step's metrics: a line of `path` (jsonl, trimmed on resume) and, when tracked, MLflow curves."""
+    wall = time.time()  # when the step ended: wall-clock rates over any steps, and MLflow's timestamps
     with path.open("a") as log:
-        log.write(json.dumps({"step": step, **metrics}) + "\n")
+        log.write(json.dumps({"step": step, "time": round(wall, 3), **metrics}) + "\n")
     if client is not None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(wall * 1000)
         curves = [Metric(key(k), float(v), now, step) for k, v in metrics.items()]
         client.call("log_batch", tracking.run_id, metrics=curves)
 

@@ -70,7 +70,8 @@ def test_overrides_are_typed_and_nested():
         (["colour=red"], "colour: unknown key"),
         (["source.demo.defects.unsafe=0.95"], "defect fractions add up"),
         (["download=3"], "download"),
-        (["seed.x=1"], "seed: Input should be a valid integer"),
+        (["output_dir.x=1"], "output_dir: Input should be a valid string"),
+        (["seed=3"], "seed: unknown key"),  # a key nothing read, removed
         (["download.image_size.x=1"], "'download.image_size' is not a section"),
         (["noequals"], "must look like key=value"),
         (["source.kind=table"], "needs source.path"),
@@ -133,3 +134,17 @@ def test_compute_estimate_matches_datacomp_published_macs():
         train = load_recipe(name).train
         assert training_budget(train.model, train.samples_seen).macs == pytest.approx(published, rel=0.03)
     assert forward_macs_per_sample("RN50") is None  # not a ViT: reported as not estimated, never guessed
+
+
+def test_the_filtering_network_fine_tunes_the_reference_on_a_quarter_of_its_budget():
+    from stages.seed_models import SeedModelsConfig, dfn_train_config
+
+    demo = load_recipe("demo").seed_models
+    dfn = dfn_train_config(demo, "/runs/x/seed_models/clip/train/model")
+    assert dfn.pretrained == "/runs/x/seed_models/clip/train/model"
+    assert (dfn.samples_seen, dfn.total_steps, dfn.warmup) == (1600, 25, 5)  # 6,400 / 4; warm-up a fifth of 25
+    assert dfn.checkpoint_every_samples == 1600 and (dfn.model, dfn.lr) == (demo.train.model, demo.train.lr)
+    scratch = dfn_train_config(SeedModelsConfig(dfn_from="scratch"), "unused")
+    assert scratch.pretrained is None and scratch.samples_seen == demo.train.samples_seen
+    chosen = dfn_train_config(SeedModelsConfig(dfn_samples_seen=640), "ref")
+    assert (chosen.samples_seen, chosen.warmup) == (640, 2)

@@ -19,15 +19,18 @@ def _sweep_file(tmp_path, strategies: dict) -> str:
     return str(path)
 
 
-def _overrides(tmp_path) -> list[str]:
+def _overrides(tmp_path, embed_model: str) -> list[str]:
+    """The small demo with a saved CLIP scoring the pool instead of trained seed models (no strategy
+    here reads dfn_score or a head): the sweep's point is the shared stages and the strategies."""
     return [
         *[o for o in small_demo_overrides(tmp_path / "runs") if not o.startswith("stages=")],
         *fast_filter_overrides(),
+        "stages=[demo_pool, download, phash, dedupe, embed, filter, subset, train, evaluate]",
+        f"embed.model={embed_model}",
         "train.samples_seen=64",
         "train.batch_size=32",
         "train.checkpoint_every_samples=64",
         "subset.samples_per_shard=60",
-        "seed_models.dfn=false",  # no strategy here reads dfn_score: one training run fewer
     ]
 
 
@@ -56,13 +59,13 @@ def test_datacomp_baselines_sweep_lists_every_baseline_and_validates():
     assert [s.name for s in per_strategy["datacomp_1b"].filter.strategy] == ["image_based", "clip_score"]
 
 
-def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, tmp_path):
+def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, tiny_model, tmp_path):
     sweep = load_sweep(
         _sweep_file(
             tmp_path, {"none": [], "dedupe_clip": [{"name": "dedupe"}, {"name": "clip_score", "top_fraction": 0.5}]}
         )
     )
-    sweep_dir, rows = run_sweep(sweep, _overrides(tmp_path), log=lambda m: None)
+    sweep_dir, rows = run_sweep(sweep, _overrides(tmp_path, tiny_model), log=lambda m: None)
     assert [r.strategy for r in rows] == ["none", "dedupe_clip"]
     none, filtered = rows
     assert none.kept == none.pool and filtered.kept < none.pool * 0.5 + 1

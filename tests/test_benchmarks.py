@@ -1,0 +1,22 @@
+"""The benchmarks' one result format (benchmarks/benchmark_result.py): what a README table is built from."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.benchmark_modules import load_benchmark
+
+
+def test_a_result_has_the_shared_keys_the_ratio_and_the_machine(tmp_path):
+    bench = load_benchmark("benchmark_result")
+    row = bench.result("train", 190.0, 200.0, "samples/s", {"steps": 60}, startup_s={"ours": 21.0})
+    assert set(row) == {"name", "ours", "anchor", "ratio", "unit", "params", "machine", "extra"}
+    assert row["ratio"] == 0.95 and row["extra"] == {"startup_s": {"ours": 21.0}}
+    assert row["machine"]["cores"] == os.cpu_count() and row["machine"]["memory_gib"] > 0
+    floored = bench.result("phash", 3.0, 1.0, "images/s", {}, floor=4.0)
+    assert floored["floor"] == 4.0 and floored["ratio"] == 3.0 and "extra" not in floored
+    path = tmp_path / "out.json"
+    bench.write_results(str(path), [row, floored])
+    assert [r["name"] for r in json.loads(path.read_text())] == ["train", "phash"]
+    bench.write_results(None, [row])  # no --json: nothing written, nothing raised
