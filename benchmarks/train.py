@@ -64,7 +64,7 @@ def train_config(args: argparse.Namespace, gpu: bool):
     )
 
 
-def anchor(shards: list[Path], args: argparse.Namespace, gpu: bool) -> Timing:
+def anchor(shards: list[Path], args: argparse.Namespace, config, gpu: bool) -> Timing:
     """open_clip_train's `train_one_epoch` over `args.steps` steps of its own webdataset loader."""
     import torch
     from open_clip import create_loss
@@ -76,7 +76,6 @@ def anchor(shards: list[Path], args: argparse.Namespace, gpu: bool) -> Timing:
     from stages import clip_models
     from stages.train import parameter_groups
 
-    config = train_config(args, gpu)
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -118,11 +117,10 @@ def anchor(shards: list[Path], args: argparse.Namespace, gpu: bool) -> Timing:
     return Timing(steady=steady, startup=step_started[0] - started, total=ended - started)
 
 
-def ours(shards: list[Path], args: argparse.Namespace, gpu: bool, work: Path) -> Timing:
+def ours(shards: list[Path], args: argparse.Namespace, config, work: Path) -> Timing:
     """The train stage; step end times from its train_log.jsonl (one line per step)."""
     from stages.train import run_train
 
-    config = train_config(args, gpu)
     started_wall, started = time.time(), time.perf_counter()
     run_train([str(s) for s in shards], 0, config, work / "ours", log=lambda m: None)
     total = time.perf_counter() - started
@@ -165,12 +163,13 @@ def main() -> None:
     from pipeline.runtime import WORKER_ENV
 
     gpu = torch.cuda.is_available() and not args.cpu
+    config = train_config(args, gpu)  # both sides' model, batch, steps and optimiser settings
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     size = args.image_size or 64
     try:
         shards = write_scene_shards(work / "shards", args.samples, size, 250)
-        base = anchor(shards, args, gpu)
+        base = anchor(shards, args, config, gpu)
         ray.init(
             num_cpus=os.cpu_count(),
             num_gpus=1 if gpu else 0,
@@ -179,13 +178,12 @@ def main() -> None:
             logging_level=logging.WARNING,
             runtime_env={"env_vars": WORKER_ENV},
         )
-        mine = ours(shards, args, gpu, work)
+        mine = ours(shards, args, config, work)
     finally:
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    config = train_config(args, gpu)
     where = "1 GPU, bf16" if gpu else f"CPU, {os.cpu_count()} cores, fp32"
     print(f"model {args.model}, global batch {args.batch}, {args.steps} steps ({args.warmup_steps} warm-up), {where}")
     anchor_how = "1 process" if gpu else f"1 process x {os.cpu_count()} threads"

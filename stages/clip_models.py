@@ -87,9 +87,9 @@ def save(model: torch.nn.Module, model_name: str, folder: Path) -> Path:
 
 
 def save_state(state: dict, model_name: str, folder: Path) -> Path:
-    with atomic_path(folder, folder=True) as tmp:
-        import torch
+    import torch
 
+    with atomic_path(folder, folder=True) as tmp:
         torch.save(state, tmp / WEIGHTS)
         (tmp / MODEL_INFO).write_text(json.dumps({"model": model_name}))
     return Path(folder)

@@ -58,14 +58,21 @@ class SeedModelsConfig(StrictModel):
     )
 
 
+def dfn_samples_seen(config: SeedModelsConfig) -> int:
+    """The filtering network's budget: as set, else a quarter of the reference's when fine-tuned
+    (at least one batch) and all of it from scratch."""
+    if config.dfn_samples_seen:
+        return config.dfn_samples_seen
+    base = config.train
+    return base.samples_seen if config.dfn_from == "scratch" else max(base.step_batch, base.samples_seen // 4)
+
+
 def dfn_train_config(config: SeedModelsConfig, reference_model: str) -> TrainConfig:
     """The filtering network's training run: the reference's settings, from its weights unless
     `dfn_from: scratch`, for `dfn_samples_seen` samples (warm-up at most a fifth of its steps)."""
-    base = config.train
+    base, samples = config.train, dfn_samples_seen(config)
     if config.dfn_from == "scratch":
-        samples = config.dfn_samples_seen or base.samples_seen
         return TrainConfig.model_validate({**base.model_dump(), "samples_seen": samples})
-    samples = config.dfn_samples_seen or max(base.step_batch, base.samples_seen // 4)
     steps = max(1, samples // base.step_batch)
     update = {
         "samples_seen": samples,
@@ -148,9 +155,8 @@ class SeedModels(Stage):
         t = self.config.train
         note = f"reference CLIP: {t.model}, {t.samples_seen:,} samples seen"
         if self.config.dfn:
-            dfn = dfn_train_config(self.config, "reference")
             start = "fine-tuned from it" if self.config.dfn_from == "reference" else "from scratch"
-            note += f"; filtering network {start}, {dfn.samples_seen:,}"
+            note += f"; filtering network {start}, {dfn_samples_seen(self.config):,}"
         labels = self.config.labels or "the source's labels"
         return PlanRow(self.name, labels, str(run_dir / self.name), None, note, f"{t.workers} train worker(s)")
 
