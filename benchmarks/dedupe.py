@@ -8,6 +8,10 @@
 (2) Search: n random 64-bit hashes plus 1% planted near-duplicates (up to k flipped bits); time
     and peak traced memory of the exact multi-index search, and recall against brute force for
     sampled queries. Run by hand, not in CI.
+
+`--json PATH` writes one result per measurement in the benchmarks' format (benchmark_result.py):
+each hashing side against the imagehash loop, and each search size against brute force (its rate
+extrapolated from the sampled queries).
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import numpy as np
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from scene_shards import write_scene_shards  # noqa: E402 (benchmarks run as scripts)
+from benchmark_result import result, write_results  # noqa: E402 (benchmarks run as scripts)
+from scene_shards import write_scene_shards  # noqa: E402
 
 
-def bench_hashing(args: argparse.Namespace) -> None:
+def bench_hashing(args: argparse.Namespace) -> list[dict]:
     import imagehash
     import ray
     from PIL import Image
@@ -80,15 +85,23 @@ def bench_hashing(args: argparse.Namespace) -> None:
     differ_stage = sum(reference[k] != stage.get(k) for k in reference)
     print(f"[hashing] {n} JPEGs of {args.image_size}px in {len(shards)} shards, {os.cpu_count()} cores")
     print(f"  imagehash.phash loop (1 process):   {n / t_loop:8.0f} images/s")
-    for name, seconds, differ in (
-        ("batched kernel (1 process):       ", t_kernel, differ_kernel),
-        ("phash stage (Ray, task per shard):", t_stage, differ_stage),
+    params = {"images": n, "image_size": args.image_size, "shards": len(shards)}
+    results = []
+    for name, label, seconds, differ in (
+        ("phash_kernel", "batched kernel (1 process):       ", t_kernel, differ_kernel),
+        ("phash_stage", "phash stage (Ray, task per shard):", t_stage, differ_stage),
     ):
-        print(f"  {name} {n / seconds:8.0f} images/s   ratio {t_loop / seconds:.2f}x   differing hashes: {differ}")
+        print(f"  {label} {n / seconds:8.0f} images/s   ratio {t_loop / seconds:.2f}x   differing hashes: {differ}")
+        results.append(result(name, n / seconds, n / t_loop, "images/s", params, differing_hashes=differ))
+    return results
 
 
-def bench_search(n: int, k: int, queries: int) -> None:
+def bench_search(n: int, k: int, queries: int) -> dict:
+    import sys
+
     from filters.hamming import band_layout, near_pairs_unique
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' oracle, from a checkout
     from tests.oracles import brute_force_neighbours
 
     rng = np.random.default_rng(n)
@@ -124,6 +137,16 @@ def bench_search(n: int, k: int, queries: int) -> None:
         f"recall on {len(sample)} sampled queries: {(true_pairs - missed)}/{true_pairs}; "
         f"brute force extrapolated from those queries: {brute_total / 3600:,.2f} h ({brute_total / seconds:,.0f}x)"
     )
+    return result(
+        "near_duplicate_search",
+        len(values) / seconds,
+        len(values) / brute_total,
+        "hashes/s",
+        {"n": len(values), "k": k, "queries": len(sample)},
+        seconds=seconds,
+        peak_traced_mib=peak / 2**20,
+        recall=(true_pairs - missed) / max(true_pairs, 1),
+    )
 
 
 def main() -> None:
@@ -134,10 +157,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--json", default=None, help="write the results here (benchmark_result.py's format)")
     args = parser.parse_args()
-    bench_hashing(args)
+    results = bench_hashing(args)
     for n in args.sizes:
-        bench_search(n, args.k, args.queries)
+        results.append(bench_search(n, args.k, args.queries))
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ randomly initialised open_clip model: decode, preprocess, encode image and text,
 baseline is what one writes by hand: one process, torch's default threads, a Python loop over
 the shards in batches. The stage runs Ray Data read tasks feeding an actor pool (one model per
 actor). Prints samples/s and the ratio, measured in the same run. Run by hand, not in CI.
+`--json PATH` writes the result in the benchmarks' format (benchmark_result.py): the stage's
+steady state against the loop's (the loop is warmed on one shard first), end to end beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import shutil
@@ -25,7 +26,8 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from scene_shards import write_scene_shards  # noqa: E402 (benchmarks run as scripts)
+from benchmark_result import result, write_results  # noqa: E402 (benchmarks run as scripts)
+from scene_shards import write_scene_shards  # noqa: E402
 
 
 def single_process_loop(shards: list[Path], model_dir: str, batch_size: int) -> int:
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--actors", type=int, default=None, help="default: one per CPU (or GPU)")
     parser.add_argument("--threads-per-actor", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write the result here (benchmark_result.py's format)")
     args = parser.parse_args()
 
     import ray
@@ -113,7 +116,9 @@ def main() -> None:
         print(f"ratio: {stage / baseline:.2f}x end to end, {steady / baseline:.2f}x steady state")
         if len(shards) < 8:
             print("note: under 8 shards the first batch arrives late and the steady-state figure overstates")
-        print(json.dumps({"baseline": baseline, "stage": stage, "steady": steady, "ratio_steady": steady / baseline}))
+        params = {k: getattr(args, k) for k in ("images", "size", "model", "per_shard", "batch_size", "actors")}
+        row = result("embed", steady, baseline, "samples/s", params, end_to_end=stage, shards=len(shards))
+        write_results(args.json, [row])
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -171,9 +171,13 @@ def _env() -> dict[str, str]:
 
 
 class RunProcess:
-    """`python -m pipeline ...` in its own process group; its stdout lines are timestamped as they come."""
+    """`python -m pipeline ...` in its own process group; its stdout lines are timestamped as they come.
 
-    def __init__(self, args: list[str], log_path: Path):
+    The console prints `[stage] ...` when a stage ends (or is skipped as finished earlier), so a stage
+    starts when the one before it in `chain` prints, and the first when the run prints its folder."""
+
+    def __init__(self, args: list[str], log_path: Path, chain: list[str]):
+        self.chain = chain
         self.log = log_path.open("a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", *args],
@@ -194,12 +198,15 @@ class RunProcess:
             self.log.write(line)
             self.log.flush()
             self.lines.append(line.rstrip())
-            if line.startswith("[") and "]" in line:
-                stage = line[1 : line.index("]")]
-                if stage in STAGES:
-                    if stage not in self.started_stages:
-                        self.started_stages[stage] = time.monotonic()
-                    self.current = stage
+            if line.startswith("run directory:"):
+                self._starts(self.chain[0])
+            elif line.startswith("[") and "]" in line and line[1 : line.index("]")] in self.chain:
+                ended = self.chain.index(line[1 : line.index("]")])
+                self._starts(self.chain[ended + 1] if ended + 1 < len(self.chain) else "finishing")
+
+    def _starts(self, stage: str) -> None:
+        self.started_stages.setdefault(stage, time.monotonic())
+        self.current = stage
 
     def running(self) -> bool:
         return self.proc.poll() is None
@@ -301,7 +308,7 @@ def run_until_killed(
     later = order[order.index(point.stage) :]
     target = next((stage for stage in later if not _stage_finished(run_dir, stage)), point.stage)
     offset = point.fraction * reference_seconds.get(target, 0.0)
-    run = RunProcess(args, log_path)
+    run = RunProcess(args, log_path, list(reference_seconds))
     killed = False
     deadline = started + timeout
     while run.running() and time.monotonic() < deadline:
@@ -418,7 +425,7 @@ def reference_run(workdir: Path, port: int, stages: list[str], timeout: float = 
     overrides = soak_overrides(output, ray_temp, port, stages)
     args = ["run", "demo", "--run-name", RUN, *[a for o in overrides for a in ("--set", o)]]
     try:
-        run = RunProcess(args, workdir / "reference.log")
+        run = RunProcess(args, workdir / "reference.log", stages)
         code = run.wait(timeout=timeout)
     finally:
         kill_ray_of(ray_temp)
@@ -470,7 +477,8 @@ def run_cycle(
             if finished:
                 break  # done before this kill point came: the rest go to the next run
         while not finished and report.failed_resumes < 3:
-            final = RunProcess(resume if (run_dir / "run.json").exists() else first, workdir / "soak.log")
+            args = resume if (run_dir / "run.json").exists() else first
+            final = RunProcess(args, workdir / "soak.log", list(reference_seconds))
             code = final.wait(timeout=900)
             kill_ray_of(ray_temp)
             report.attempts.append(Attempt(None, False, code, 0.0, final.current, "\n".join(final.lines[-15:])))

@@ -15,7 +15,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from pipeline.config import Recipe, load_recipe  # noqa: E402
-from pipeline.runtime import WORKER_ENV  # noqa: E402
+from pipeline.runtime import local_worker_env  # noqa: E402
 from pipeline.serve import serve_directory  # noqa: E402
 from stages.demo_pool import DemoPoolConfig, generate_pool  # noqa: E402
 
@@ -31,7 +31,7 @@ def ray_cluster():
         include_dashboard=False,
         _temp_dir=temp_dir,
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": WORKER_ENV},
+        runtime_env={"env_vars": local_worker_env()},
     )
     yield
     ray.shutdown()

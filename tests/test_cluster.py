@@ -97,3 +97,14 @@ def test_a_run_submitted_to_the_dashboard_address_is_a_ray_job_with_its_log(toke
     assert status.returncode == 0 and f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr
     listed = _ray("job", "list", "--address", dashboard, home=operator_home, token=True)
     assert "'recipe': 'demo'" in listed.stdout and "python -m pipeline run demo --set" in listed.stdout, listed.stdout
+
+
+def test_a_ray_the_run_starts_locally_has_no_preemption_watcher_unless_the_user_asks(monkeypatch):
+    from pipeline.runtime import PREEMPTION_WATCHER, WORKER_ENV, local_worker_env
+
+    monkeypatch.delenv(PREEMPTION_WATCHER, raising=False)
+    env = local_worker_env()
+    assert env[PREEMPTION_WATCHER] == "0" and env.items() >= WORKER_ENV.items()
+    assert PREEMPTION_WATCHER not in WORKER_ENV  # a cluster the run joins keeps Ray Train's default
+    monkeypatch.setenv(PREEMPTION_WATCHER, "1")
+    assert local_worker_env()[PREEMPTION_WATCHER] == "1"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.atomic import PARTIAL_SUFFIX, Partial, atomic_path, remove_partials, write_text
-from stages.train import STATE_FILE, STEP_FILE, TrainConfig, choose_checkpoint, run_train
+from stages.train import STATE_FILE, STEP_FILE, choose_checkpoint
 from tests.benchmark_modules import load_benchmark
 
 
@@ -75,40 +75,15 @@ def test_resume_passes_over_torn_checkpoints_to_the_newest_complete_one(tmp_path
     assert nothing.folder is None and nothing.step == 0 and "the start" in nothing.fallback_lines()[0]
 
 
-def test_damaged_newer_checkpoints_fall_back_and_the_loaded_step_is_recorded(ray_cluster, pool_shards, tmp_path):
-    shards_dir, download = pool_shards
-    tars = sorted(str(p) for p in shards_dir.glob("*.tar"))
-    config = TrainConfig(
-        model="demo-tiny", samples_seen=32 * 6, batch_size=32, warmup=1, workers=1,
-        checkpoint_every_samples=32 * 2, log_every_steps=1, shuffle_buffer=50,
-    )  # fmt: skip
-    stage = tmp_path / "train"
-    run_train(tars, download.kept, config.model_copy(update={"stop_at_step": 4}), stage, log=lambda m: None)
-    folders = [f for f in stage.glob("ray/attempt-*/checkpoint_*") if f.is_dir()]
-    step_of = {f: json.loads((f / STEP_FILE).read_text())["step"] for f in folders}
-    checkpoints = sorted(step_of, key=step_of.get)
-    assert [step_of[f] for f in checkpoints] == [2, 4]
-    _cut_in_half(checkpoints[-1] / STATE_FILE)  # the newest is damaged, the older one intact
-    lines: list[str] = []
-    resumed = run_train(tars, download.kept, config, stage, log=lines.append)
-    assert resumed.metrics["resumed_from_step"] == 2 and resumed.outputs["resumed_from"] == str(checkpoints[0])
-    assert resumed.metrics["steps"] == 6
-    assert len(lines) == 1 and "incomplete" in lines[0] and "resuming from step 2" in lines[0]
-    steps = [json.loads(line)["step"] for line in (stage / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # the steps after the loaded checkpoint are logged once, not twice
-    assert [p.name for p in (stage / "ray").iterdir() if p.is_dir()] == ["attempt-001"]  # torn attempts are gone
-
-
-@pytest.mark.slow
 def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninterrupted_run(tmp_path):
     soak = load_benchmark("soak")
     lines: list[str] = []
-    # the three writer events and one timed kill on the chain without models; `benchmarks/soak.py
-    # --kills 100` (all 11 stages) is the long run
-    report = soak.soak(kills=4, seed=1, workdir=tmp_path, log=lines.append, stages=soak.MODEL_FREE)
+    # the three writer events (a shard, a checkpoint, an MLflow upload caught mid-write) on the chain
+    # without models; timed kills at random instants are `benchmarks/soak.py --kills 100`'s (all 11 stages)
+    report = soak.soak(kills=3, seed=1, workdir=tmp_path, log=lines.append, stages=soak.MODEL_FREE)
     killed = [a for a in report.attempts if a.killed]
     assert report.failed_resumes == 0, "\n".join(lines)
-    assert len(killed) >= 4, "\n".join(lines)
+    assert len(killed) >= 3, "\n".join(lines)
     assert len({a.where for a in killed}) >= 2, "\n".join(lines)  # not all in one stage
     assert {a.kill.event for a in killed} >= {"checkpoint_persist", "shard_write", "artifact_upload"}
     assert report.mismatches == [] and report.unreadable == [] and report.running_mlflow_runs == 0, report.summary()

@@ -59,6 +59,7 @@ def test_datacomp_baselines_sweep_lists_every_baseline_and_validates():
     assert [s.name for s in per_strategy["datacomp_1b"].filter.strategy] == ["image_based", "clip_score"]
 
 
+@pytest.mark.slow
 def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, tiny_model, tmp_path):
     sweep = load_sweep(
         _sweep_file(

@@ -13,7 +13,7 @@ import torch
 
 from stages import clip_models
 from stages.evaluate import EvaluateConfig, run_evaluate
-from stages.train import TrainConfig, latest_checkpoint, run_train
+from stages.train import STATE_FILE, STEP_FILE, TrainConfig, latest_checkpoint, run_train
 
 CONFIG = TrainConfig(
     model="demo-tiny",
@@ -22,7 +22,7 @@ CONFIG = TrainConfig(
     lr=1e-3,
     warmup=2,
     workers=2,
-    checkpoint_every_samples=32 * 3,
+    checkpoint_every_samples=32 * 2,
     log_every_steps=1,
     shuffle_buffer=50,
 )
@@ -38,19 +38,35 @@ def _losses(stage_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (stage_dir / "train_log.jsonl").read_text().splitlines())}
 
 
-def test_resumed_run_follows_the_uninterrupted_trajectory(ray_cluster, shards, tmp_path):
+@pytest.mark.slow
+def test_resumed_run_follows_the_uninterrupted_trajectory_past_a_torn_newest_checkpoint(ray_cluster, shards, tmp_path):
+    """Resume after a kill that tore the newest checkpoint: it loads the older complete one, says so in
+    one line, logs each step once, and still follows the uninterrupted run step for step."""
     tars, n = shards
     # the uninterrupted run: the same batches as 2 micro-batches per worker under DDP's static graph,
     # so one run pins both accumulation and resume (each must follow it to float rounding)
     full = run_train(tars, n, CONFIG.model_copy(update={"accum_freq": 2, "ddp_static_graph": True}), tmp_path / "full")
     assert full.metrics["steps"] == 6 and full.metrics["resumed_from_step"] == 0
-    # a plain run stopped at its first checkpoint (as a killed run would be), then resumed
-    stopped = run_train(tars, n, CONFIG.model_copy(update={"stop_at_step": 3}), tmp_path / "resumed")
-    assert stopped.metrics["steps"] == 3
-    resumed = run_train(tars, n, CONFIG, tmp_path / "resumed")
-    assert resumed.metrics["resumed_from_step"] == 3 and resumed.metrics["steps"] == 6
-    expected, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    # a plain run stopped after its second checkpoint (as a killed run would be) ...
+    stage = tmp_path / "resumed"
+    stopped = run_train(tars, n, CONFIG.model_copy(update={"stop_at_step": 4}), stage)
+    assert stopped.metrics["steps"] == 4
+    folders = [f for f in stage.glob("ray/attempt-*/checkpoint_*") if f.is_dir()]
+    step_of = {f: json.loads((f / STEP_FILE).read_text())["step"] for f in folders}
+    checkpoints = sorted(step_of, key=step_of.get)
+    assert [step_of[f] for f in checkpoints] == [2, 4]
+    # ... while writing the newest one: half its state on disk, the older one intact
+    state = checkpoints[-1] / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    lines: list[str] = []
+    resumed = run_train(tars, n, CONFIG, stage, log=lines.append)
+    assert resumed.metrics["resumed_from_step"] == 2 and resumed.outputs["resumed_from"] == str(checkpoints[0])
+    assert resumed.metrics["steps"] == 6
+    assert len(lines) == 1 and "incomplete" in lines[0] and "resuming from step 2" in lines[0]
+    assert [p.name for p in (stage / "ray").iterdir() if p.is_dir()] == ["attempt-001"]  # torn attempts are gone
+    steps = [json.loads(line)["step"] for line in (stage / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the steps after the loaded checkpoint are logged once, not twice
+    expected, got = _losses(tmp_path / "full"), _losses(stage)
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-4), step
     assert expected[6] < expected[1]  # it learns
