@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -30,6 +31,7 @@ import numpy as np
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' oracle (tests/oracles.py), from a checkout
 
 from benchmark_result import result, write_results  # noqa: E402 (benchmarks run as scripts)
 from scene_shards import write_scene_shards  # noqa: E402
@@ -41,7 +43,7 @@ def bench_hashing(args: argparse.Namespace) -> list[dict]:
     from PIL import Image
 
     from pipeline.executor import make_ray_map
-    from pipeline.runtime import WORKER_ENV
+    from pipeline.runtime import local_worker_env
     from stages.phash import HashConfig, decode_thumbnail, phash_pixels, read_hash_tables, run_hash, to_hex
     from stages.shards import read_tar_samples
 
@@ -65,7 +67,7 @@ def bench_hashing(args: argparse.Namespace) -> list[dict]:
             include_dashboard=False,
             _temp_dir=ray_tmp,
             logging_level=logging.WARNING,
-            runtime_env={"env_vars": WORKER_ENV},
+            runtime_env={"env_vars": local_worker_env()},
         )
         run_hash(work, HashConfig(), work / "warm", map_fn=make_ray_map())  # start the workers
         started = time.perf_counter()
@@ -97,11 +99,7 @@ def bench_hashing(args: argparse.Namespace) -> list[dict]:
 
 
 def bench_search(n: int, k: int, queries: int) -> dict:
-    import sys
-
     from filters.hamming import band_layout, near_pairs_unique
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' oracle, from a checkout
     from tests.oracles import brute_force_neighbours
 
     rng = np.random.default_rng(n)

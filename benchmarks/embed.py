@@ -77,7 +77,7 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.runtime import WORKER_ENV
+    from pipeline.runtime import local_worker_env
     from stages import clip_models
     from stages.embed import EmbedConfig, run_embed
 
@@ -103,7 +103,7 @@ def main() -> None:
             include_dashboard=False,
             _temp_dir=ray_tmp,
             logging_level=logging.WARNING,
-            runtime_env={"env_vars": WORKER_ENV},
+            runtime_env={"env_vars": local_worker_env()},
         )
         ray.data.DataContext.get_current().enable_progress_bars = False
         config = EmbedConfig(batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads_per_actor)

@@ -91,7 +91,7 @@ def main() -> None:
 
     import ray
 
-    from pipeline.runtime import WORKER_ENV
+    from pipeline.runtime import local_worker_env
     from pipeline.serve import serve_directory
     from stages.demo_pool import DemoPoolConfig, generate_pool
 
@@ -103,7 +103,7 @@ def main() -> None:
         include_dashboard=False,
         _temp_dir=ray_tmp,
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": WORKER_ENV},
+        runtime_env={"env_vars": local_worker_env()},
     )
     try:
         with serve_directory(work / "pool" / "files") as base_url:

@@ -160,7 +160,7 @@ def main() -> None:
     import ray
     import torch
 
-    from pipeline.runtime import WORKER_ENV
+    from pipeline.runtime import local_worker_env
 
     gpu = torch.cuda.is_available() and not args.cpu
     config = train_config(args, gpu)  # both sides' model, batch, steps and optimiser settings
@@ -176,7 +176,7 @@ def main() -> None:
             include_dashboard=False,
             _temp_dir=ray_tmp,
             logging_level=logging.WARNING,
-            runtime_env={"env_vars": WORKER_ENV},
+            runtime_env={"env_vars": local_worker_env()},
         )
         mine = ours(shards, args, config, work)
     finally:
