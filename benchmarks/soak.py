@@ -101,6 +101,7 @@ class Attempt:
     where: str  # the stage running when it ended
     error: str = ""
     exit_after_kill: float = 0.0  # seconds from the signal to the process's exit
+    console: list[str] = field(default_factory=list)  # what the attempt printed (stdout and stderr)
 
 
 @dataclass
@@ -139,18 +140,22 @@ class SoakReport:
         )
 
 
-def plan_kills(n: int, seed: int, stage_seconds: dict[str, float], events: bool = True) -> list[KillPoint]:
+def plan_kills(
+    n: int, seed: int, stage_seconds: dict[str, float], events: bool = True, signals: dict[str, str] | None = None
+) -> list[KillPoint]:
     """n kill points in run order: one per event kind, the rest at uniform instants of the reference timeline
-    (`stage_seconds`, in run order: its stages are the soaked chain's)."""
+    (`stage_seconds`, in run order: its stages are the soaked chain's). `signals` fixes an event's
+    signal ("KILL" or "INT"); the others are drawn."""
     rng = random.Random(seed)
     order = list(stage_seconds)
-    signals = ["KILL", "INT"]
+    kinds = ["KILL", "INT"]
     points: list[tuple[int, float, KillPoint]] = []
     event_stage = {"shard_write": "download", "checkpoint_persist": "train", "artifact_upload": "train"}
     chosen_events = list(EVENTS[: min(n, len(EVENTS))]) if events else []
     for event in chosen_events:
         stage = event_stage[event]
-        points.append((order.index(stage), -1.0, KillPoint(stage, 0.0, event, rng.choice(signals))))
+        drawn = rng.choice(kinds)  # drawn even when fixed, so that the rest of the plan stays the seed's
+        points.append((order.index(stage), -1.0, KillPoint(stage, 0.0, event, (signals or {}).get(event, drawn))))
     total = sum(stage_seconds.values())
     for _ in range(n - len(chosen_events)):
         instant, stage = rng.uniform(0, total), order[-1]
@@ -160,7 +165,7 @@ def plan_kills(n: int, seed: int, stage_seconds: dict[str, float], events: bool 
                 break
             instant -= stage_seconds.get(name, 0.0)
         fraction = instant / max(stage_seconds.get(stage, 0.0), 1e-9)
-        points.append((order.index(stage), fraction, KillPoint(stage, fraction, "", rng.choice(signals))))
+        points.append((order.index(stage), fraction, KillPoint(stage, fraction, "", rng.choice(kinds))))
     return [p for _, _, p in sorted(points, key=lambda t: (t[0], t[1]))]
 
 
@@ -330,7 +335,7 @@ def run_until_killed(
     code = run.wait(timeout=120)
     error = "" if killed or code == 0 else "\n".join(run.lines[-15:])
     after = time.monotonic() - signalled if killed else 0.0
-    return Attempt(point, killed, code, time.monotonic() - started, where, error, after)
+    return Attempt(point, killed, code, time.monotonic() - started, where, error, after, run.lines)
 
 
 def _comparable(manifest: dict) -> dict:
@@ -442,11 +447,13 @@ def run_cycle(
     reference_seconds: dict[str, float],
     report: SoakReport,
     log,
+    after_kill=None,
 ) -> tuple[Path | None, int]:
     """One soaked run: killed at `points` in order, then resumed until it finishes.
 
     Returns its folder (None if it never finished) and how many points it used: a run can finish
-    before all are reached, and the rest go to the next run."""
+    before all are reached, and the rest go to the next run. `after_kill(attempt, run_dir)` is
+    called after each kill, before the resume: the run folder as the user finds it."""
     run_dir = output / RUN
     ray_temp = tempfile.mkdtemp(prefix="rsk", dir="/tmp")
     overrides = soak_overrides(output, ray_temp, port, list(reference_seconds))
@@ -473,6 +480,8 @@ def run_cycle(
             elif attempt.killed:
                 n = sum(a.killed for a in report.attempts)
                 log(f"kill {n}: SIG{point.signal} in {attempt.where} ({point.event or f'{point.fraction:.0%} in'})")
+                if after_kill is not None:
+                    after_kill(attempt, run_dir)
             finished = attempt.returncode == 0  # a signal that came as it was finishing changes nothing
             if finished:
                 break  # done before this kill point came: the rest go to the next run
@@ -481,7 +490,8 @@ def run_cycle(
             final = RunProcess(args, workdir / "soak.log", list(reference_seconds))
             code = final.wait(timeout=900)
             kill_ray_of(ray_temp)
-            report.attempts.append(Attempt(None, False, code, 0.0, final.current, "\n".join(final.lines[-15:])))
+            error = "\n".join(final.lines[-15:])
+            report.attempts.append(Attempt(None, False, code, 0.0, final.current, error, console=final.lines))
             finished = code == 0
             if not finished:
                 report.failed_resumes += 1
@@ -502,10 +512,18 @@ def drop_bulk(run_dir: Path) -> None:
 
 
 def soak(
-    kills: int, seed: int, workdir: Path, reference: Path | None = None, log=print, stages: list[str] = STAGES
+    kills: int,
+    seed: int,
+    workdir: Path,
+    reference: Path | None = None,
+    log=print,
+    stages: list[str] = STAGES,
+    signals: dict[str, str] | None = None,
+    after_kill=None,
 ) -> SoakReport:
     """Kill soaked runs `kills` times in all; a run that finishes before its kill points are spent
-    is checked, and the rest are drawn afresh for a new run. `stages`: the chain (a given reference's own)."""
+    is checked, and the rest are drawn afresh for a new run. `stages`: the chain (a given reference's
+    own); `signals`: a fixed signal per writer event (see `plan_kills`); `after_kill`: see `run_cycle`."""
     workdir.mkdir(parents=True, exist_ok=True)
     report = SoakReport(kills=kills, seed=seed)
     if reference is None:
@@ -517,14 +535,14 @@ def soak(
         port = int(json.loads((reference / "demo_pool" / "pool.json").read_text())["base_url"].rsplit(":", 1)[1])
     reference_seconds = stage_seconds(reference)
     started = time.monotonic()
-    points = plan_kills(kills, seed, reference_seconds)
+    points = plan_kills(kills, seed, reference_seconds, signals=signals)
     cycle = 0
     while sum(a.killed for a in report.attempts) < kills and report.failed_resumes == 0:
         if not points:  # some kill points were reached by no running run: draw the missing ones
             missing = kills - sum(a.killed for a in report.attempts)
             points = plan_kills(missing, seed + 1000 * cycle, reference_seconds, events=False)
         output = workdir / f"soaked-{cycle}"
-        run_dir, consumed = run_cycle(points, output, workdir, port, reference_seconds, report, log)
+        run_dir, consumed = run_cycle(points, output, workdir, port, reference_seconds, report, log, after_kill)
         points = points[consumed:]
         if run_dir is None:
             break
@@ -560,7 +578,7 @@ def main() -> None:
             "soak_seconds": report.soak_seconds,
             "finished_runs": report.runs,
             "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
-            "attempts": [asdict(a) for a in report.attempts],
+            "attempts": [{k: v for k, v in asdict(a).items() if k != "console"} for a in report.attempts],
             "mismatches": report.mismatches,
             "unreadable": report.unreadable,
         }

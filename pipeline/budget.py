@@ -28,10 +28,7 @@ def _transformer_macs(tokens: int, width: int, layers: int, mlp_ratio: float) ->
 
 def forward_macs_per_sample(model_name: str) -> float | None:
     """MACs of one image + one caption through a ViT CLIP; None for configs this does not model (ResNets)."""
-    import open_clip
-
-    clip_models.register_model_configs()
-    config = open_clip.get_model_config(model_name)
+    config = clip_models.model_config(model_name)
     if config is None:
         raise ValueError(f"unknown open_clip model '{model_name}'")
     vision, text = config["vision_cfg"], config["text_cfg"]

@@ -67,11 +67,32 @@ class ProgressWriter:
         write_json(self.path, {**fields, "updated": now}, indent=None)
 
 
-def read_progress(stage_dir: Path) -> dict | None:
+def _read(path: Path) -> dict | None:
     try:
-        return json.loads((stage_dir / PROGRESS_FILE).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # replaced or removed since it was listed
+        return 0.0
+
+
+def read_progress(stage_dir: Path) -> dict | None:
+    """The stage's `progress.json`; for a stage that trains its models in subfolders and has none of
+    its own (seed_models: `clip/train/`, `dfn/train/`), the newest of theirs, with `part` naming it.
+    Only two levels down: a shard folder is never listed."""
+    own = _read(stage_dir / PROGRESS_FILE)
+    if own is not None or not stage_dir.is_dir():
+        return own
+    nested = sorted(stage_dir.glob(f"*/*/{PROGRESS_FILE}"), key=_modified)
+    found = _read(nested[-1]) if nested else None
+    if found is not None:
+        found["part"] = nested[-1].parent.parent.name
+    return found
 
 
 def describe(stage_dir: Path) -> str:
@@ -81,10 +102,11 @@ def describe(stage_dir: Path) -> str:
     if progress is None:
         return ""
     unit = progress.get("unit", "tasks")
+    part = f"{progress['part']}: " if progress.get("part") else ""
     if unit == "steps":
-        text = f"step {progress['done']:,}/{progress['total']:,}"
+        text = f"{part}step {progress['done']:,}/{progress['total']:,}"
     else:
-        text = f"{progress['done']:,}/{progress['total']:,} {unit}"
+        text = f"{part}{progress['done']:,}/{progress['total']:,} {unit}"
     if "loss" in progress:
         text += f", loss {progress['loss']:.3f}"
     if progress.get("samples"):

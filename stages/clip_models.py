@@ -7,6 +7,7 @@ with `weights_only=True`) and `model.json` (the open_clip model name).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import zipfile
@@ -22,6 +23,23 @@ if TYPE_CHECKING:  # torch is imported where it is used: `pipeline --help` and r
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS = "weights.pt"
 MODEL_INFO = "model.json"
+
+
+def _open_clip_config_dir() -> Path | None:
+    """open_clip's own `model_configs/`, found without importing open_clip (~5 s with torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) / "model_configs" if locations else None
+
+
+def model_config(model_name: str) -> dict | None:
+    """A model's open_clip config as its JSON file has it (ours, then open_clip's), without importing
+    open_clip: what plans and budgets read. None for a name neither folder has."""
+    for folder in (MODEL_CONFIG_DIR, _open_clip_config_dir()):
+        path = folder / f"{model_name}.json" if folder else None
+        if path is not None and path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 @cache
@@ -56,10 +74,7 @@ def create(
 
 def check_drop_path(model_name: str) -> None:
     """Stochastic depth is a setting of timm image towers; open_clip's own ViT has none."""
-    import open_clip
-
-    register_model_configs()
-    config = open_clip.get_model_config(model_name)
+    config = model_config(model_name)
     if config is None:
         raise ValueError(f"unknown open_clip model '{model_name}'")
     if "timm_model_name" not in config["vision_cfg"]:
@@ -71,10 +86,9 @@ def check_drop_path(model_name: str) -> None:
 
 def _with_drop_path(model_name: str, drop_path: float, image_size: int | None) -> dict:
     """The model's image tower config with stochastic depth set (open_clip reads it for timm towers only)."""
-    import open_clip
 
     check_drop_path(model_name)
-    vision = dict(open_clip.get_model_config(model_name)["vision_cfg"])
+    vision = dict(model_config(model_name)["vision_cfg"])
     vision.update(timm_drop_path=drop_path, timm_model_pretrained=False)
     if image_size:
         vision["image_size"] = image_size
@@ -195,13 +209,11 @@ def load_model(path: str | Path, model_name: str | None = None, device: str = "c
 
 
 def embed_dim(path: str | Path | None, model_name: str | None = None) -> int:
-    """The joint embedding width of a saved model or named architecture, without loading weights."""
-    import open_clip
-
-    register_model_configs()
+    """The joint embedding width of a saved model or named architecture, without loading weights
+    (or importing open_clip: recipe checks stay quick)."""
     if path and Path(path).is_dir():
         model_name = json.loads((Path(path) / MODEL_INFO).read_text())["model"]
-    config = open_clip.get_model_config(model_name or "")
+    config = model_config(model_name or "")
     if config is None:
         raise ValueError(f"unknown open_clip model '{model_name}'")
     return int(config["embed_dim"])

@@ -562,8 +562,13 @@ def _fit(
     import ray.train
 
     # Ray Train's controller polls its workers every 2 s by default and notices the start and the end
-    # of a run only at a poll; 1 s takes ~3 s off every fit and is still one call per worker a second
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    # of a run only at a poll; 1 s takes ~3 s off every fit and is still one call per worker a second.
+    # The driver's value is what Ray Train hands its controller: a local Ray's own (pipeline.runtime)
+    # comes from the job's environment. A value the user set wins.
+    from pipeline.runtime import HEALTH_CHECK
+
+    job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    os.environ.setdefault(HEALTH_CHECK, job_env.get(HEALTH_CHECK, "1"))
     _InterruptAwareTrainer = _interrupt_aware_trainer()  # noqa: N806 (a class)
     loop_config = {
         "train": config.model_dump(),

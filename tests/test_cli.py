@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from stages.train import latest_checkpoint
 from tests.conftest import small_demo_overrides
 
 
@@ -120,77 +119,8 @@ def test_unknown_option_is_rejected():
     assert "No such option" in out.stderr
 
 
-@pytest.mark.slow
-def test_ctrl_c_during_training_then_resume_continues_from_the_checkpoint(tmp_path):
-    import json
-    import signal
-    import time
 
-    import mlflow
-
-    runs = tmp_path / "runs"
-    overrides = [o for o in small_demo_overrides(runs) if not o.startswith("stages=")] + [
-        "stages=[demo_pool, download, phash, dedupe, subset, train, evaluate]",  # the model-free chain: quicker
-        f"ray.temp_dir=/tmp/rtk{os.getpid()}",
-        "train.samples_seen=384",
-        "train.batch_size=32",
-        "train.accum_freq=2",  # two micro-batches of 16 a step: open_clip's accumulation in the real loop
-        "train.checkpoint_every_samples=96",
-        "train.log_every_steps=1",
-        "subset.samples_per_shard=60",
-    ]
-    console = tmp_path / "console.txt"
-    first = start_in_background(
-        "run", "demo", "--run-name", "k", *[x for o in overrides for x in ("--set", o)], output=console
-    )
-    storage = runs / "k" / "train" / "ray"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (runs / "k" / "train" / "progress.json").exists():
-        assert first.poll() is None, "the run ended before training started"
-        time.sleep(0.2)
-    live = cli("status", "k", "--output-dir", str(runs))  # another process, while the run trains
-    assert _states(live.stdout)["train"] == "running" and _states(live.stdout)["download"] == "finished"
-    assert re.search(r"step \d+/12, loss \d+\.\d{3}", live.stdout), live.stdout
-    assert "resume" not in live.stdout  # nothing to continue while it runs
-    # wait for a *complete* checkpoint (what resume may use), not for the first file of one being copied
-    while time.time() < deadline and latest_checkpoint(storage) is None:
-        assert first.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.5)
-    assert latest_checkpoint(storage) is not None, "no checkpoint within 4 minutes"
-    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
-    first.wait(timeout=120)
-    assert not (runs / "k" / "train" / "manifest.json").exists()
-    assert first.returncode == 130, console.read_text()
-    assert_quiet(console.read_text(), 40)
-    assert "error: interrupted: continue with `python -m pipeline resume RUN`" in console.read_text()
-    assert f"logs: {runs / 'k' / 'logs'}" in console.read_text()
-    assert (runs / "k" / "logs" / "driver.log").is_file() and (runs / "k" / "logs" / "ray").is_dir()  # the rest
-
-    status = cli("status", "k", "--output-dir", str(runs))
-    assert status.returncode == 0, status.stderr
-    rows = _states(status.stdout)
-    assert rows["download"] == "finished" and rows["train"] == "interrupted" and rows["evaluate"] == "pending"
-    assert f"python -m pipeline resume {runs / 'k'}" in status.stdout
-
-    out = cli("resume", str(runs / "k"), timeout=400)  # the recipe and its overrides come from run.json
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert_quiet(out.stdout + out.stderr, 40)
-    assert re.search(r"train .* 12/12 loss \d+\.\d{3}, \d+ samples/s", out.stderr), out.stderr  # its live line
-    assert "[download] finished earlier, skipped" in out.stdout
-    assert "[demo_pool] finished earlier, skipped: in=160 kept=160" in out.stdout and "done:" in out.stdout
-    train = json.loads((runs / "k" / "train" / "manifest.json").read_text())
-    assert train["metrics"]["resumed_from_step"] >= 3
-    assert train["metrics"]["steps"] == 12
-    assert (runs / "k" / "evaluate" / "results.json").exists()
-    client = mlflow.MlflowClient(f"sqlite:///{runs}/mlflow.db")
-    experiment = client.get_experiment_by_name("demo").experiment_id
-    statuses = sorted(r.info.status for r in client.search_runs([experiment], "tags.stage = 'train'"))
-    assert "RUNNING" not in statuses and statuses.count("FINISHED") == 1 and len(statuses) == 2
-    finished = cli("status", str(runs / "k"))
-    assert finished.stdout.count("finished") == 7 and "resume" not in finished.stdout
-
-
-def _states(status_output: str) -> dict[str, str]:
+def status_states(status_output: str) -> dict[str, str]:
     """stage -> state, from `pipeline status`'s table."""
     rows = [line.split("│") for line in status_output.splitlines() if line.startswith("│")]
     return {row[1].strip(): row[2].strip() for row in rows if row[1].strip()}

@@ -99,12 +99,14 @@ def test_a_run_submitted_to_the_dashboard_address_is_a_ray_job_with_its_log(toke
     assert "'recipe': 'demo'" in listed.stdout and "python -m pipeline run demo --set" in listed.stdout, listed.stdout
 
 
-def test_a_ray_the_run_starts_locally_has_no_preemption_watcher_unless_the_user_asks(monkeypatch):
-    from pipeline.runtime import PREEMPTION_WATCHER, WORKER_ENV, local_worker_env
+def test_a_ray_the_run_starts_locally_has_no_preemption_watcher_and_polls_often_unless_the_user_asks(monkeypatch):
+    from pipeline.runtime import HEALTH_CHECK, PREEMPTION_WATCHER, WORKER_ENV, local_worker_env
 
     monkeypatch.delenv(PREEMPTION_WATCHER, raising=False)
+    monkeypatch.delenv(HEALTH_CHECK, raising=False)
     env = local_worker_env()
-    assert env[PREEMPTION_WATCHER] == "0" and env.items() >= WORKER_ENV.items()
-    assert PREEMPTION_WATCHER not in WORKER_ENV  # a cluster the run joins keeps Ray Train's default
+    assert env[PREEMPTION_WATCHER] == "0" and env[HEALTH_CHECK] == "0.2" and env.items() >= WORKER_ENV.items()
+    assert {PREEMPTION_WATCHER, HEALTH_CHECK}.isdisjoint(WORKER_ENV)  # a cluster the run joins: Ray's and 1 s
     monkeypatch.setenv(PREEMPTION_WATCHER, "1")
-    assert local_worker_env()[PREEMPTION_WATCHER] == "1"
+    monkeypatch.setenv(HEALTH_CHECK, "2")
+    assert local_worker_env()[PREEMPTION_WATCHER] == "1" and local_worker_env()[HEALTH_CHECK] == "2"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from pipeline.atomic import PARTIAL_SUFFIX, Partial, atomic_path, remove_partials, write_text
 from stages.train import STATE_FILE, STEP_FILE, choose_checkpoint
 from tests.benchmark_modules import load_benchmark
+from tests.test_cli import assert_quiet, cli, status_states
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_new_one(tmp_path):
@@ -76,11 +79,23 @@ def test_resume_passes_over_torn_checkpoints_to_the_newest_complete_one(tmp_path
 
 
 def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninterrupted_run(tmp_path):
+    """Killed at the three writer events (a shard, a checkpoint, an MLflow upload caught mid-write) on
+    the chain without models, then resumed. The checkpoint is caught by Ctrl-C, as a user presses it
+    in a terminal: the console, `pipeline status` and the resume are what that user sees. Timed kills
+    at random instants are `benchmarks/soak.py --kills 100`'s (all 11 stages)."""
     soak = load_benchmark("soak")
     lines: list[str] = []
-    # the three writer events (a shard, a checkpoint, an MLflow upload caught mid-write) on the chain
-    # without models; timed kills at random instants are `benchmarks/soak.py --kills 100`'s (all 11 stages)
-    report = soak.soak(kills=3, seed=1, workdir=tmp_path, log=lines.append, stages=soak.MODEL_FREE)
+    after_ctrl_c: dict[str, subprocess.CompletedProcess] = {}
+
+    def status_after_ctrl_c(attempt, run_dir: Path) -> None:
+        if attempt.kill.signal == "INT":
+            after_ctrl_c[str(run_dir)] = cli("status", run_dir.name, "--output-dir", str(run_dir.parent))
+
+    signals = {"shard_write": "KILL", "checkpoint_persist": "INT", "artifact_upload": "KILL"}
+    report = soak.soak(
+        kills=3, seed=1, workdir=tmp_path, log=lines.append, stages=soak.MODEL_FREE, signals=signals,
+        after_kill=status_after_ctrl_c,
+    )  # fmt: skip
     killed = [a for a in report.attempts if a.killed]
     assert report.failed_resumes == 0, "\n".join(lines)
     assert len(killed) >= 3, "\n".join(lines)
@@ -88,6 +103,31 @@ def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninter
     assert {a.kill.event for a in killed} >= {"checkpoint_persist", "shard_write", "artifact_upload"}
     assert report.mismatches == [] and report.unreadable == [] and report.running_mlflow_runs == 0, report.summary()
     assert report.passed, "\n".join(lines)
+
+    # Ctrl-C while a checkpoint was being persisted: exit 130, a quiet console that says how to go on
+    ctrl_c = next(a for a in killed if a.kill.signal == "INT")
+    console = "\n".join(ctrl_c.console)
+    run_dir = tmp_path / "soaked-0" / soak.RUN
+    assert ctrl_c.returncode == 130, console
+    assert_quiet(console, 40)
+    assert "error: interrupted: continue with `python -m pipeline resume RUN`" in console
+    assert f"logs: {run_dir / 'logs'}" in console
+    assert (run_dir / "logs" / "driver.log").is_file() and (run_dir / "logs" / "ray").is_dir()  # the rest
+    status = after_ctrl_c[str(run_dir)]
+    assert status.returncode == 0, status.stderr
+    rows = status_states(status.stdout)
+    assert rows["download"] == "finished" and rows["train"] == "interrupted" and rows["evaluate"] == "pending"
+    assert f"python -m pipeline resume {run_dir}" in status.stdout
+    # the resume that finished: earlier stages skipped, training's live line, the summary
+    final = report.attempts[-1]
+    console = "\n".join(final.console)
+    assert final.returncode == 0 and final.kill is None, console
+    assert_quiet(console, 40)
+    assert "[demo_pool] finished earlier, skipped: in=160 kept=160" in console
+    assert "[download] finished earlier, skipped" in console and "done:" in console
+    assert re.search(r"train .* 8/8 loss \d+\.\d{3}, \d+ samples/s", console), console
+    train = json.loads((run_dir / "train" / "manifest.json").read_text())["metrics"]
+    assert train["steps"] == 8 and 0 <= train["resumed_from_step"] < 8  # which one depends on the kill's instant
 
 
 def test_runs_a_killed_process_left_running_are_closed_on_resume(tmp_path):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,7 +21,7 @@ from pipeline.config import ConfigError, load_recipe
 from pipeline.manifest import Manifest
 from pipeline.orchestrator import plan, run_pipeline
 from tests.conftest import fast_filter_overrides, small_demo_overrides
-from tests.test_cli import assert_quiet, cli
+from tests.test_cli import assert_quiet, cli, start_in_background, status_states
 
 FILTER_STAGES = "stages=[demo_pool, download, phash, dedupe, seed_models, embed, heads, filter, subset]"
 
@@ -151,6 +154,15 @@ FLOOR_STRATEGY = (
 )
 
 
+def _status_while_training(run, run_dir: Path, train_dir: Path):
+    """`pipeline status` once `train_dir` has logged a step, while `run` still runs."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not (train_dir / "progress.json").exists():
+        assert run.poll() is None, "the run ended before training started"
+        time.sleep(0.5)
+    return cli("status", run_dir.name, "--output-dir", str(run_dir.parent))
+
+
 @pytest.mark.slow
 def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_logs_everything(ray_cluster, tmp_path):
     """The demo recipe end to end on its full pool: one run serves the floors, the chain and the MLflow record."""
@@ -168,10 +180,20 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
     recipe = load_recipe("demo", overrides)
     # as a user runs it, in a terminal of its own: the console is the quiet one (<= 40 lines, no Ray noise)
     args = ["run", "demo", "--run-name", "full", *[a for o in overrides for a in ("--set", o)]]
-    out = cli(*args, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert_quiet(out.stdout + out.stderr, 40)
-    run_dir = tmp_path / "runs" / "full"
+    console, run_dir = tmp_path / "console.txt", tmp_path / "runs" / "full"
+    run = start_in_background(*args, output=console)
+    try:
+        live = _status_while_training(run, run_dir, run_dir / "seed_models" / "clip" / "train")
+        assert run.wait(timeout=900) == 0, console.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert_quiet(console.read_text(), 40)
+    # `pipeline status` from another shell while the reference CLIP trained: the stage's live line
+    rows = status_states(live.stdout)
+    assert rows["download"] == "finished" and rows["seed_models"] == "running" and rows["train"] == "pending"
+    assert re.search(r"clip: step \d+/100, loss \d+\.\d{3}", live.stdout), live.stdout
+    assert "resume" not in live.stdout  # nothing to continue while it runs
     m = {stage: Manifest.read(run_dir / stage) for stage in recipe.stages}
     assert [s for s in m if m[s] is not None] == recipe.stages == [
         "demo_pool", "download", "phash", "dedupe", "seed_models", "embed", "heads", "filter", "subset", "train",

@@ -351,3 +351,42 @@ def test_task_metrics_average_over_the_tasks_that_report_each_metric():
         "tasks_average/recall": 1.0,
         "tasks_average/zeroshot_top1": pytest.approx(0.35),
     }
+
+
+def test_status_shows_the_newest_training_inside_a_stage_that_has_no_progress_of_its_own(tmp_path):
+    """seed_models trains two models in subfolders: `pipeline status` shows the one training now."""
+    import os
+
+    from pipeline.progress import PROGRESS_FILE, ProgressWriter, describe
+
+    stage = tmp_path / "seed_models"
+    ProgressWriter(stage / "clip" / "train").update(unit="steps", done=100, total=100, loss=2.0)
+    ProgressWriter(stage / "dfn" / "train").update(unit="steps", done=5, total=25, loss=1.5)
+    os.utime(stage / "clip" / "train" / PROGRESS_FILE, (1, 1))  # written long before the other
+    assert describe(stage) == "dfn: step 5/25, loss 1.500"
+    os.utime(stage / "dfn" / "train" / PROGRESS_FILE, (0, 0))
+    assert describe(stage) == "clip: step 100/100, loss 2.000"
+    ProgressWriter(stage).update(unit="tasks", done=1, total=4)  # a stage's own progress wins
+    assert describe(stage) == "1/4 tasks"
+    assert describe(tmp_path / "nothing") == ""
+
+
+def test_model_configs_read_without_open_clip_are_open_clips_own():
+    """Plans, budgets and recipe checks read model configs from their JSON files, so that a dry run
+    or a bad-input error takes a second, not the ~5 s of importing open_clip and torch."""
+    import subprocess
+    import sys
+
+    import open_clip
+
+    from stages import clip_models
+
+    clip_models.register_model_configs()
+    for name in ("demo-tiny", "ViT-B-32", "ViT-L-14", "convnext_base_w", "RN50"):
+        assert clip_models.model_config(name) == open_clip.get_model_config(name), name
+    assert clip_models.model_config("nope") is None
+    dry_run = "from pipeline.cli import app; app(['run', 'demo', '--dry-run'])"  # budgets, embed widths
+    imported = "sorted({'torch', 'open_clip'} & set(sys.modules))"
+    check = f"import atexit, sys; atexit.register(lambda: print({imported})); {dry_run}"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert "demo-tiny" in out.stdout and out.stdout.strip().endswith("[]"), out.stdout[-500:] + out.stderr[-2000:]

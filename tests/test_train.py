@@ -47,6 +47,7 @@ def test_resumed_run_follows_the_uninterrupted_trajectory_past_a_torn_newest_che
     # so one run pins both accumulation and resume (each must follow it to float rounding)
     full = run_train(tars, n, CONFIG.model_copy(update={"accum_freq": 2, "ddp_static_graph": True}), tmp_path / "full")
     assert full.metrics["steps"] == 6 and full.metrics["resumed_from_step"] == 0
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"  # the local cluster's poll, handed to Ray Train
     # a plain run stopped after its second checkpoint (as a killed run would be) ...
     stage = tmp_path / "resumed"
     stopped = run_train(tars, n, CONFIG.model_copy(update={"stop_at_step": 4}), stage)
