@@ -26,7 +26,7 @@ from pipeline.interrupts import ctrl_c_remembered, raise_if_interrupted
 from pipeline.manifest import AccountingError, Manifest
 from pipeline.metrics import record_stage
 from pipeline.progress import driver_marker, step_progress
-from pipeline.runtime import ray_runtime
+from pipeline.runtime import check_something_listens, ray_runtime
 from pipeline.stage import MissingInput, PlanRow, RunContext, SourceOutputs, Stage, StageOutputs
 from pipeline.terminal import after_ray_started, run_output
 from pipeline.tracking import Tracker, flatten
@@ -230,6 +230,8 @@ def run_pipeline(
     """
     reuse = reuse or {}
     stages = build_stages(recipe)
+    if recipe.ray.address:
+        check_something_listens(recipe.ray.address)  # before a run folder is made for a mistyped address
     run_dir = resolve_run_dir(recipe, run_name, resume)
     record = load_or_create_run(run_dir, recipe)
     log(f"run directory: {run_dir}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -76,12 +77,45 @@ def use_token_to_join() -> str | None:
 
 def _join_failure(address: str, err: Exception, token: str | None) -> RuntimeError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "InvalidAuthToken" in first:  # Ray's own sentence runs to a paragraph: say it in a few words
+        first = "it refused the token from " + token if token else "it wants a token and none was sent"
     if token is None and os.environ.get("RAY_AUTH_MODE", "") != "disabled":
         return RuntimeError(
             f"cannot connect to Ray at {address} ({first}); if the cluster uses token authentication (Ray's "
             "default), put its token (`ray get-auth-token` on the head) in ~/.ray/auth_token or RAY_AUTH_TOKEN"
         )
     return RuntimeError(f"cannot connect to Ray at {address}: {first}")
+
+
+def _gcs_host_port(address: str) -> tuple[str, int] | None:
+    host, _, port = address.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() and "://" not in address else None
+
+
+def check_something_listens(address: str) -> None:
+    """One TCP connect before joining a GCS address: `ray.init` retries a silent address for ~20 s
+    before it fails. "auto" and ray:// addresses are left to Ray."""
+    target = _gcs_host_port(address)
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=3).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise RuntimeError(
+            f"cannot connect to Ray at {address}: nothing listens there ({reason}); start the head with "
+            "`ray start --head` or check the address"
+        ) from None
+
+
+def check_token_accepted(address: str) -> None:
+    """Ask the head for its cluster id, which it answers at once (~0.6 s), or refuses at once with
+    AuthenticationError when it wants a token this process does not send; `ray.init` would retry
+    a refused token for ~20 s."""
+    if _gcs_host_port(address) is not None:
+        from ray._raylet import GcsClient
+
+        GcsClient(address=address)
 
 
 @contextmanager
@@ -131,8 +165,12 @@ def ray_runtime(config: RayConfig, log=print, log_to_driver: bool = True) -> Ite
         if config.temp_dir:
             kwargs["_temp_dir"] = str(Path(config.temp_dir).absolute())
     token = use_token_to_join() if address else None
+    if address:
+        check_something_listens(address)
     try:
         with _stderr_kept_back(enabled=address is not None):
+            if address:
+                check_token_accepted(address)
             context = ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
         if address is None:

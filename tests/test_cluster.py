@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,25 @@ def test_joining_a_token_authenticated_head_uses_the_token_or_says_how_in_one_li
 
     stranger = tmp_path / "stranger"
     stranger.mkdir()
+    started = time.monotonic()
     refused = _run_demo(address, stranger, tmp_path / "refused")
     assert refused.returncode != 0
+    assert time.monotonic() - started < 20  # asked once, not after ray.init's ~20 s of retries
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert "cannot connect to Ray at" in lines[-1] and "~/.ray/auth_token" in lines[-1], refused.stderr[-2000:]
+    assert "it wants a token and none was sent" in lines[-1] and len(lines[-1]) < 300, lines[-1]
     assert len(lines) <= 3, refused.stderr[-3000:]  # not a screen of Ray's retry warnings
+
+
+def test_an_address_where_nothing_listens_fails_at_once_in_one_line(tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    out = _run_demo(address, tmp_path, tmp_path / "runs")
+    assert out.returncode != 0 and time.monotonic() - started < 20  # not after ray.init's ~20 s of retries
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert f"cannot connect to Ray at {address}: nothing listens there" in lines[-1], out.stderr[-2000:]
+    assert len(lines) == 1, out.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # no run folder for a mistyped address
 
 
 @pytest.mark.slow
