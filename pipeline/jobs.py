@@ -49,6 +49,27 @@ def check_submittable(recipe: str, output_dir: str) -> None:
         )
 
 
+AGENT_WAIT_SECONDS = 60.0
+
+
+def submit_when_agent_is_up(client, log, wait_seconds: float = AGENT_WAIT_SECONDS, pause: float = 1.0, **job) -> str:
+    """`client.submit_job(**job)`. A head's dashboard answers seconds before its job agent is up and
+    meanwhile refuses with "No available agent to submit job, please try again later": that one
+    refusal is retried (saying so once) for up to `wait_seconds`; any other is raised."""
+    deadline = time.monotonic() + wait_seconds
+    told = False
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            if not told:
+                log(f"the cluster's job agent is not up yet (a new head?): retrying for up to {wait_seconds:.0f} s")
+                told = True
+            time.sleep(pause)
+
+
 def submit_run(
     address: str,
     recipe: str,
@@ -68,7 +89,9 @@ def submit_run(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RuntimeError(f"cannot reach the Ray dashboard at {address}: {first}") from None
     name = Path(recipe).stem
-    job_id = client.submit_job(
+    job_id = submit_when_agent_is_up(
+        client,
+        log,
         entrypoint=job_entrypoint(recipe, overrides),
         submission_id=f"pipeline-{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}",
         runtime_env={"working_dir": str(PROJECT), "excludes": UPLOAD_EXCLUDES, "env_vars": WORKER_ENV},

@@ -165,11 +165,12 @@ def ray_runtime(config: RayConfig, log=print, log_to_driver: bool = True) -> Ite
         if config.temp_dir:
             kwargs["_temp_dir"] = str(Path(config.temp_dir).absolute())
     token = use_token_to_join() if address else None
-    if address:
+    asked = address is not None and not in_a_job  # a job's driver is handed an address its cluster answers
+    if asked:
         check_something_listens(address)
     try:
         with _stderr_kept_back(enabled=address is not None):
-            if address:
+            if asked:
                 check_token_accepted(address)
             context = ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:

@@ -125,3 +125,31 @@ def test_a_ray_the_run_starts_locally_has_no_preemption_watcher_and_polls_often_
     monkeypatch.setenv(PREEMPTION_WATCHER, "1")
     monkeypatch.setenv(HEALTH_CHECK, "2")
     assert local_worker_env()[PREEMPTION_WATCHER] == "1" and local_worker_env()[HEALTH_CHECK] == "2"
+
+
+def test_a_job_is_submitted_again_while_the_heads_job_agent_starts():
+    """The dashboard refuses jobs until its agent is up, seconds after `ray start --head` (the Ray
+    Job test above met it): that refusal is retried, any other is raised at once."""
+    from pipeline.jobs import submit_when_agent_is_up
+
+    class StartingHead:  # Ray's JobSubmissionClient.submit_job as a new head answers it
+        def __init__(self, refusals: int, error: str):
+            self.calls, self.refusals, self.error = 0, refusals, error
+
+        def submit_job(self, **job) -> str:
+            self.calls += 1
+            if self.calls <= self.refusals:
+                raise RuntimeError(f"Request failed with status code 500: {self.error}")
+            return job["submission_id"]
+
+    lines: list[str] = []
+    head = StartingHead(2, "No available agent to submit job, please try again later..")
+    assert submit_when_agent_is_up(head, lines.append, pause=0, submission_id="pipeline-demo-1") == "pipeline-demo-1"
+    assert head.calls == 3 and len(lines) == 1 and "retrying" in lines[0]
+    never = StartingHead(10**6, "No available agent to submit job, please try again later..")
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit_when_agent_is_up(never, lines.append, wait_seconds=0.05, pause=0.01, submission_id="x")
+    broken = StartingHead(1, "runtime_env: working_dir too large")
+    with pytest.raises(RuntimeError, match="too large"):
+        submit_when_agent_is_up(broken, lines.append, pause=0, submission_id="y")
+    assert broken.calls == 1
