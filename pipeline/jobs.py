@@ -62,8 +62,14 @@ def submit_when_agent_is_up(client, log, wait_seconds: float = AGENT_WAIT_SECOND
         try:
             return client.submit_job(**job)
         except RuntimeError as err:
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
+            if "No available agent" not in str(err):
                 raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the cluster's job agent did not come up in {wait_seconds:.0f} s; if another Ray runs on the "
+                    "head's machine, it may hold the agent's port (52365): start the head with "
+                    "--dashboard-agent-listen-port=<a free port>"
+                ) from None
             if not told:
                 log(f"the cluster's job agent is not up yet (a new head?): retrying for up to {wait_seconds:.0f} s")
                 told = True

@@ -45,10 +45,12 @@ def token_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("operator")
     assert _ray("get-auth-token", "--generate", home=home).returncode == 0
     temp_dir = tempfile.mkdtemp(prefix="rth", dir="/tmp")  # socket paths are length-limited
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     started = _ray(
         *("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2"),
         *("--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"),
+        # the job agent's own port: Ray's default (52365) is the suite's own Ray's when that one is up
+        f"--dashboard-agent-listen-port={agent}",
         *(f"--temp-dir={temp_dir}", "--disable-usage-stats"),
         home=home,
     )
@@ -147,7 +149,7 @@ def test_a_job_is_submitted_again_while_the_heads_job_agent_starts():
     assert submit_when_agent_is_up(head, lines.append, pause=0, submission_id="pipeline-demo-1") == "pipeline-demo-1"
     assert head.calls == 3 and len(lines) == 1 and "retrying" in lines[0]
     never = StartingHead(10**6, "No available agent to submit job, please try again later..")
-    with pytest.raises(RuntimeError, match="No available agent"):
+    with pytest.raises(RuntimeError, match="did not come up in 0 s.*--dashboard-agent-listen-port"):
         submit_when_agent_is_up(never, lines.append, wait_seconds=0.05, pause=0.01, submission_id="x")
     broken = StartingHead(1, "runtime_env: working_dir too large")
     with pytest.raises(RuntimeError, match="too large"):
