@@ -84,11 +84,11 @@ def _modified(path: Path) -> float:
 def read_progress(stage_dir: Path) -> dict | None:
     """The stage's `progress.json`; for a stage that trains its models in subfolders and has none of
     its own (seed_models: `clip/train/`, `dfn/train/`), the newest of theirs, with `part` naming it.
-    Only two levels down: a shard folder is never listed."""
+    Only `<part>/train/` is looked in: a shard folder is never listed."""
     own = _read(stage_dir / PROGRESS_FILE)
     if own is not None or not stage_dir.is_dir():
         return own
-    nested = sorted(stage_dir.glob(f"*/*/{PROGRESS_FILE}"), key=_modified)
+    nested = sorted(stage_dir.glob(f"*/train/{PROGRESS_FILE}"), key=_modified)
     found = _read(nested[-1]) if nested else None
     if found is not None:
         found["part"] = nested[-1].parent.parent.name
