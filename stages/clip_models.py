@@ -86,7 +86,6 @@ def check_drop_path(model_name: str) -> None:
 
 def _with_drop_path(model_name: str, drop_path: float, image_size: int | None) -> dict:
     """The model's image tower config with stochastic depth set (open_clip reads it for timm towers only)."""
-
     check_drop_path(model_name)
     vision = dict(model_config(model_name)["vision_cfg"])
     vision.update(timm_drop_path=drop_path, timm_model_pretrained=False)
