@@ -9,7 +9,10 @@ from types import ModuleType
 
 
 def load_benchmark(name: str) -> ModuleType:
-    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    folder = Path(__file__).parents[1] / "benchmarks"
+    if str(folder) not in sys.path:  # as when run as a script: its neighbours import by name
+        sys.path.append(str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules

@@ -20,3 +20,20 @@ def test_a_result_has_the_shared_keys_the_ratio_and_the_machine(tmp_path):
     bench.write_results(str(path), [row, floored])
     assert [r["name"] for r in json.loads(path.read_text())] == ["train", "phash"]
     bench.write_results(None, [row])  # no --json: nothing written, nothing raised
+
+
+def test_the_floors_measure_the_forced_work_at_a_positive_rate(tiny_model):
+    """The pHash floor decodes what imagehash decodes (bytes it cannot open fail it); the embed
+    floor runs the saved model's towers on tensors of its own input size."""
+    import io
+
+    import pytest
+    from PIL import Image
+
+    dedupe, embed = load_benchmark("dedupe"), load_benchmark("embed")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(jpeg, "JPEG")
+    assert dedupe.decode_floor([("a", jpeg.getvalue())] * 3) > 0
+    with pytest.raises(OSError):
+        dedupe.decode_floor([("b", b"not an image")])
+    assert embed.model_alone(tiny_model, batch_size=4, batches=1) > 0

@@ -119,7 +119,6 @@ def test_unknown_option_is_rejected():
     assert "No such option" in out.stderr
 
 
-
 def status_states(status_output: str) -> dict[str, str]:
     """stage -> state, from `pipeline status`'s table."""
     rows = [line.split("│") for line in status_output.splitlines() if line.startswith("│")]
