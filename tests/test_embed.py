@@ -60,11 +60,42 @@ def test_dfn_and_open_nsfw_scores_come_from_the_same_pass(pool_shards, tiny_mode
     assert ((nsfw >= 0) & (nsfw <= 1)).all() and nsfw.max() < 0.5  # rendered shapes are safe
 
 
-def test_open_nsfw_flags_nothing_in_plain_images():
+# A figure open_nsfw itself rates unsafe: a smooth pink, vertically elongated body with two round
+# blobs on a dark ground. Found on 2026-11-30 by a seeded search over this renderer's parameters
+# (skin colour, blob count, body width and height, blob layout seed), scoring each candidate with
+# the bundled model and hill-climbing from the best of 60 random draws; kept here as found.
+# It scores 0.95 at 256 px and 0.89-0.93 as a JPEG at 128-256 px.
+FIGURE = {"rgb": (170.757, 131.386, 184.46), "blobs": 2, "width": 0.088, "height": 0.503, "layout_seed": 570}
+
+
+def _figure(side: int):
+    import numpy as np
     from PIL import Image
 
-    scores = OpenNsfw().score([Image.new("RGB", (64, 64), c) for c in ("white", "blue")])
-    assert scores.shape == (2,) and (scores < 0.2).all()
+    layout = np.random.default_rng(FIGURE["layout_seed"])
+    y, x = np.mgrid[0:side, 0:side] / side
+    mask = np.exp(-(((x - 0.5) / FIGURE["width"]) ** 2 + ((y - 0.55) / FIGURE["height"]) ** 2))
+    for _ in range(FIGURE["blobs"]):
+        cx, cy, radius = layout.uniform(0.3, 0.7), layout.uniform(0.3, 0.8), layout.uniform(0.08, 0.2)
+        mask = np.maximum(mask, np.exp(-(((x - cx) / radius) ** 2 + ((y - cy) / radius) ** 2)))
+    skin = np.array(FIGURE["rgb"], np.float32) * (0.75 + 0.25 * mask)[..., None]
+    pixels = np.array([40, 30, 30], np.float32) * (1 - mask[..., None]) + skin * mask[..., None]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_open_nsfw_scores_plain_images_low_and_a_skin_toned_figure_high():
+    """Both sides, so that a model answering a constant (or the opposite) fails."""
+    import io
+
+    from PIL import Image
+
+    model = OpenNsfw()
+    plain = model.score([Image.new("RGB", (64, 64), c) for c in ("white", "blue")])
+    assert plain.shape == (2,) and (plain < 0.2).all()
+    as_jpeg = io.BytesIO()
+    _figure(224).save(as_jpeg, "JPEG", quality=90)  # as shards carry it
+    figure = model.score([_figure(256), Image.open(io.BytesIO(as_jpeg.getvalue()))])
+    assert (figure > 0.8).all(), figure
 
 
 def test_checkpoint_files_load_with_architecture_and_fail_clearly_without(tiny_model, tmp_path):
