@@ -3,7 +3,8 @@
 Each kill point is either a random instant inside a stage (drawn along the stage timeline of an
 uninterrupted reference run) or an event that catches a writer mid-write: a new Ray Train
 checkpoint folder appearing (checkpoint persistence), a `.partial` file in the download shards
-(shard write), an MLflow checkpoint artifact appearing (artifact upload). The whole process group
+while an earlier shard is finished (shard write), an MLflow checkpoint artifact appearing
+(artifact upload). The whole process group
 gets SIGKILL (power-cut semantics, Ray's daemons too) or SIGINT (Ctrl-C). Then `pipeline resume`
 runs again, and is killed again, until every kill point is spent; the last resume must finish.
 
@@ -277,8 +278,9 @@ def _event_seen(event: str, run_dir: Path, before: set[str]) -> bool:
     """A writer is mid-write right now: a new checkpoint folder, a partial shard, a new MLflow artifact."""
     if event == "checkpoint_persist":
         return any(str(p) not in before for p in _checkpoint_dirs(run_dir))
-    if event == "shard_write":
-        return any((run_dir / "download" / "shards").glob(".*.partial"))
+    if event == "shard_write":  # with an earlier shard finished: the resume must skip it, not fetch it again
+        shards = run_dir / "download" / "shards"
+        return any(shards.glob(".*.partial")) and any(shards.glob("*_stats.json"))
     if event == "artifact_upload":
         root = run_dir.parent / "mlartifacts"
         return any(str(p) not in before for p in root.glob("**/artifacts/checkpoints/step_*"))

@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-from tests.conftest import small_demo_overrides
-
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "200"}
@@ -123,60 +121,3 @@ def status_states(status_output: str) -> dict[str, str]:
     """stage -> state, from `pipeline status`'s table."""
     rows = [line.split("│") for line in status_output.splitlines() if line.startswith("│")]
     return {row[1].strip(): row[2].strip() for row in rows if row[1].strip()}
-
-
-def _kill_ray_processes_of(temp_dir: str) -> None:
-    """A SIGKILLed run leaves its local Ray cluster behind; its processes name the run's temp dir."""
-    import signal
-    from pathlib import Path
-
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and temp_dir in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:
-            continue
-
-
-@pytest.mark.slow
-def test_sigkill_mid_download_then_resume_redoes_only_unfinished_shards(ray_cluster, tmp_path):
-    import json
-    import signal
-    import time
-
-    runs = tmp_path / "runs"
-    ray_dir = f"/tmp/rtx{os.getpid()}"
-    overrides = [o for o in small_demo_overrides(runs) if not o.startswith("stages=")] + [
-        "stages=[demo_pool, download, phash]",
-        f"ray.temp_dir={ray_dir}",
-        "source.demo.defects.slow=0.4",  # 40% of the urls answer after 0.25 s: the stage takes a while
-        "source.demo.slow_seconds=0.25",
-        "download.thread_count=2",
-        "download.timeout=10",
-    ]
-    first = start_in_background("run", "demo", "--run-name", "x", *[a for o in overrides for a in ("--set", o)])
-    shards = runs / "x" / "download" / "shards"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(shards.glob("*_stats.json")):
-            assert first.poll() is None, "the run ended before its first shard"
-            time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGKILL)  # no cleanup, no Ctrl-C handler: power-cut semantics
-        first.wait(timeout=60)
-    finally:
-        _kill_ray_processes_of(ray_dir)
-    done_before = len(list(shards.glob("*_stats.json")))
-    assert 1 <= done_before < 4 and not (runs / "x" / "download" / "manifest.json").exists()
-
-    # what `pipeline resume` runs (its console is the soak's to check), here on the session's Ray
-    from pipeline.orchestrator import run_pipeline
-    from pipeline.status import load_run_recipe
-
-    run_pipeline(load_run_recipe(runs / "x"), run_name="x", resume=True, log=lambda m: None)
-    download = json.loads((runs / "x" / "download" / "manifest.json").read_text())
-    assert download["metrics"]["parts_skipped"] >= done_before  # finished shards were not fetched again
-    assert (
-        download["in"] == 160 == download["kept"] + sum(download["dropped"].values()) + sum(download["failed"].values())
-    )
-    phash = json.loads((runs / "x" / "phash" / "manifest.json").read_text())
-    assert phash["in"] == download["kept"]

@@ -80,21 +80,29 @@ def test_resume_passes_over_torn_checkpoints_to_the_newest_complete_one(tmp_path
 
 def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninterrupted_run(tmp_path):
     """Killed at the three writer events (a shard, a checkpoint, an MLflow upload caught mid-write) on
-    the chain without models, then resumed. The checkpoint is caught by Ctrl-C, as a user presses it
-    in a terminal: the console, `pipeline status` and the resume are what that user sees. Timed kills
-    at random instants are `benchmarks/soak.py --kills 100`'s (all 11 stages)."""
+    the chain without models, then resumed; the download's resume skips the shards already finished.
+    The checkpoint is caught by Ctrl-C, as a user presses it in a terminal: the console, `pipeline
+    status` and the resume are what that user sees. Timed kills at random instants are
+    `benchmarks/soak.py --kills 100`'s (all 11 stages)."""
     soak = load_benchmark("soak")
     lines: list[str] = []
     after_ctrl_c: dict[str, subprocess.CompletedProcess] = {}
+    shards_at_kill: dict[str, list[str]] = {}
 
-    def status_after_ctrl_c(attempt, run_dir: Path) -> None:
+    def look_after_kill(attempt, run_dir: Path) -> None:
         if attempt.kill.signal == "INT":
             after_ctrl_c[str(run_dir)] = cli("status", run_dir.name, "--output-dir", str(run_dir.parent))
+        if attempt.kill.event == "shard_write":  # a power cut mid-download: what the resume may skip
+            download = run_dir / "download"
+            finished = sorted(p.name for p in (download / "shards").glob("*_stats.json"))
+            shards_at_kill[str(run_dir)] = finished + (
+                ["manifest.json"] if (download / "manifest.json").exists() else []
+            )
 
     signals = {"shard_write": "KILL", "checkpoint_persist": "INT", "artifact_upload": "KILL"}
     report = soak.soak(
         kills=3, seed=1, workdir=tmp_path, log=lines.append, stages=soak.MODEL_FREE, signals=signals,
-        after_kill=status_after_ctrl_c,
+        after_kill=look_after_kill,
     )  # fmt: skip
     killed = [a for a in report.attempts if a.killed]
     assert report.failed_resumes == 0, "\n".join(lines)
@@ -104,10 +112,16 @@ def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninter
     assert report.mismatches == [] and report.unreadable == [] and report.running_mlflow_runs == 0, report.summary()
     assert report.passed, "\n".join(lines)
 
+    # SIGKILL while a shard was being written, one or more finished: the resume fetched only the others
+    run_dir = tmp_path / "soaked-0" / soak.RUN
+    finished = shards_at_kill[str(run_dir)]
+    assert 1 <= len(finished) < 4 and "manifest.json" not in finished, finished
+    download = json.loads((run_dir / "download" / "manifest.json").read_text())["metrics"]
+    assert download["parts_skipped"] >= len(finished)
+
     # Ctrl-C while a checkpoint was being persisted: exit 130, a quiet console that says how to go on
     ctrl_c = next(a for a in killed if a.kill.signal == "INT")
     console = "\n".join(ctrl_c.console)
-    run_dir = tmp_path / "soaked-0" / soak.RUN
     assert ctrl_c.returncode == 130, console
     assert_quiet(console, 40)
     assert "error: interrupted: continue with `python -m pipeline resume RUN`" in console
