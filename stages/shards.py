@@ -73,7 +73,7 @@ def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     the phash stage's time. This reads the same formats (ustar, pax, GNU long names, base-256
     sizes) and checks each header's checksum; a damaged header raises `tarfile.ReadError` and a
     cut-off stream `EOFError`, as `tarfile` does."""
-    pending: dict[str, str] = {}  # a pax or GNU header's values for the member that follows
+    pending: dict = {}  # a pax or GNU header's path (and pax size) for the member that follows
     while True:
         header = stream.read(_BLOCK)
         if len(header) < _BLOCK:
@@ -85,7 +85,7 @@ def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if not _checksum_matches(header):
             raise tarfile.ReadError("bad checksum in a tar header")
         kind = header[156:157]
-        size = int(pending["size"]) if "size" in pending else _octal(header[124:136])
+        size = pending["size"] if "size" in pending else _octal(header[124:136])
         data = stream.read(size)
         if len(data) < size:
             raise EOFError("tar cut off inside a member")
@@ -127,17 +127,20 @@ def _ustar_name(header: bytes) -> str:
     return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
-    """`<length> <key>=<value>\\n` records; the ones a reader needs are path and size."""
+def _pax_records(data: bytes) -> dict:
+    """The path and size of `<length> <key>=<value>\\n` records (the rest a reader does not need)."""
     records, at = {}, 0
     try:
         while at < len(data) and data[at]:
             space = data.index(b" ", at)
             length = int(data[at:space])
             key, _, value = data[space + 1 : at + length - 1].partition(b"=")
-            records[key.decode()] = value.decode("utf-8", "surrogateescape")
+            if key == b"path":
+                records["path"] = value.decode("utf-8", "surrogateescape")
+            elif key == b"size":
+                records["size"] = int(value)
             at += length
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:
         raise tarfile.ReadError("bad pax header") from None
     return records
 

@@ -12,13 +12,13 @@ from stages.shards import read_tar_samples, tar_files
 LONG = "deep/" * 30 + "0123456789abcdef0123456789abcdef.jpg"  # beyond ustar's 100-byte name and 155-byte prefix
 
 
-def _tar(fmt: int, members: list[tuple[str, bytes]], directory: bool = True) -> bytes:
+def _tar(fmt: int, members: list[tuple[str, bytes]]) -> bytes:
+    """A tar in `fmt` with a directory member first (which readers must pass over), then `members`."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
-        if directory:
-            folder = tarfile.TarInfo("a_folder")
-            folder.type = tarfile.DIRTYPE
-            tar.addfile(folder)
+        folder = tarfile.TarInfo("a_folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
