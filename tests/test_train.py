@@ -56,6 +56,7 @@ def test_resumed_run_follows_the_uninterrupted_trajectory_past_a_torn_newest_che
     step_of = {f: json.loads((f / STEP_FILE).read_text())["step"] for f in folders}
     checkpoints = sorted(step_of, key=step_of.get)
     assert [step_of[f] for f in checkpoints] == [2, 4]
+    at_step_2 = torch.load(checkpoints[0] / STATE_FILE, weights_only=True)["model"]
     # ... while writing the newest one: half its state on disk, the older one intact
     state = checkpoints[-1] / STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
@@ -70,7 +71,10 @@ def test_resumed_run_follows_the_uninterrupted_trajectory_past_a_torn_newest_che
     expected, got = _losses(tmp_path / "full"), _losses(stage)
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-4), step
-    assert expected[6] < expected[1]  # it learns
+    # the equality is not vacuous: the optimiser moved the weights from step 2 to step 6
+    # (whether 6 steps lower the loss is batch noise; learning itself is pinned by the demo chain's floors)
+    last = torch.load(Path(full.outputs["checkpoint"]) / STATE_FILE, weights_only=True)["model"]
+    assert max((last[k].float() - at_step_2[k].float()).abs().max().item() for k in last) > 1e-3
     model, _, _ = clip_models.load(Path(full.outputs["model"]))
     assert isinstance(model, torch.nn.Module)
     assert latest_checkpoint(tmp_path / "full" / "ray").name.startswith("checkpoint_")
