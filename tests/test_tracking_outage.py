@@ -123,3 +123,47 @@ def test_tracking_server_killed_mid_training_does_not_stop_the_run(ray_cluster, 
     history = mlflow.MlflowClient(store).get_metric_history(train.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2]  # the training curve, replayed from train_log.jsonl
     assert train.data.metrics["accounting/kept"] == result.manifests["train"].kept
+
+
+def test_a_new_sqlite_store_is_a_seeded_copy_that_mlflow_reads_as_its_own(tmp_path, monkeypatch):
+    """A new run folder's store is copied from an empty one MLflow made once; MLflow checks its schema
+    on open, and the Default experiment is what MLflow would have made here."""
+    import sqlite3
+
+    import mlflow
+
+    from stages.mlflow_sink import MlflowSink, cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "own.db"
+    mlflow.MlflowClient(f"sqlite:///{own}").search_experiments()  # MLflow's own creation, for comparison
+    sink = MlflowSink(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert sink.online and list(cache_dir().glob("mlflow-*-empty.db"))
+    experiment = sink.call("create_experiment", "seeded")
+    run = sink.call("create_run", experiment).info.run_id
+    sink.call("log_metric", run, "loss", 1.5, step=3)
+    assert [m.value for m in sink.call("get_metric_history", run, "loss")] == [1.5]
+
+    def rows(path, sql):
+        with sqlite3.connect(path) as db:
+            return db.execute(sql).fetchall()
+
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    assert rows(tmp_path / "runs" / "mlflow.db", tables) == rows(own, tables)
+    version = "SELECT version_num FROM alembic_version"
+    assert rows(tmp_path / "runs" / "mlflow.db", version) == rows(own, version)
+    default = sink.call("get_experiment", "0")
+    assert default.name == "Default" and default.artifact_location == str(tmp_path / "mlruns" / "0")
+    # the Default experiment is stamped when the store is made, not when the template was
+    (template,) = cache_dir().glob("mlflow-*-empty.db")
+    with sqlite3.connect(template) as db:
+        db.execute("UPDATE experiments SET creation_time = 0 WHERE experiment_id = 0")
+    db.close()
+    later = MlflowSink(f"sqlite:///{tmp_path / 'later.db'}").call("get_experiment", "0")
+    assert abs(later.creation_time / 1000 - time.time()) < 60
+
+    # a store that exists is never replaced
+    before = (tmp_path / "runs" / "mlflow.db").read_bytes()
+    MlflowSink(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert (tmp_path / "runs" / "mlflow.db").read_bytes() == before
