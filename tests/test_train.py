@@ -14,6 +14,7 @@ import torch
 from stages import clip_models
 from stages.evaluate import EvaluateConfig, run_evaluate
 from stages.train import STATE_FILE, STEP_FILE, TrainConfig, latest_checkpoint, run_train
+from tests.processes import kill_when, run_in_thread
 
 CONFIG = TrainConfig(
     model="demo-tiny",
@@ -40,18 +41,30 @@ def _losses(stage_dir: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_resumed_run_follows_the_uninterrupted_trajectory_past_a_torn_newest_checkpoint(ray_cluster, shards, tmp_path):
-    """Resume after a kill that tore the newest checkpoint: it loads the older complete one, says so in
-    one line, logs each step once, and still follows the uninterrupted run step for step."""
+    """A worker killed mid-run: Ray Train restarts from the last checkpoint. Resume after a kill that tore
+    the newest checkpoint: it loads the older complete one, says so in one line, logs each step once.
+    Both follow the uninterrupted run step for step."""
     tars, n = shards
     # the uninterrupted run: the same batches as 2 micro-batches per worker under DDP's static graph,
     # so one run pins both accumulation and resume (each must follow it to float rounding)
     full = run_train(tars, n, CONFIG.model_copy(update={"accum_freq": 2, "ddp_static_graph": True}), tmp_path / "full")
     assert full.metrics["steps"] == 6 and full.metrics["resumed_from_step"] == 0
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"  # the local cluster's poll, handed to Ray Train
-    # a plain run stopped after its second checkpoint (as a killed run would be) ...
+    # a plain run stopped after its second checkpoint (as a killed run would be); one of its workers is
+    # SIGKILLed once the first checkpoint is on disk: Ray Train restarts the group from that checkpoint ...
     stage = tmp_path / "resumed"
-    stopped = run_train(tars, n, CONFIG.model_copy(update={"stop_at_step": 4}), stage)
-    assert stopped.metrics["steps"] == 4
+    thread, outcome = run_in_thread(
+        run_train, tars, n, CONFIG.model_copy(update={"stop_at_step": 4, "max_failures": 1}), stage
+    )
+    killed = kill_when(lambda: latest_checkpoint(stage / "ray") is not None, "RayTrainWorker")
+    thread.join(600)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].metrics["steps"] == 4 and not Path(f"/proc/{killed}").exists()
+    # ... and follows the uninterrupted run past the restart (steps after the checkpoint may be logged twice)
+    restarted = [json.loads(line) for line in (stage / "train_log.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in restarted} == {1, 2, 3, 4}
+    for row in restarted:
+        assert row["loss"] == pytest.approx(_losses(tmp_path / "full")[row["step"]], abs=1e-4), row
     folders = [f for f in stage.glob("ray/attempt-*/checkpoint_*") if f.is_dir()]
     step_of = {f: json.loads((f / STEP_FILE).read_text())["step"] for f in folders}
     checkpoints = sorted(step_of, key=step_of.get)

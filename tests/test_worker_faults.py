@@ -2,87 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import threading
-import time
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from stages.embed import EmbedConfig, read_embedding_tables, run_embed
 from stages.shards import expected_samples, read_tar_samples
-from stages.train import TrainConfig, latest_checkpoint, run_train
+from tests.processes import kill_when, run_in_thread
 
 pytestmark = pytest.mark.slow
-
-
-def _pids_running(marker: str) -> list[int]:
-    """Processes whose command line (Ray sets it to `ray::<Actor>...`) contains `marker`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def _run_in_thread(fn, *args):
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["result"] = fn(*args)
-        except BaseException as err:  # noqa: BLE001 - re-raised by the test
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def _kill_when(condition, marker: str, timeout: float = 180) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        pids = _pids_running(marker)
-        if pids and condition():
-            os.kill(pids[0], signal.SIGKILL)
-            return pids[0]
-        time.sleep(0.2)
-    pytest.fail(f"no {marker} process to kill within {timeout}s")
-
-
-def test_killed_train_worker_restarts_from_the_last_checkpoint(ray_cluster, pool_shards, tmp_path):
-    shards_dir, download = pool_shards
-    shards = sorted(str(p) for p in shards_dir.glob("*.tar"))
-    config = TrainConfig(
-        model="demo-tiny", samples_seen=32 * 8, batch_size=32, warmup=1, workers=1,
-        checkpoint_every_samples=32 * 2, log_every_steps=1, shuffle_buffer=50, max_failures=2,
-    )  # fmt: skip
-    stage = tmp_path / "train"
-    thread, outcome = _run_in_thread(run_train, shards, download.kept, config, stage)
-    killed = _kill_when(lambda: latest_checkpoint(stage / "ray") is not None, "RayTrainWorker")
-    thread.join(600)
-    assert "error" not in outcome, outcome.get("error")
-    manifest = outcome["result"]
-    assert manifest.metrics["steps"] == 8 and manifest.kept == download.kept
-    steps = [json.loads(line)["step"] for line in (stage / "train_log.jsonl").read_text().splitlines()]
-    assert set(steps) == set(range(1, 9))  # steps after the restored checkpoint may be logged twice
-    assert not Path(f"/proc/{killed}").exists()
 
 
 def test_killed_embed_actor_is_replaced_and_every_uid_is_embedded_once(ray_cluster, pool_shards, tiny_model, tmp_path):
     shards_dir, download = pool_shards
     stage = tmp_path / "embed"
     config = EmbedConfig(batch_size=8, actors=1)
-    thread, outcome = _run_in_thread(run_embed, shards_dir, config, stage, tiny_model)
-    _kill_when(lambda: True, "Embedder")
+    thread, outcome = run_in_thread(run_embed, shards_dir, config, stage, tiny_model)
+    kill_when(lambda: True, "Embedder")
     thread.join(600)
     assert "error" not in outcome, outcome.get("error")
     manifest = outcome["result"]
@@ -106,10 +42,10 @@ def test_killed_download_task_is_retried_and_no_uid_is_lost_or_doubled(ray_clust
         pq.write_table(table, tmp_path / "source.parquet")
         config = DownloadConfig(image_size=32, samples_per_shard=100, min_image_size=16, thread_count=4, timeout=5)
         stage = tmp_path / "download"
-        thread, outcome = _run_in_thread(
+        thread, outcome = run_in_thread(
             lambda: run_download(str(tmp_path / "source.parquet"), config, stage, map_fn=make_ray_map())
         )
-        _kill_when(lambda: True, "ray::download:")  # as soon as a shard's task runs (tasks are named stage:item)
+        kill_when(lambda: True, "ray::download:")  # as soon as a shard's task runs (tasks are named stage:item)
         thread.join(600)
     assert "error" not in outcome, outcome.get("error")
     manifest = outcome["result"]
