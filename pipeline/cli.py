@@ -127,13 +127,18 @@ def sweep(
     name: Annotated[str, typer.Argument(help="sweep name (pipeline/sweeps/) or path to a sweep YAML file")],
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the latest run of this sweep")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the trial plan and exit")] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Run several filter strategies on one pool at equal training compute; print the results table."""
-    from pipeline.sweep import load_sweep, run_sweep
+    from pipeline.sweep import load_sweep, run_sweep, sweep_plan
 
     try:
         config = load_sweep(name)
+        if dry_run:
+            for line in sweep_plan(config, overrides or []):
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+            return
         sweep_dir, rows = run_sweep(
             config,
             overrides or [],
@@ -146,17 +151,11 @@ def sweep(
     except (ConfigError, ValueError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _fail(first, 1) from None
-    table = Table("strategy", "kept", "kept fraction", "zero-shot top-1", "top-5", "image→text R@1", "text→image R@1")
-    for r in rows:
-        table.add_row(
-            r.strategy,
-            str(r.kept),
-            f"{r.kept_fraction:.3f}",
-            f"{r.zeroshot_top1:.3f}",
-            f"{r.zeroshot_top5:.3f}",
-            f"{r.image_to_text_r1:.3f}",
-            f"{r.text_to_image_r1:.3f}",
-        )
+    from pipeline.sweep_table import METRICS, summarise
+
+    table = Table("strategy", "seeds", "kept fraction", "zero-shot top-1", "top-5", "image→text R@1", "text→image R@1")
+    for s in summarise(rows):
+        table.add_row(s.strategy, str(s.seeds), f"{s.kept_fraction:.3f}", *(str(s.metrics[m]) for m in METRICS))
     console.print(table)
     console.print(f"done: {sweep_dir} (table and plot in {sweep_dir / 'results'})", highlight=False)
 

@@ -4,31 +4,39 @@ A sweep names a base recipe and a set of strategies. The stages above the strate
 hashes, seed models, embeddings, heads) run once, in a `shared` run; each strategy then runs
 filter → subset → train → evaluate with those stages reused, and the training budget (model,
 samples seen, batch, seed) of the base recipe unchanged, so strategies differ only in their
-data. MLflow: one sweep run, a child run per strategy (and for the shared stages), each with
-its stage runs below it; the sweep run holds the results table and the accuracy-vs-kept plot.
-Strategies run one after another, each using the whole cluster for training.
+data. A strategy trained with `seeds` training seeds is that many *trials*; trials run as Ray tasks,
+as many at once as the cluster holds their training (`concurrent_trials`), each in its own worker
+process with its own run folder, so a killed sweep resumes with its finished trials kept. MLflow:
+one sweep run, a child run per trial (and for the shared stages), each with its stage runs below
+it; the sweep run holds the results table (mean ± std per strategy) and the accuracy-vs-kept plot.
+
+Why Ray tasks and not Ray Tune: a trial is a whole pipeline run whose training is itself a Ray Train
+run that asks the cluster for its own workers; a task with no resources of its own is all a trial's
+driver needs, and the trials' training queues for the cluster's CPUs/GPUs like any Ray Train run.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from pydantic import Field, ValidationError
 
 from filters.registry import Strategy
-from pipeline.atomic import atomic_path, write_json, write_text, write_with
+from pipeline.atomic import write_json
 from pipeline.config import ConfigError, Recipe, format_validation_error, load_recipe, read_yaml_mapping
 from pipeline.graph import build_stages, downstream
 from pipeline.models import StrictModel
 from pipeline.orchestrator import RunResult, run_pipeline
 from pipeline.runtime import ray_runtime
+from pipeline.sweep_table import StrategyRow, summarise, write_table
 from pipeline.tracking import Tracker, metric_key
 from stages.evaluate import Evaluate, EvaluateOutputs
 from stages.filter import Filter
@@ -43,21 +51,20 @@ class SweepConfig(StrictModel):
     recipe: str = Field(description="base recipe: everything but filter.strategy")
     overrides: list[str] = Field(default_factory=list, description="--set overrides applied to the base recipe")
     strategies: dict[str, Strategy] = Field(min_length=1)
+    seeds: int = Field(1, ge=1, le=100, description="training seeds per strategy: train.seed, train.seed + 1, ...")
+    concurrent_trials: int = Field(
+        0, ge=0, description="trials at once; 0: as many as the cluster's CPUs (and GPUs) hold their training"
+    )
 
 
-@dataclass
-class StrategyRow:
+@dataclass(frozen=True)
+class Trial:
+    """One strategy trained with one seed: a run folder of its own under the sweep's."""
+
+    name: str
     strategy: str
-    kept: int
-    pool: int
-    zeroshot_top1: float
-    zeroshot_top5: float
-    image_to_text_r1: float
-    text_to_image_r1: float
-
-    @property
-    def kept_fraction(self) -> float:
-        return self.kept / self.pool if self.pool else 0.0
+    seed: int
+    recipe: Recipe
 
 
 def available_sweeps() -> list[str]:
@@ -72,6 +79,25 @@ def load_sweep(name_or_path: str) -> SweepConfig:
         raise ConfigError(
             format_validation_error(err, name_or_path).replace("invalid recipe", "invalid sweep")
         ) from None
+
+
+def apply_sweep_overrides(sweep: SweepConfig, overrides: list[str]) -> tuple[SweepConfig, list[str]]:
+    """`sweep.KEY=VALUE` overrides set the sweep's own keys (`sweep.seeds=3`); the rest go to the base recipe."""
+    own, rest = {}, []
+    for override in overrides:
+        if not override.startswith("sweep."):
+            rest.append(override)
+            continue
+        key, sep, value = override.removeprefix("sweep.").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {override}: expected sweep.KEY=VALUE")
+        own[key] = yaml.safe_load(value)
+    if not own:
+        return sweep, rest
+    try:
+        return SweepConfig.model_validate({**sweep.model_dump(mode="json"), **own}), rest
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "--set").replace("invalid recipe", "invalid sweep")) from None
 
 
 def sweep_recipes(sweep: SweepConfig, overrides: list[str]) -> tuple[Recipe, dict[str, Recipe]]:
@@ -90,6 +116,77 @@ def sweep_recipes(sweep: SweepConfig, overrides: list[str]) -> tuple[Recipe, dic
     return shared, per_strategy
 
 
+def sweep_trials(sweep: SweepConfig, per_strategy: dict[str, Recipe]) -> list[Trial]:
+    """Seed by seed, every strategy: with fewer slots than trials, each strategy gets its first seed first."""
+    trials = []
+    for k in range(sweep.seeds):
+        for strategy, recipe in per_strategy.items():
+            seed = recipe.train.seed + k
+            name = strategy if sweep.seeds == 1 else f"{strategy}-seed{seed}"
+            train = recipe.train.model_copy(update={"seed": seed})
+            trials.append(Trial(name, strategy, seed, recipe.model_copy(update={Train.name: train})))
+    return trials
+
+
+def trial_slots(sweep: SweepConfig, recipe: Recipe, n_trials: int) -> int:
+    """How many trials run at once: as asked, or as many as the cluster holds their training."""
+    if sweep.concurrent_trials:
+        return min(sweep.concurrent_trials, n_trials)
+    import ray
+
+    total = ray.cluster_resources()
+    slots = total.get("CPU", 1.0) // (recipe.train.workers * recipe.train.threads_per_worker)
+    if recipe.train.use_gpu:
+        slots = min(slots, total.get("GPU", 0.0) // recipe.train.workers)
+    return int(max(1, min(slots, n_trials)))
+
+
+def sweep_plan(sweep: SweepConfig, overrides: list[str]) -> list[str]:
+    """What `pipeline sweep --dry-run` prints: the trials, each one's resources, how many run at once,
+    and the training budget in all. Validates everything; starts nothing."""
+    sweep, overrides = apply_sweep_overrides(sweep, overrides)
+    shared, per_strategy = sweep_recipes(sweep, overrides)
+    trials = sweep_trials(sweep, per_strategy)
+    train = shared.train
+    cpus = train.workers * train.threads_per_worker
+    gpus = f" and {train.workers} GPU(s)" if train.use_gpu else ""
+    at_once = (
+        f"{min(sweep.concurrent_trials, len(trials))}" if sweep.concurrent_trials else "as many as the cluster holds"
+    )
+    lines = [
+        f"sweep '{sweep.name}': shared stages {', '.join(shared.stages)} once, then {len(trials)} trials "
+        f"({len(per_strategy)} strategies x {sweep.seeds} seed(s))",
+        f"each trial: {', '.join(s for s in per_strategy[trials[0].strategy].stages if s not in shared.stages)}; "
+        f"training on {cpus} CPU(s){gpus}; {at_once} at once",
+        f"training budget: {train.samples_seen:,} samples seen per trial, {train.samples_seen * len(trials):,} in all",
+    ]
+    lines += [
+        f"  {t.name}: {', '.join(s.name for s in t.recipe.filter.strategy) or '(no filter)'}, seed {t.seed}"
+        for t in trials
+    ]
+    return lines
+
+
+def run_trial(trial: Trial, sweep_dir: str, reuse: dict, parent_run_id: str | None) -> StrategyRow:
+    """One trial, in a Ray worker of its own: resumed if its folder exists, its console in `trials/<name>.log`."""
+    started = time.time()
+    folder = Path(sweep_dir)
+    (folder / "trials").mkdir(exist_ok=True)
+    with open(folder / "trials" / f"{trial.name}.log", "a") as handle:
+
+        def log(line: str) -> None:
+            handle.write(line + "\n")
+            handle.flush()
+
+        again = (folder / trial.name / "run.json").exists()
+        result = run_pipeline(
+            trial.recipe, run_name=trial.name, resume=again, log=log, reuse=reuse, parent_run_id=parent_run_id
+        )
+    row = result_row(trial.strategy, result)
+    row.seed, row.started, row.ended = trial.seed, started, time.time()
+    return row
+
+
 def result_row(strategy: str, result: RunResult) -> StrategyRow:
     scores = json.loads(Path(result.output(EvaluateOutputs).results).read_text())
     filtered = result.manifests[Filter.name]
@@ -104,46 +201,6 @@ def result_row(strategy: str, result: RunResult) -> StrategyRow:
     )
 
 
-def write_table(rows: list[StrategyRow], folder: Path) -> list[Path]:
-    """results.csv, results.md and accuracy_vs_kept.png in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    header = ["strategy", "kept", "kept_fraction", "zeroshot_top1", "zeroshot_top5", "i2t_R@1", "t2i_R@1"]
-    values = [
-        [r.strategy, r.kept, r.kept_fraction, r.zeroshot_top1, r.zeroshot_top5, r.image_to_text_r1, r.text_to_image_r1]
-        for r in rows
-    ]
-    with atomic_path(folder / "results.csv") as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(values)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for v in values:
-        lines.append(f"| {v[0]} | {v[1]} | {v[2]:.3f} | " + " | ".join(f"{x:.3f}" for x in v[3:]) + " |")
-    write_text(folder / "results.md", "\n".join(lines) + "\n")
-    return [folder / "results.csv", folder / "results.md", _plot(rows, folder / "accuracy_vs_kept.png")]
-
-
-def _plot(rows: list[StrategyRow], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        ax.scatter(row.kept_fraction, row.zeroshot_top1)
-        ax.annotate(
-            row.strategy, (row.kept_fraction, row.zeroshot_top1), fontsize=8, xytext=(4, 4), textcoords="offset points"
-        )
-    ax.set_xlabel("kept fraction of the pool")
-    ax.set_ylabel("zero-shot top-1")
-    ax.set_title("same compute, different data")
-    fig.tight_layout()
-    write_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    return path
-
-
 def latest_sweep_dir(output_dir: Path, name: str) -> Path | None:
     found = sorted(output_dir.glob(f"{name}-*/sweep.json")) if output_dir.exists() else []
     return found[-1].parent if found else None
@@ -156,8 +213,12 @@ def run_sweep(
     log: Callable[[str], None] = print,
     consoles=None,
 ) -> tuple[Path, list[StrategyRow]]:
-    """Shared stages once, then each strategy's run; `consoles`: quiet runs (see `run_pipeline`)."""
-    shared, per_strategy = sweep_recipes(sweep, overrides or [])
+    """Shared stages once, then the trials, several at once; `consoles`: quiet runs (see `run_pipeline`).
+    Returns the sweep folder and a row per trial."""
+    from pipeline.executor import make_ray_map
+
+    sweep, overrides = apply_sweep_overrides(sweep, overrides or [])
+    shared, per_strategy = sweep_recipes(sweep, overrides)
     root = Path(shared.output_dir)
     sweep_dir = latest_sweep_dir(root, sweep.name) if resume else None
     if resume and sweep_dir is None:
@@ -169,37 +230,44 @@ def run_sweep(
     record = json.loads((sweep_dir / "sweep.json").read_text())
     tracker = Tracker(shared, os.environ, warn=log)
     log(f"sweep directory: {sweep_dir}")
-    rows: list[StrategyRow] = []
     with (
-        ray_runtime(shared.ray, log),
+        ray_runtime(shared.ray, log, log_to_driver=consoles is None),
         tracker.parent_run(sweep_dir.name, sweep.model_dump(mode="json"), record["mlflow_run_id"]) as sweep_run,
     ):
         record["mlflow_run_id"] = sweep_run
         write_json(sweep_dir / "sweep.json", record)
         # every run of the sweep lives in its folder and logs to the sweep's MLflow store
         runs_root = {"output_dir": str(sweep_dir), "tracking": shared.tracking.model_copy(update={"uri": tracker.uri})}
+        log("--- shared ---")
+        again = (sweep_dir / "shared" / "run.json").exists()
+        shared_result = run_pipeline(
+            shared.model_copy(update=runs_root), run_name="shared", resume=again, log=log,
+            parent_run_id=sweep_run, consoles=consoles,
+        )  # fmt: skip
+        trials = [
+            Trial(t.name, t.strategy, t.seed, t.recipe.model_copy(update=runs_root))
+            for t in sweep_trials(sweep, per_strategy)
+        ]
+        slots = trial_slots(sweep, trials[0].recipe, len(trials))
+        log(f"--- {len(trials)} trials, {slots} at a time (consoles in {sweep_dir / 'trials'}) ---")
+        reuse, folder = shared_result.manifests, str(sweep_dir)
 
-        def run(recipe: Recipe, name: str, reuse=None) -> RunResult:
-            recipe = recipe.model_copy(update=runs_root)
-            again = (sweep_dir / name / "run.json").exists()
-            log(f"--- {name} ---")
-            return run_pipeline(
-                recipe, run_name=name, resume=again, log=log, reuse=reuse, parent_run_id=sweep_run, consoles=consoles
-            )
+        def trial_task(trial: Trial) -> StrategyRow:
+            return run_trial(trial, folder, reuse, sweep_run)
 
-        shared_result = run(shared, "shared")
-        for name, recipe in per_strategy.items():
-            result = run(recipe, name, reuse=shared_result.manifests)
-            rows.append(result_row(name, result))
-            log(f"[{name}] kept {rows[-1].kept}/{rows[-1].pool}, zero-shot top-1 {rows[-1].zeroshot_top1:.3f}")
+        bars = consoles[-1] if consoles else None
+        ray_map = make_ray_map(max_retries=1, num_cpus=0, console=bars, max_in_flight=slots, progress_dir=sweep_dir)
+        rows = ray_map(trial_task, trials, desc="trials")
+        for trial, row in zip(trials, rows, strict=True):
+            log(f"[{trial.name}] kept {row.kept}/{row.pool}, zero-shot top-1 {row.zeroshot_top1:.3f}")
         paths = write_table(rows, sweep_dir / "results")
         for path in paths if sweep_run else []:
             tracker.call("log_artifact", sweep_run, str(path), "results")
-        for row in rows if sweep_run else []:
-            for key, value in (
-                ("kept_fraction", row.kept_fraction),
-                ("zeroshot_top1", row.zeroshot_top1),
-                ("image_to_text_R1", row.image_to_text_r1),
-            ):
-                tracker.call("log_metric", sweep_run, metric_key(f"{row.strategy}/{key}"), value)
+        for summary in summarise(rows) if sweep_run else []:
+            metrics = {"kept_fraction": summary.kept_fraction}
+            for key, name in (("zeroshot_top1", "zeroshot_top1"), ("image_to_text_r1", "image_to_text_R1")):
+                metrics[name] = summary.metrics[key].mean
+                metrics[f"{name}_std"] = summary.metrics[key].std
+            for key, value in metrics.items():
+                tracker.call("log_metric", sweep_run, metric_key(f"{summary.strategy}/{key}"), value)
     return sweep_dir, rows

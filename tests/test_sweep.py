@@ -70,6 +70,8 @@ def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, 
     sweep_dir, rows = run_sweep(sweep, _overrides(tmp_path, tiny_model), log=lambda m: None)
     assert [r.strategy for r in rows] == ["none", "dedupe_clip"]
     none, filtered = rows
+    # one training worker of 1 CPU each on a 2-CPU cluster: the two trials ran at the same time
+    assert none.started < filtered.ended and filtered.started < none.ended, rows
     assert none.kept == none.pool and filtered.kept < none.pool * 0.5 + 1
     # shared stages ran once: the strategies' folders have no download/embed of their own
     assert (sweep_dir / "shared" / "embed" / "manifest.json").exists()
@@ -104,4 +106,59 @@ def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, 
         "results/accuracy_vs_kept.png",
     }
     assert sweep_run.data.metrics["dedupe_clip/kept_fraction"] == pytest.approx(filtered.kept_fraction)
+    assert sweep_run.data.metrics["dedupe_clip/zeroshot_top1_std"] == 0.0  # one seed: no spread
     assert all(r.info.status == "FINISHED" for r in runs)
+
+    # killed after one trial finished and while the other evaluated: the resume keeps the finished
+    # trial as it is and runs only what the other lacks
+    (sweep_dir / "dedupe_clip" / "evaluate" / "manifest.json").unlink()
+    trained = {
+        name: (sweep_dir / name / "train" / "manifest.json").stat().st_mtime_ns for name in ("none", "dedupe_clip")
+    }
+    again, resumed = run_sweep(sweep, _overrides(tmp_path, tiny_model), resume=True, log=lambda m: None)
+    assert again == sweep_dir and [r.zeroshot_top1 for r in resumed] == [r.zeroshot_top1 for r in rows]
+    assert trained == {n: (sweep_dir / n / "train" / "manifest.json").stat().st_mtime_ns for n in trained}
+    none_log, other_log = ((sweep_dir / "trials" / f"{n}.log").read_text() for n in ("none", "dedupe_clip"))
+    assert none_log.count("[evaluate] in=") == 1 and "[evaluate] finished earlier, skipped" in none_log
+    assert other_log.count("[evaluate] in=") == 2 and "[train] finished earlier, skipped" in other_log
+    assert (sweep_dir / "dedupe_clip" / "evaluate" / "manifest.json").exists()
+
+
+def test_seeds_make_trials_and_the_table_reports_the_spread(tmp_path):
+    """Without Ray: `sweep.seeds` from --set, one trial per strategy and seed, mean ± std per strategy,
+    and a difference marked only when it exceeds both spreads."""
+    from pipeline.sweep import apply_sweep_overrides, sweep_plan, sweep_trials
+    from pipeline.sweep_table import StrategyRow, markdown, summarise
+
+    sweep = load_sweep(_sweep_file(tmp_path, {"none": [], "dedupe": [{"name": "dedupe"}]}))
+    sweep, rest = apply_sweep_overrides(sweep, ["sweep.seeds=3", "train.lr=0.01", "sweep.concurrent_trials=2"])
+    assert (sweep.seeds, sweep.concurrent_trials, rest) == (3, 2, ["train.lr=0.01"])
+    with pytest.raises(ConfigError, match="seeds"):
+        apply_sweep_overrides(sweep, ["sweep.seeds=0"])
+    _, per_strategy = sweep_recipes(sweep, [f"output_dir={tmp_path}", *rest])
+    trials = sweep_trials(sweep, per_strategy)
+    base = per_strategy["none"].train.seed
+    assert [(t.name, t.recipe.train.seed) for t in trials] == [
+        (f"none-seed{base}", base), (f"dedupe-seed{base}", base),
+        (f"none-seed{base + 1}", base + 1), (f"dedupe-seed{base + 1}", base + 1),
+        (f"none-seed{base + 2}", base + 2), (f"dedupe-seed{base + 2}", base + 2),
+    ]  # fmt: skip
+    assert {t.recipe.train.lr for t in trials} == {0.01} and trials[1].recipe.filter.strategy[0].name == "dedupe"
+    plan = sweep_plan(sweep, [f"output_dir={tmp_path}", "train.workers=2"])  # what --dry-run prints
+    assert "then 6 trials (2 strategies x 3 seed(s))" in plan[0] and "training on 2 CPU(s); 2 at once" in plan[1]
+    assert plan[-1] == f"  dedupe-seed{base + 2}: dedupe, seed {base + 2}" and not list(tmp_path.glob("mini-*"))
+
+    def row(strategy, top1, seed):
+        return StrategyRow(strategy, 50, 100, top1, 0.5, 0.2, 0.2, seed=seed)
+
+    rows = [row("none", 0.10, 0), row("none", 0.12, 1), row("none", 0.14, 2)]
+    rows += [row("close", 0.13, 0), row("close", 0.15, 1), row("close", 0.17, 2)]  # +0.03, inside 0.02 + 0.02
+    rows += [row("far", 0.30, 0), row("far", 0.31, 1), row("far", 0.32, 2)]  # +0.19, outside 0.02 + 0.01
+    none, close, far = summarise(rows)
+    assert none.seeds == 3 and none.metrics["zeroshot_top1"].mean == pytest.approx(0.12)
+    assert none.metrics["zeroshot_top1"].std == pytest.approx(0.02)  # sample standard deviation
+    assert not close.differs(none, "zeroshot_top1") and far.differs(none, "zeroshot_top1")
+    table = markdown([none, close, far])
+    assert "| far | 3 | 0.500 | 0.310 ± 0.010* |" in table and "| close | 3 | 0.500 | 0.150 ± 0.020 |" in table
+    single = summarise([row("none", 0.1, 0), row("far", 0.9, 0)])
+    assert not single[1].differs(single[0], "zeroshot_top1")  # one seed: no spread, no claim

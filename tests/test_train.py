@@ -51,12 +51,13 @@ def test_resumed_run_follows_the_uninterrupted_trajectory_past_a_torn_newest_che
     assert full.metrics["steps"] == 6 and full.metrics["resumed_from_step"] == 0
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"  # the local cluster's poll, handed to Ray Train
     # a plain run stopped after its second checkpoint (as a killed run would be); one of its workers is
-    # SIGKILLed once the first checkpoint is on disk: Ray Train restarts the group from that checkpoint ...
+    # SIGKILLed once it trains past the first checkpoint: Ray Train restarts the group from that checkpoint ...
     stage = tmp_path / "resumed"
     thread, outcome = run_in_thread(
         run_train, tars, n, CONFIG.model_copy(update={"stop_at_step": 4, "max_failures": 1}), stage
     )
-    killed = kill_when(lambda: latest_checkpoint(stage / "ray") is not None, "RayTrainWorker")
+    log = stage / "train_log.jsonl"
+    killed = kill_when(lambda: log.exists() and '"step": 3,' in log.read_text(), "RayTrainWorker")
     thread.join(600)
     assert "error" not in outcome, outcome.get("error")
     assert outcome["result"].metrics["steps"] == 4 and not Path(f"/proc/{killed}").exists()
