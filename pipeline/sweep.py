@@ -30,13 +30,13 @@ import yaml
 from pydantic import Field, ValidationError
 
 from filters.registry import Strategy
-from pipeline.atomic import write_json
+from pipeline.atomic import write_json, write_text
 from pipeline.config import ConfigError, Recipe, format_validation_error, load_recipe, read_yaml_mapping
 from pipeline.graph import build_stages, downstream
 from pipeline.models import StrictModel
 from pipeline.orchestrator import RunResult, run_pipeline
 from pipeline.runtime import ray_runtime
-from pipeline.sweep_table import StrategyRow, summarise, write_table
+from pipeline.sweep_table import StrategyRow, StrategySummary, summarise, write_table
 from pipeline.tracking import Tracker, metric_key
 from stages.evaluate import Evaluate, EvaluateOutputs
 from stages.filter import Filter
@@ -187,6 +187,20 @@ def run_trial(trial: Trial, sweep_dir: str, reuse: dict, parent_run_id: str | No
     return row
 
 
+def write_best_recipe(summaries: list[StrategySummary], per_strategy: dict[str, Recipe], path: Path) -> Path:
+    """The recipe of the strategy with the best mean zero-shot top-1, ready for `pipeline run` at a
+    larger scale (its output folder and tracking store are left to that run's defaults)."""
+    best = max(summaries, key=lambda s: s.metrics["zeroshot_top1"].mean)
+    recipe = per_strategy[best.strategy].model_dump(mode="json", exclude={"output_dir", "tracking"})
+    recipe["description"] = f"best strategy of a sweep: {best.strategy}"
+    header = (
+        f"# '{best.strategy}': zero-shot top-1 {best.metrics['zeroshot_top1']} over {best.seeds} seed(s), "
+        f"kept fraction {best.kept_fraction:.3f}\n"
+    )
+    write_text(path, header + yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 def result_row(strategy: str, result: RunResult) -> StrategyRow:
     scores = json.loads(Path(result.output(EvaluateOutputs).results).read_text())
     filtered = result.manifests[Filter.name]
@@ -261,6 +275,7 @@ def run_sweep(
         for trial, row in zip(trials, rows, strict=True):
             log(f"[{trial.name}] kept {row.kept}/{row.pool}, zero-shot top-1 {row.zeroshot_top1:.3f}")
         paths = write_table(rows, sweep_dir / "results")
+        paths.append(write_best_recipe(summarise(rows), per_strategy, sweep_dir / "results" / "best_recipe.yaml"))
         for path in paths if sweep_run else []:
             tracker.call("log_artifact", sweep_run, str(path), "results")
         for summary in summarise(rows) if sweep_run else []:

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_recipe
 from pipeline.sweep import load_sweep, run_sweep, sweep_recipes
 from tests.conftest import fast_filter_overrides, small_demo_overrides
 
@@ -80,6 +80,10 @@ def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, 
         train = json.loads((sweep_dir / name / "train" / "manifest.json").read_text())
         assert train["metrics"]["samples_seen"] == 64  # the same compute for every strategy
     assert "| dedupe_clip |" in (sweep_dir / "results" / "results.md").read_text()
+    best = max(rows, key=lambda r: r.zeroshot_top1)  # one seed each: the mean is the trial's own
+    best_recipe = load_recipe(str(sweep_dir / "results" / "best_recipe.yaml"))  # ready for `pipeline run`
+    assert [s.name for s in best_recipe.filter.strategy] == ([] if best is none else ["dedupe", "clip_score"])
+    assert best_recipe.train.samples_seen == 64 and best_recipe.output_dir == "runs"
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mini").experiment_id
@@ -104,6 +108,7 @@ def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, 
         "results/results.csv",
         "results/results.md",
         "results/accuracy_vs_kept.png",
+        "results/best_recipe.yaml",
     }
     assert sweep_run.data.metrics["dedupe_clip/kept_fraction"] == pytest.approx(filtered.kept_fraction)
     assert sweep_run.data.metrics["dedupe_clip/zeroshot_top1_std"] == 0.0  # one seed: no spread
