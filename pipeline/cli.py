@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -147,7 +148,8 @@ def sweep(
             consoles=None if verbose else (console, error_console),
         )
     except KeyboardInterrupt:
-        raise _fail(f"interrupted: continue with `python -m pipeline sweep {name} --resume`", 130) from None
+        again = shlex.join(["python", "-m", "pipeline", "sweep", name, "--resume", *_set_flags(overrides)])
+        raise _fail(f"interrupted: continue with `{again}`", 130) from None
     except (ConfigError, ValueError, RuntimeError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _fail(first, 1) from None
@@ -158,6 +160,10 @@ def sweep(
         table.add_row(s.strategy, str(s.seeds), f"{s.kept_fraction:.3f}", *(str(s.metrics[m]) for m in METRICS))
     console.print(table)
     console.print(f"done: {sweep_dir} (table and plot in {sweep_dir / 'results'})", highlight=False)
+
+
+def _set_flags(overrides: list[str] | None) -> list[str]:
+    return [part for override in overrides or [] for part in ("--set", override)]
 
 
 RunArgument = Annotated[str, typer.Argument(help="run folder, or run name under --output-dir")]
