@@ -20,7 +20,8 @@ import sys
 import time
 
 DAEMONS = ("gcs_server", "raylet", "dashboard/agent.py", "runtime_env/agent", "log_monitor", "dashboard.py")
-NAMED = ("pytest", "-m pipeline", "mlflow", "postgres", "chromium", "default_worker.py")
+# in this order: a `-m pipeline` run a test starts names a pytest temp folder on its command line
+NAMED = ("-m pipeline", "pytest", "mlflow", "postgres", "chromium", "default_worker.py")
 
 
 def kind_of(pid: int) -> str | None:
