@@ -36,6 +36,7 @@ from pipeline.graph import build_stages, downstream
 from pipeline.models import StrictModel
 from pipeline.orchestrator import RunResult, run_pipeline
 from pipeline.runtime import ray_runtime
+from pipeline.stage import Resources
 from pipeline.sweep_table import StrategyRow, StrategySummary, summarise, write_table
 from pipeline.tracking import Tracker, metric_key
 from stages.evaluate import Evaluate, EvaluateOutputs
@@ -128,16 +129,21 @@ def sweep_trials(sweep: SweepConfig, per_strategy: dict[str, Recipe]) -> list[Tr
     return trials
 
 
+def training_resources(recipe: Recipe) -> Resources:
+    """What one trial's training asks of the cluster: the train stage's own declaration."""
+    return next(stage for stage in build_stages(recipe, check=False) if stage.name == Train.name).resources()
+
+
 def trial_slots(sweep: SweepConfig, recipe: Recipe, n_trials: int) -> int:
     """How many trials run at once: as asked, or as many as the cluster holds their training."""
     if sweep.concurrent_trials:
         return min(sweep.concurrent_trials, n_trials)
     import ray
 
-    total = ray.cluster_resources()
-    slots = total.get("CPU", 1.0) // (recipe.train.workers * recipe.train.threads_per_worker)
-    if recipe.train.use_gpu:
-        slots = min(slots, total.get("GPU", 0.0) // recipe.train.workers)
+    total, need = ray.cluster_resources(), training_resources(recipe)
+    slots = total.get("CPU", 1.0) // (need.actors * need.cpus)
+    if need.gpus:
+        slots = min(slots, total.get("GPU", 0.0) // (need.actors * need.gpus))
     return int(max(1, min(slots, n_trials)))
 
 
@@ -147,9 +153,8 @@ def sweep_plan(sweep: SweepConfig, overrides: list[str]) -> list[str]:
     sweep, overrides = apply_sweep_overrides(sweep, overrides)
     shared, per_strategy = sweep_recipes(sweep, overrides)
     trials = sweep_trials(sweep, per_strategy)
-    train = shared.train
-    cpus = train.workers * train.threads_per_worker
-    gpus = f" and {train.workers} GPU(s)" if train.use_gpu else ""
+    train, need = shared.train, training_resources(trials[0].recipe)
+    gpus = f" and {need.actors * need.gpus:g} GPU(s)" if need.gpus else ""
     at_once = (
         f"{min(sweep.concurrent_trials, len(trials))}" if sweep.concurrent_trials else "as many as the cluster holds"
     )
@@ -157,7 +162,7 @@ def sweep_plan(sweep: SweepConfig, overrides: list[str]) -> list[str]:
         f"sweep '{sweep.name}': shared stages {', '.join(shared.stages)} once, then {len(trials)} trials "
         f"({len(per_strategy)} strategies x {sweep.seeds} seed(s))",
         f"each trial: {', '.join(s for s in per_strategy[trials[0].strategy].stages if s not in shared.stages)}; "
-        f"training on {cpus} CPU(s){gpus}; {at_once} at once",
+        f"training on {need.actors * need.cpus:g} CPU(s){gpus}; {at_once} at once",
         f"training budget: {train.samples_seen:,} samples seen per trial, {train.samples_seen * len(trials):,} in all",
     ]
     lines += [
@@ -274,11 +279,12 @@ def run_sweep(
         rows = ray_map(trial_task, trials, desc="trials")
         for trial, row in zip(trials, rows, strict=True):
             log(f"[{trial.name}] kept {row.kept}/{row.pool}, zero-shot top-1 {row.zeroshot_top1:.3f}")
-        paths = write_table(rows, sweep_dir / "results")
-        paths.append(write_best_recipe(summarise(rows), per_strategy, sweep_dir / "results" / "best_recipe.yaml"))
+        summaries = summarise(rows)
+        paths = write_table(rows, summaries, sweep_dir / "results")
+        paths.append(write_best_recipe(summaries, per_strategy, sweep_dir / "results" / "best_recipe.yaml"))
         for path in paths if sweep_run else []:
             tracker.call("log_artifact", sweep_run, str(path), "results")
-        for summary in summarise(rows) if sweep_run else []:
+        for summary in summaries if sweep_run else []:
             metrics = {"kept_fraction": summary.kept_fraction}
             for key, name in (("zeroshot_top1", "zeroshot_top1"), ("image_to_text_r1", "image_to_text_R1")):
                 metrics[name] = summary.metrics[key].mean

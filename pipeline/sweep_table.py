@@ -88,15 +88,14 @@ def markdown(summaries: list[StrategySummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: list[StrategyRow], folder: Path) -> list[Path]:
-    """results.csv (a row per trial), results.md (per strategy) and accuracy_vs_kept.png in `folder`."""
+def write_table(rows: list[StrategyRow], summaries: list[StrategySummary], folder: Path) -> list[Path]:
+    """results.csv (a row per trial), results.md (`summaries`, per strategy) and accuracy_vs_kept.png in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [f.name for f in fields(StrategyRow)]
     with atomic_path(folder / "results.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, [*names, "kept_fraction"])
         writer.writeheader()
         writer.writerows({**asdict(r), "kept_fraction": r.kept_fraction} for r in rows)
-    summaries = summarise(rows)
     write_text(folder / "results.md", markdown(summaries))
     return [folder / "results.csv", folder / "results.md", _plot(summaries, folder / "accuracy_vs_kept.png")]
 
