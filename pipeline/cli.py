@@ -132,7 +132,8 @@ def sweep(
     verbose: VerboseOption = False,
 ) -> None:
     """Run several filter strategies on one pool at equal training compute; print the results table."""
-    from pipeline.sweep import load_sweep, run_sweep, sweep_plan
+    from pipeline.sweep import run_sweep, sweep_plan
+    from pipeline.sweep_config import load_sweep
 
     try:
         config = load_sweep(name)
@@ -155,9 +156,13 @@ def sweep(
         raise _fail(first, 1) from None
     from pipeline.sweep_table import METRICS, summarise
 
-    table = Table("strategy", "seeds", "kept fraction", "zero-shot top-1", "top-5", "image→text R@1", "text→image R@1")
-    for s in summarise(rows):
-        table.add_row(s.strategy, str(s.seeds), f"{s.kept_fraction:.3f}", *(str(s.metrics[m]) for m in METRICS))
+    summaries = summarise(rows)
+    stops = any(s.stopped for s in summaries)
+    columns = ["strategy", "seeds", "kept fraction", "zero-shot top-1", "top-5", "image→text R@1", "text→image R@1"]
+    table = Table(*columns, *(["stopped early"] if stops else []))
+    for s in summaries:
+        cells = [s.strategy, str(s.seeds), f"{s.kept_fraction:.3f}", *(str(s.metrics[m]) for m in METRICS)]
+        table.add_row(*cells, *([str(s.stopped)] if stops else []))
     console.print(table)
     console.print(f"done: {sweep_dir} (table and plot in {sweep_dir / 'results'})", highlight=False)
 
@@ -197,7 +202,7 @@ def list_() -> None:
     for name in available_recipes():
         table.add_row(name, load_recipe(name).description.strip().splitlines()[0])
     console.print(table)
-    from pipeline.sweep import available_sweeps, load_sweep
+    from pipeline.sweep_config import available_sweeps, load_sweep
 
     sweeps = Table("sweep", "strategies")
     for name in available_sweeps():

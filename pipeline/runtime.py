@@ -36,6 +36,15 @@ def local_worker_env() -> dict[str, str]:
     }
 
 
+def export_local_worker_env() -> None:
+    """Put `local_worker_env()` in this process's environment before it starts Ray: Ray's daemons and
+    so every worker inherit it. Handing it to `ray.init` as the job's runtime env instead would make
+    the workers Ray starts ahead of the first task unusable (theirs has no such env), so the first
+    tasks would wait for new processes (~1.5 s on 2 cores) while those sit idle."""
+    for key, value in local_worker_env().items():
+        os.environ.setdefault(key, value)
+
+
 @dataclass(frozen=True)
 class RayRuntime:
     address: str
@@ -153,9 +162,10 @@ def ray_runtime(config: RayConfig, log=print, log_to_driver: bool = True) -> Ite
     in_a_job = config.address is None and bool(os.environ.get("RAY_ADDRESS"))  # a Ray Job's driver
     address = os.environ["RAY_ADDRESS"] if in_a_job else config.address
     kwargs: dict = {"address": address, "logging_level": logging.WARNING, "log_to_driver": log_to_driver}
-    if not in_a_job:  # a job's runtime env (pipeline.jobs) already carries these, and Ray refuses a second
-        kwargs["runtime_env"] = {"env_vars": WORKER_ENV if address else local_worker_env()}
+    if address is not None and not in_a_job:  # a job's runtime env (pipeline.jobs) already carries these
+        kwargs["runtime_env"] = {"env_vars": WORKER_ENV}
     if address is None:
+        export_local_worker_env()
         kwargs.update(
             num_cpus=config.num_cpus,
             include_dashboard=config.dashboard,

@@ -9,6 +9,8 @@ as many at once as the cluster holds their training (`concurrent_trials`), each 
 process with its own run folder, so a killed sweep resumes with its finished trials kept. MLflow:
 one sweep run, a child run per trial (and for the shared stages), each with its stage runs below
 it; the sweep run holds the results table (mean ± std per strategy) and the accuracy-vs-kept plot.
+A strategy may leave filter parameters open (`pipeline.sweep_search`: each setting becomes a
+strategy), and `early_stopping` stops trials whose zero-shot curve falls behind (`stages.early_stop`).
 
 Why Ray tasks and not Ray Tune: a trial is a whole pipeline run whose training is itself a Ray Train
 run that asks the cluster for its own workers; a task with no resources of its own is all a trial's
@@ -23,39 +25,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
 
-from filters.registry import Strategy
 from pipeline.atomic import write_json, write_text
-from pipeline.config import ConfigError, Recipe, format_validation_error, load_recipe, read_yaml_mapping
+from pipeline.config import ConfigError, Recipe, load_recipe
 from pipeline.graph import build_stages, downstream
-from pipeline.models import StrictModel
 from pipeline.orchestrator import RunResult, run_pipeline
 from pipeline.runtime import ray_runtime
 from pipeline.stage import Resources
+from pipeline.sweep_config import SweepConfig, apply_sweep_overrides, settled_strategies
 from pipeline.sweep_table import StrategyRow, StrategySummary, summarise, write_table
+from pipeline.terminal import run_output
 from pipeline.tracking import Tracker, metric_key
+from stages.early_stop import EarlyStopConfig
 from stages.evaluate import Evaluate, EvaluateOutputs
 from stages.filter import Filter
 from stages.train import Train
-
-SWEEPS_PACKAGE = "pipeline.sweeps"
-
-
-class SweepConfig(StrictModel):
-    name: str
-    description: str = ""
-    recipe: str = Field(description="base recipe: everything but filter.strategy")
-    overrides: list[str] = Field(default_factory=list, description="--set overrides applied to the base recipe")
-    strategies: dict[str, Strategy] = Field(min_length=1)
-    seeds: int = Field(1, ge=1, le=100, description="training seeds per strategy: train.seed, train.seed + 1, ...")
-    concurrent_trials: int = Field(
-        0, ge=0, description="trials at once; 0: as many as the cluster's CPUs (and GPUs) hold their training"
-    )
 
 
 @dataclass(frozen=True)
@@ -68,49 +55,20 @@ class Trial:
     recipe: Recipe
 
 
-def available_sweeps() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files(SWEEPS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
-
-
-def load_sweep(name_or_path: str) -> SweepConfig:
-    data = read_yaml_mapping(name_or_path, SWEEPS_PACKAGE, "sweep")
-    try:
-        return SweepConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(
-            format_validation_error(err, name_or_path).replace("invalid recipe", "invalid sweep")
-        ) from None
-
-
-def apply_sweep_overrides(sweep: SweepConfig, overrides: list[str]) -> tuple[SweepConfig, list[str]]:
-    """`sweep.KEY=VALUE` overrides set the sweep's own keys (`sweep.seeds=3`); the rest go to the base recipe."""
-    own, rest = {}, []
-    for override in overrides:
-        if not override.startswith("sweep."):
-            rest.append(override)
-            continue
-        key, sep, value = override.removeprefix("sweep.").partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {override}: expected sweep.KEY=VALUE")
-        own[key] = yaml.safe_load(value)
-    if not own:
-        return sweep, rest
-    try:
-        return SweepConfig.model_validate({**sweep.model_dump(mode="json"), **own}), rest
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, "--set").replace("invalid recipe", "invalid sweep")) from None
-
-
 def sweep_recipes(sweep: SweepConfig, overrides: list[str]) -> tuple[Recipe, dict[str, Recipe]]:
     """(the shared-stages recipe, one recipe per strategy); all validated before anything runs."""
     base = load_recipe(sweep.recipe, [*sweep.overrides, *overrides, f"tracking.experiment={sweep.name}"])
     missing = [s.name for s in (Filter, Train, Evaluate) if s.name not in base.stages]
     if missing:
         raise ConfigError(f"sweep '{sweep.name}': the base recipe's stages lack {', '.join(missing)}")
+    if sweep.early_stopping and not base.train.zeroshot_frequency:
+        raise ConfigError(
+            f"sweep '{sweep.name}': early_stopping reads the zero-shot curve: set train.zeroshot_frequency"
+        )
     varying = downstream(build_stages(base, check=False), {Filter.name})  # the strategy's stage and all that read it
     shared = base.model_copy(update={"stages": [s for s in base.stages if s not in varying]})
     per_strategy = {}
-    for name, steps in sweep.strategies.items():
+    for name, steps in settled_strategies(sweep)[0].items():
         recipe = base.model_copy(update={Filter.name: base.filter.model_copy(update={"strategy": steps})})
         build_stages(recipe)  # a strategy that cannot run fails here, before the shared stages start
         per_strategy[name] = recipe
@@ -127,6 +85,15 @@ def sweep_trials(sweep: SweepConfig, per_strategy: dict[str, Recipe]) -> list[Tr
             train = recipe.train.model_copy(update={"seed": seed})
             trials.append(Trial(name, strategy, seed, recipe.model_copy(update={Train.name: train})))
     return trials
+
+
+def with_early_stop(recipe: Recipe, sweep: SweepConfig, trial: str) -> Recipe:
+    """The trial's recipe with the sweep's early stopping handed to its training (the board is the sweep's)."""
+    if sweep.early_stopping is None:
+        return recipe
+    board = str(Path(recipe.output_dir) / "early_stop")
+    stop = EarlyStopConfig(board=board, trial=trial, **sweep.early_stopping.model_dump())
+    return recipe.model_copy(update={Train.name: recipe.train.model_copy(update={"early_stop": stop})})
 
 
 def training_resources(recipe: Recipe) -> Resources:
@@ -164,7 +131,14 @@ def sweep_plan(sweep: SweepConfig, overrides: list[str]) -> list[str]:
         f"each trial: {', '.join(s for s in per_strategy[trials[0].strategy].stages if s not in shared.stages)}; "
         f"training on {need.actors * need.cpus:g} CPU(s){gpus}; {at_once} at once",
         f"training budget: {train.samples_seen:,} samples seen per trial, {train.samples_seen * len(trials):,} in all",
+        *(f"open parameter {note}" for note in settled_strategies(sweep)[1]),
     ]
+    if sweep.early_stopping:
+        e = sweep.early_stopping
+        lines.append(
+            f"early stopping: a trial below the top 1/{e.reduction_factor:g} at a rung stops there; rungs at steps "
+            f"{e.min_step} x {e.reduction_factor:g}^k, zero-shot scored every {train.checkpoint_every_steps} steps"
+        )
     lines += [
         f"  {t.name}: {', '.join(s.name for s in t.recipe.filter.strategy) or '(no filter)'}, seed {t.seed}"
         for t in trials
@@ -195,7 +169,8 @@ def run_trial(trial: Trial, sweep_dir: str, reuse: dict, parent_run_id: str | No
 def write_best_recipe(summaries: list[StrategySummary], per_strategy: dict[str, Recipe], path: Path) -> Path:
     """The recipe of the strategy with the best mean zero-shot top-1, ready for `pipeline run` at a
     larger scale (its output folder and tracking store are left to that run's defaults)."""
-    best = max(summaries, key=lambda s: s.metrics["zeroshot_top1"].mean)
+    finished = [s for s in summaries if s.seeds] or summaries  # trials stopped early had less compute
+    best = max(finished, key=lambda s: s.metrics["zeroshot_top1"].mean)
     recipe = per_strategy[best.strategy].model_dump(mode="json", exclude={"output_dir", "tracking"})
     recipe["description"] = f"best strategy of a sweep: {best.strategy}"
     header = (
@@ -217,6 +192,7 @@ def result_row(strategy: str, result: RunResult) -> StrategyRow:
         scores.get("zeroshot_top5", float("nan")),
         scores.get("image_to_text_recall_at_1", float("nan")),
         scores.get("text_to_image_recall_at_1", float("nan")),
+        stopped_at_step=int(result.manifests[Train.name].metrics.get("stopped_early_at_step", 0)),
     )
 
 
@@ -250,6 +226,7 @@ def run_sweep(
     tracker = Tracker(shared, os.environ, warn=log)
     log(f"sweep directory: {sweep_dir}")
     with (
+        run_output(sweep_dir, consoles, log),  # a quiet sweep: Ray's start-up lines go to <sweep>/logs too
         ray_runtime(shared.ray, log, log_to_driver=consoles is None),
         tracker.parent_run(sweep_dir.name, sweep.model_dump(mode="json"), record["mlflow_run_id"]) as sweep_run,
     ):
@@ -264,7 +241,7 @@ def run_sweep(
             parent_run_id=sweep_run, consoles=consoles,
         )  # fmt: skip
         trials = [
-            Trial(t.name, t.strategy, t.seed, t.recipe.model_copy(update=runs_root))
+            Trial(t.name, t.strategy, t.seed, with_early_stop(t.recipe.model_copy(update=runs_root), sweep, t.name))
             for t in sweep_trials(sweep, per_strategy)
         ]
         slots = trial_slots(sweep, trials[0].recipe, len(trials))
@@ -278,7 +255,8 @@ def run_sweep(
         ray_map = make_ray_map(max_retries=1, num_cpus=0, console=bars, max_in_flight=slots, progress_dir=sweep_dir)
         rows = ray_map(trial_task, trials, desc="trials")
         for trial, row in zip(trials, rows, strict=True):
-            log(f"[{trial.name}] kept {row.kept}/{row.pool}, zero-shot top-1 {row.zeroshot_top1:.3f}")
+            stopped = f" (stopped early at step {row.stopped_at_step})" if row.stopped_at_step else ""
+            log(f"[{trial.name}] kept {row.kept}/{row.pool}, zero-shot top-1 {row.zeroshot_top1:.3f}{stopped}")
         summaries = summarise(rows)
         paths = write_table(rows, summaries, sweep_dir / "results")
         paths.append(write_best_recipe(summaries, per_strategy, sweep_dir / "results" / "best_recipe.yaml"))

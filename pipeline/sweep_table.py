@@ -31,6 +31,7 @@ class StrategyRow:
     seed: int = 0
     started: float = 0.0  # the trial's wall-clock interval (time.time())
     ended: float = 0.0
+    stopped_at_step: int = 0  # stopped early by the sweep's early stopping (0: trained to the end)
 
     @property
     def kept_fraction(self) -> float:
@@ -49,9 +50,10 @@ class Spread:
 @dataclass
 class StrategySummary:
     strategy: str
-    seeds: int
+    seeds: int  # trials trained to the end: the figures are theirs
     kept_fraction: float
     metrics: dict[str, Spread]
+    stopped: int = 0  # trials stopped early; when no trial went to the end, the figures are theirs
 
     def differs(self, other: StrategySummary, metric: str) -> bool:
         """Whether the means differ by more than the two spreads together (never with one seed)."""
@@ -60,31 +62,38 @@ class StrategySummary:
 
 
 def summarise(rows: list[StrategyRow]) -> list[StrategySummary]:
-    """Per strategy, in the order strategies first appear."""
+    """Per strategy, in the order strategies first appear. Trials stopped early are counted apart and
+    left out of the means (they had less compute), unless no trial of the strategy went to the end."""
     by_strategy: dict[str, list[StrategyRow]] = {}
     for row in rows:
         by_strategy.setdefault(row.strategy, []).append(row)
     summaries = []
     for strategy, runs in by_strategy.items():
+        full = [r for r in runs if not r.stopped_at_step]
+        counted = full or runs
         spreads = {}
         for metric in METRICS:
-            values = [getattr(r, metric) for r in runs]
+            values = [getattr(r, metric) for r in counted]
             spreads[metric] = Spread(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
         kept = statistics.fmean(r.kept_fraction for r in runs)
-        summaries.append(StrategySummary(strategy, len(runs), kept, spreads))
+        summaries.append(StrategySummary(strategy, len(full), kept, spreads, stopped=len(runs) - len(full)))
     return summaries
 
 
 def markdown(summaries: list[StrategySummary]) -> str:
     """The per-strategy table; `*` marks a mean that differs from the first strategy's by more than the spread."""
-    header = ["strategy", "seeds", "kept_fraction", *METRICS]
+    stops = any(s.stopped for s in summaries)
+    header = ["strategy", "seeds", "kept_fraction", *METRICS, *(["stopped_early"] if stops else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     baseline = summaries[0]
     for s in summaries:
         cells = [f"{s.metrics[m]}{'*' if s is not baseline and s.differs(baseline, m) else ''}" for m in METRICS]
+        cells += [str(s.stopped)] if stops else []
         lines.append(f"| {s.strategy} | {s.seeds} | {s.kept_fraction:.3f} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"mean ± std over seeds; * differs from '{baseline.strategy}' by more than both spreads together")
+    if stops:
+        lines.append("stopped_early: trials the sweep's early stopping ended (left out of the means unless all were)")
     return "\n".join(lines) + "\n"
 
 

@@ -15,10 +15,16 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 
 DRIVER_LOG = "driver.log"
+
+
+# the terminal's streams while an `output_to_log` is active: a nested one (a sweep's run inside the
+# sweep's own) keeps the consoles on the terminal instead of on the outer log
+_TERMINAL: dict[int, TextIO] = {}
 
 
 @contextmanager
@@ -29,10 +35,12 @@ def output_to_log(log_dir: Path, consoles: Sequence[Console]) -> Iterator[Path]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    terminal = {fd: os.fdopen(os.dup(saved[fd]), "w", buffering=1) for fd in (1, 2)}
+    outermost = not _TERMINAL
+    if outermost:
+        _TERMINAL.update({fd: os.fdopen(os.dup(saved[fd]), "w", buffering=1) for fd in (1, 2)})
     previous = [console.file for console in consoles]
     for console in consoles:
-        console.file = terminal[2 if console.stderr else 1]
+        console.file = _TERMINAL[2 if console.stderr else 1]
     with path.open("ab") as log:
         for fd in (1, 2):
             os.dup2(log.fileno(), fd)
@@ -46,8 +54,10 @@ def output_to_log(log_dir: Path, consoles: Sequence[Console]) -> Iterator[Path]:
             os.close(saved[fd])
         for console, file in zip(consoles, previous, strict=True):
             console.file = file
-        for file in terminal.values():
-            file.close()
+        if outermost:
+            for file in _TERMINAL.values():
+                file.close()
+            _TERMINAL.clear()
 
 
 def link_ray_logs(log_dir: Path) -> None:

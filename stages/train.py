@@ -43,6 +43,7 @@ from pipeline.stage import (
     StageOutputs,
     earlier_source,
 )
+from stages.early_stop import EarlyStopConfig, decide, record_stop, stopped_early
 from stages.mlflow_sink import MlflowSink
 
 STATE_FILE = "state.pt"
@@ -132,6 +133,9 @@ class TrainConfig(StrictModel):
     seed: int = 0
     stop_at_step: int | None = Field(None, gt=0, description="stop early at this checkpoint step (staged runs)")
     max_failures: int = Field(1, ge=0, description="worker failures Ray Train recovers from")
+    early_stop: EarlyStopConfig | None = Field(
+        None, description="set by a sweep with early_stopping: stop when the zero-shot curve falls behind"
+    )
 
     @model_validator(mode="after")
     def _batch_fits(self) -> TrainConfig:
@@ -260,6 +264,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import logging
 
     import ray.train
+    import ray.train.collective
     import ray.train.torch
     import torch
     from open_clip.loss import ClipLoss, SigLipLoss
@@ -317,6 +322,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     progress = ProgressWriter(log_path.parent)  # what `pipeline status` shows while this trains
     stop = min(config.total_steps, config.stop_at_step or config.total_steps)
+    early = stopped_early(log_path.parent)  # stopped by the sweep before a restart or a resume from an older checkpoint
+    stop = min(stop, early["step"]) if early else stop
     per_worker = config.micro_batch * config.accum_freq
     every = config.checkpoint_every_steps
     window_started, data_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -366,9 +373,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if rank == 0:
                     _log_step(log_path, client, tracking, step, metrics, progress, config.total_steps)
                 window_started, data_wait, window_steps = time.perf_counter(), 0.0, 0
-        if scorer is not None and scorer.due(step):
-            scorer.score(core, step, client, tracking)
+        scores = scorer.score(core, step, client, tracking) if scorer is not None and scorer.due(step) else {}
         _report(core, optimizer, config, step, metrics, rank, client, tracking)
+        if config.early_stop is not None and zeroshot_due(config, step) and step < stop:
+            verdict = _early_stop_verdict(config, step, scores) if rank == 0 else None
+            verdict = ray.train.collective.broadcast_from_rank_zero(verdict)  # every worker acts on rank 0's
+            if verdict["error"]:
+                raise RuntimeError(f"train: early stopping at step {step}: {verdict['error']}")
+            if verdict["reason"]:
+                if rank == 0:
+                    record_stop(log_path.parent, step, verdict["reason"])
+                break
+
+
+def _early_stop_verdict(config: TrainConfig, step: int, scores: dict) -> dict:
+    """Rank 0's decision, or the error it met instead: the other workers wait in the broadcast for one."""
+    try:
+        return {"reason": decide(config.early_stop, step, scores[config.early_stop.metric]), "error": None}
+    except (OSError, KeyError, ValueError) as err:
+        return {"reason": None, "error": f"{type(err).__name__}: {err}"}
+
+
+def zeroshot_due(config: TrainConfig, step: int) -> bool:
+    """Whether training scores zero-shot at this step: every `zeroshot_frequency` checkpoints, and at the end."""
+    if not config.zeroshot_frequency or not config.zeroshot_eval_dir:
+        return False
+    interval = -(-step // config.checkpoint_every_steps)
+    return interval % config.zeroshot_frequency == 0 or step == config.total_steps
 
 
 class ZeroShotDuringTraining:
@@ -382,11 +413,7 @@ class ZeroShotDuringTraining:
         self.path = stage_dir / ZEROSHOT_FILE
 
     def due(self, step: int) -> bool:
-        c = self.config
-        if not c.zeroshot_frequency or not c.zeroshot_eval_dir:
-            return False
-        interval = -(-step // c.checkpoint_every_steps)
-        return interval % c.zeroshot_frequency == 0 or step == c.total_steps
+        return zeroshot_due(self.config, step)
 
     def score(self, model, step: int, client, tracking: Tracking | None) -> dict[str, float]:
         from stages.evaluate import EvaluateConfig, encode_eval_set, score_model
@@ -512,18 +539,24 @@ def run_train(
     for line in resume.fallback_lines():
         log(line)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    for log in (LOG_FILE, ZEROSHOT_FILE):
-        _trim_log(stage_dir / log, resume.step)
+    for name in (LOG_FILE, ZEROSHOT_FILE):
+        _trim_log(stage_dir / name, resume.step)
     stop = min(config.total_steps, config.stop_at_step or config.total_steps)
+    early = stopped_early(stage_dir)  # an earlier attempt was stopped by the sweep's early stopping
+    stop = early["step"] if early else stop
     if resume.folder is not None and resume.step >= stop:
         final = resume.folder  # killed after the last checkpoint but before the manifest: nothing left to train
     else:
         final = _fit(shards, config, stage_dir, storage, resume.folder, tracking, stop)
+        early = stopped_early(stage_dir)
+        stop = early["step"] if early else stop
+    if early:
+        log(f"train: stopped early at step {early['step']} of {config.total_steps}: {early['reason']}")
     step = _recorded_step(final)
     if step != stop:
         raise RuntimeError(f"train: the last complete checkpoint is step {step}, expected {stop} ({final})")
     model_dir = _export_model(final, config.model, stage_dir / "model")
-    _remove_other_checkpoints(storage, keep=final, finished=stop == config.total_steps)
+    _remove_other_checkpoints(storage, keep=final, finished=stop == config.total_steps or early is not None)
     if tracking is not None:
         sink = MlflowSink(tracking.uri)
         sink.call("set_tag", tracking.run_id, "resumed_from", str(resume.folder or ""))
@@ -545,6 +578,7 @@ def run_train(
             "steps": float(step),
             "samples_seen": float(step * config.step_batch),
             "resumed_from_step": float(resume.step),  # the step whose weights were actually loaded
+            "stopped_early_at_step": float(early["step"] if early else 0),
             "fit_samples_per_second": step * config.step_batch / seconds,
         },
     )
@@ -563,8 +597,9 @@ def _fit(
 
     # Ray Train's controller polls its workers every 2 s by default and notices the start and the end
     # of a run only at a poll; 1 s takes ~3 s off every fit and is still one call per worker a second.
-    # The driver's value is what Ray Train hands its controller: a local Ray's own (pipeline.runtime)
-    # comes from the job's environment. A value the user set wins.
+    # The driver's value is what Ray Train hands its controller: a Ray the run started on its own machine
+    # has its value in this process's environment already (pipeline.runtime), a Ray Job's driver in
+    # the job's runtime env. A value the user set wins.
     from pipeline.runtime import HEALTH_CHECK
 
     job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
@@ -607,7 +642,8 @@ def _fit(
     else:
         final = choose_checkpoint(storage).folder
     reached = _recorded_step(final) if final is not None else 0
-    if reached < stop or trainer.interrupted:  # Ctrl-C near the end still stops the run
+    early = stopped_early(stage_dir)  # this fit's own stop, or an earlier one (then `stop` is at it already)
+    if reached < min(stop, early["step"] if early else stop) or trainer.interrupted:  # Ctrl-C near the end too
         raise KeyboardInterrupt(f"train: interrupted at step {reached} of {stop}")
     return final
 

@@ -15,7 +15,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from pipeline.config import Recipe, load_recipe  # noqa: E402
-from pipeline.runtime import local_worker_env  # noqa: E402
+from pipeline.runtime import export_local_worker_env  # noqa: E402
 from pipeline.serve import serve_directory  # noqa: E402
 from stages.demo_pool import DemoPoolConfig, generate_pool  # noqa: E402
 
@@ -26,12 +26,12 @@ def ray_cluster():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    export_local_worker_env()  # as a run that starts its own Ray does
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         _temp_dir=temp_dir,
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": local_worker_env()},
     )
     yield
     ray.shutdown()

@@ -121,3 +121,32 @@ def status_states(status_output: str) -> dict[str, str]:
     """stage -> state, from `pipeline status`'s table."""
     rows = [line.split("│") for line in status_output.splitlines() if line.startswith("│")]
     return {row[1].strip(): row[2].strip() for row in rows if row[1].strip()}
+
+
+NESTED_QUIET = """
+import sys
+from pathlib import Path
+from rich.console import Console
+from pipeline.terminal import output_to_log
+out, err, root = Console(), Console(stderr=True), Path(sys.argv[1])
+with output_to_log(root / "sweep", [out, err]):
+    print("ray noise in the sweep")
+    with output_to_log(root / "run", [out, err]):
+        print("ray noise in the run", flush=True)
+        out.print("stage line")
+        err.print("progress bar")
+    out.print("table")
+print("after")
+"""
+
+
+def test_a_quiet_run_inside_a_quiet_sweep_keeps_the_consoles_on_the_terminal(tmp_path):
+    """A sweep keeps Ray's lines in its own log and each run in its own, while the consoles of both
+    still reach the terminal (an inner redirect must not send them to the outer log)."""
+    done = subprocess.run(
+        [sys.executable, "-c", NESTED_QUIET, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["stage line", "table", "after"] and done.stderr.splitlines() == ["progress bar"]
+    assert (tmp_path / "sweep" / "driver.log").read_text() == "ray noise in the sweep\n"
+    assert (tmp_path / "run" / "driver.log").read_text() == "ray noise in the run\n"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlflow
 import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_recipe
-from pipeline.sweep import load_sweep, run_sweep, sweep_recipes
+from pipeline.sweep import run_sweep, sweep_recipes
+from pipeline.sweep_config import load_sweep
 from tests.conftest import fast_filter_overrides, small_demo_overrides
 
 
@@ -132,7 +134,8 @@ def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, 
 def test_seeds_make_trials_and_the_table_reports_the_spread(tmp_path):
     """Without Ray: `sweep.seeds` from --set, one trial per strategy and seed, mean ± std per strategy,
     and a difference marked only when it exceeds both spreads."""
-    from pipeline.sweep import apply_sweep_overrides, sweep_plan, sweep_trials
+    from pipeline.sweep import sweep_plan, sweep_trials
+    from pipeline.sweep_config import apply_sweep_overrides
     from pipeline.sweep_table import StrategyRow, markdown, summarise
 
     sweep = load_sweep(_sweep_file(tmp_path, {"none": [], "dedupe": [{"name": "dedupe"}]}))
@@ -167,3 +170,101 @@ def test_seeds_make_trials_and_the_table_reports_the_spread(tmp_path):
     assert "| far | 3 | 0.500 | 0.310 ± 0.010* |" in table and "| close | 3 | 0.500 | 0.150 ± 0.020 |" in table
     single = summarise([row("none", 0.1, 0), row("far", 0.9, 0)])
     assert not single[1].differs(single[0], "zeroshot_top1")  # one seed: no spread, no claim
+
+
+def test_open_parameters_become_one_strategy_per_setting(tmp_path):
+    """Without Ray: `{grid: [...]}` tries each value, `{search: [lo, hi]}` draws `search_points` seeded
+    values; every combination is a strategy named after its values; bad specs fail on load in one line."""
+    from pipeline.sweep import sweep_plan
+    from pipeline.sweep_config import apply_sweep_overrides, settled_strategies
+
+    open_steps = [
+        {"name": "clip_score", "top_fraction": {"search": [0.3, 0.9]}},
+        {"name": "aesthetic", "threshold": {"grid": [4, 6]}},
+    ]
+    sweep = load_sweep(_sweep_file(tmp_path, {"none": [], "cut": open_steps}))
+    settled, notes = settled_strategies(sweep)
+    fractions = sorted({s[0].top_fraction for n, s in settled.items() if n != "none"})
+    assert len(fractions) == 4  # search_points defaults to 4: one drawn in each quarter of the range
+    assert all(0.3 + 0.15 * k <= f <= 0.3 + 0.15 * (k + 1) for k, f in enumerate(fractions)), fractions
+    assert len(settled) == 1 + 4 * 2  # every fraction with every threshold
+    name = f"cut-top_fraction={fractions[0]:g}-threshold=4"
+    assert settled[name][0].top_fraction == fractions[0] and settled[name][1].threshold == 4
+    assert "cut: clip_score.top_fraction, search [0.3, 0.9], 4 random point(s) (seed 0)" in notes[0]
+    assert settled_strategies(load_sweep(_sweep_file(tmp_path, {"none": [], "cut": open_steps})))[0].keys() == (
+        settled.keys()
+    )  # the same draws on every load: a resumed sweep finds its trials' folders
+    more, _ = apply_sweep_overrides(sweep, ["sweep.search_points=6", "sweep.search_seed=1"])
+    drawn = {s[0].top_fraction for n, s in settled_strategies(more)[0].items() if n != "none"}
+    assert len(drawn) == 6 and drawn != set(fractions)
+    _, per_strategy = sweep_recipes(sweep, [f"output_dir={tmp_path}"])
+    assert per_strategy[name].filter.strategy[1].threshold == 4
+    plan = sweep_plan(sweep, [f"output_dir={tmp_path}"])
+    assert "then 9 trials (9 strategies x 1 seed(s))" in plan[0]
+    assert any(line.startswith("open parameter cut: aesthetic.threshold, grid of 2: 4, 6") for line in plan)
+    integer = {"none": [], "n": [{"name": "metaclip_balance", "t": {"search": [2, 9]}, "words": ["cat"]}]}
+    whole = settled_strategies(load_sweep(_sweep_file(tmp_path, integer)))[0]
+    assert all(s[0].t == int(s[0].t) and 2 <= s[0].t <= 9 for s in whole.values() if s)  # integer bounds: integers
+    assert all(re.fullmatch(r"n-t=\d", n) for n in whole if n != "none"), list(whole)
+    for strategies, message in [
+        ({"x": [{"name": "clip_score", "top_fraction": {"search": [0.9, 0.3]}}]}, "search takes [low, high]"),
+        ({"x": [{"name": "clip_score", "top_fraction": {"grid": []}}]}, "grid takes a non-empty list"),
+        ({"x": [{"name": "clip_score", "top_fraction": {"grid": [0.5], "search": [0, 1]}}]}, "one key, grid or search"),
+        ({"x": [{"name": "clip_score", "top_fraction": {"grid": [1.5]}}]}, "strategies.x-top_fraction=1.5.0"),
+        ({"../up": []}, "it names a folder"),
+        ({"results": []}, "none of early_stop, results, shared, trials"),
+        (
+            {"x": [{"name": "clip_score", "top_fraction": {"grid": [1], 2: 3}}]},
+            "one key, grid or search (got ['2', 'grid'])",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            load_sweep(_sweep_file(tmp_path, strategies))
+        assert "\n" not in str(err.value)
+    presets = load_sweep(_sweep_file(tmp_path, {"none": [], "l": "laion2b"}))  # a preset name as the strategy
+    assert [s.name for s in settled_strategies(presets)[0]["l"]] == ["clip_score", "basic"]
+    shipped = load_sweep("demo_search")
+    assert len(settled_strategies(shipped)[0]) == 1 + shipped.search_points
+
+
+def test_early_stopping_cuts_at_the_asha_quantile_and_the_table_sets_stopped_trials_apart(tmp_path):
+    """Without Ray: the board's rule (Ray Tune's ASHA cutoff) and how a sweep reports stopped trials."""
+    from pipeline.sweep import write_best_recipe
+    from pipeline.sweep_config import EarlyStopping
+    from pipeline.sweep_table import StrategyRow, markdown, summarise
+    from stages.early_stop import EarlyStopConfig, cutoff, decide, rung_of
+
+    def trial(name, **kw):
+        return EarlyStopConfig(board=str(tmp_path / "board"), trial=name, **kw)
+
+    assert decide(trial("a"), 4, 0.30) is None  # rungs at 1, 3, 9, ... (rf 3): step 4 is rung 1's first; a is first
+    assert "0.100 at step 4 is below the cutoff 0.300 (top 1/3 of 1 other trial(s) at rung 1)" in decide(
+        trial("b"), 4, 0.10
+    )
+    assert decide(trial("c"), 4, 0.35) is None
+    assert cutoff([0.1, 0.3, 0.35], 3) == pytest.approx(0.3 + 0.05 / 3)  # the 2/3 quantile: the top third goes on
+    assert decide(trial("d"), 4, 0.31) is not None  # below that quantile of a, b and c
+    assert cutoff([0.1, 0.3, 0.35, 0.31], 2) == pytest.approx(0.305)
+    assert decide(trial("a"), 6, 0.0) is None  # rung 1 judged a at step 4 already
+    assert decide(trial("b"), 9, 0.0) is None  # the first at rung 2
+    assert [rung_of(trial("x"), step) for step in (1, 2, 3, 8, 9, 26, 27)] == [0, 0, 1, 1, 2, 2, 3]
+    assert [rung_of(trial("x", min_step=8, reduction_factor=2), step) for step in (7, 8, 15, 16)] == [None, 0, 0, 1]
+    assert decide(trial("f", min_step=8), 4, 0.0) is None  # before the first rung nothing stops
+    assert sorted(p.stem for p in (tmp_path / "board" / "rung_1").iterdir()) == list("abcd")
+
+    def row(strategy, top1, seed, stopped=0):
+        return StrategyRow(strategy, 50, 100, top1, 0.5, 0.2, 0.2, seed=seed, stopped_at_step=stopped)
+
+    rows = [row("none", 0.10, 0), row("none", 0.12, 1), row("cut", 0.30, 0), row("cut", 0.02, 1, stopped=2)]
+    rows += [row("bad", 0.50, 0, stopped=2), row("bad", 0.40, 1, stopped=2)]
+    none, cut, bad = summarise(rows)
+    assert (cut.seeds, cut.stopped, cut.metrics["zeroshot_top1"].mean) == (1, 1, pytest.approx(0.30))
+    assert (bad.seeds, bad.stopped) == (0, 2) and not bad.differs(none, "zeroshot_top1")
+    table = markdown([none, cut, bad])
+    assert "| cut | 1 | 0.500 | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.200 ± 0.000 | 0.200 ± 0.000 | 1 |" in table
+    recipes = {name: load_recipe("demo", [f"output_dir={tmp_path}"]) for name in ("none", "cut", "bad")}
+    best = write_best_recipe([none, cut, bad], recipes, tmp_path / "best.yaml").read_text()
+    assert best.startswith("# 'cut'")  # 'bad' scored higher, but only on less compute
+    sweep = load_sweep(_sweep_file(tmp_path, {"none": []}))
+    with pytest.raises(ConfigError, match="early_stopping reads the zero-shot curve"):
+        sweep_recipes(sweep.model_copy(update={"early_stopping": EarlyStopping()}), ["train.zeroshot_frequency=0"])

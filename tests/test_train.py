@@ -179,3 +179,40 @@ def test_evaluation_tasks_in_clip_benchmark_layout_and_at_another_resolution(tin
     model, transform, _ = clip_models.load(Path(tiny_model), image_size=96)
     assert model.visual.image_size == (96, 96) and transform.transforms[0].size == 96
     assert 0 <= at_96["zeroshot_top1"] <= 1 and at_96 != metrics
+
+
+def test_a_trial_behind_the_others_at_a_checkpoint_stops_there_on_every_worker(
+    ray_cluster, shards, served_pool, tmp_path
+):
+    """The sweep's early stopping inside a real fit on 2 workers: another trial already scored 1.0 at
+    step 2 on the board, so this one (an untrained model) is behind it there and both workers stop at
+    step 2; the stage finishes with that checkpoint and says why; a rerun trains nothing more."""
+    from stages.early_stop import EarlyStopConfig, decide
+
+    pool_dir, _ = served_pool
+    board = tmp_path / "board"
+    leader = EarlyStopConfig(board=str(board), trial="leader", reduction_factor=2)
+    assert decide(leader, 2, 1.0) is None  # first at rung 1 (steps 2-3 with rf 2): nothing to compare with
+    stop = EarlyStopConfig(board=str(board), trial="behind", reduction_factor=2)
+    config = CONFIG.model_copy(
+        update={"zeroshot_frequency": 1, "zeroshot_eval_dir": str(pool_dir / "eval"), "early_stop": stop}
+    )
+    lines: list[str] = []
+    manifest = run_train(*shards, config, tmp_path / "train", log=lines.append)
+    assert manifest.metrics["steps"] == 2 and manifest.metrics["stopped_early_at_step"] == 2
+    assert manifest.metrics["samples_seen"] == 64 and manifest.kept == manifest.in_count
+    assert (
+        len(lines) == 1
+        and "stopped early at step 2 of 6: zeroshot_top1" in lines[0]
+        and "below the cutoff 1.000" in lines[0]
+    )
+    assert [json.loads(line)["step"] for line in (tmp_path / "train" / "train_log.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+    ]
+    assert json.loads((board / "rung_1" / "behind.json").read_text())["score"] < 1.0
+    model, _, _ = clip_models.load(Path(manifest.outputs["model"]))
+    assert isinstance(model, torch.nn.Module)
+    attempts = sorted((tmp_path / "train" / "ray").iterdir())
+    again = run_train(*shards, config, tmp_path / "train", log=lines.append)  # a resumed sweep's rerun
+    assert again.metrics["steps"] == 2 and sorted((tmp_path / "train" / "ray").iterdir()) == attempts
