@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from pipeline.atomic import PARTIAL_SUFFIX, Partial, atomic_path, remove_partials, write_text
+from pipeline.config import load_recipe
+from pipeline.orchestrator import run_pipeline
 from stages.train import STATE_FILE, STEP_FILE, choose_checkpoint
 from tests.benchmark_modules import load_benchmark
 from tests.test_cli import assert_quiet, cli, status_states
@@ -78,7 +80,7 @@ def test_resume_passes_over_torn_checkpoints_to_the_newest_complete_one(tmp_path
     assert nothing.folder is None and nothing.step == 0 and "the start" in nothing.fallback_lines()[0]
 
 
-def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninterrupted_run(tmp_path):
+def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninterrupted_run(ray_cluster, tmp_path):
     """Killed at the three writer events (a shard, a checkpoint, an MLflow upload caught mid-write) on
     the chain without models, then resumed; the download's resume skips the shards already finished.
     The checkpoint is caught by Ctrl-C, as a user presses it in a terminal: the console, `pipeline
@@ -99,10 +101,17 @@ def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninter
                 ["manifest.json"] if (download / "manifest.json").exists() else []
             )
 
+    # the uninterrupted reference: the same chain and overrides, run in this process on the suite's Ray
+    # (a CLI process would add only its start-up); the soaked runs are CLI processes with Ray of their own
+    port = soak.free_port()
+    overrides = soak.soak_overrides(tmp_path / "reference", str(tmp_path / "unused"), port, soak.MODEL_FREE)
+    run_pipeline(load_recipe("demo", overrides), run_name=soak.RUN, log=lambda m: None)
+    reference = tmp_path / "reference" / soak.RUN
+    soak.drop_bulk(reference)
     signals = {"shard_write": "KILL", "checkpoint_persist": "INT", "artifact_upload": "KILL"}
     report = soak.soak(
-        kills=3, seed=1, workdir=tmp_path, log=lines.append, stages=soak.MODEL_FREE, signals=signals,
-        after_kill=look_after_kill,
+        kills=3, seed=1, workdir=tmp_path, reference=reference, log=lines.append, stages=soak.MODEL_FREE,
+        signals=signals, after_kill=look_after_kill,
     )  # fmt: skip
     killed = [a for a in report.attempts if a.killed]
     assert report.failed_resumes == 0, "\n".join(lines)
@@ -145,7 +154,6 @@ def test_random_kill_soak_every_resume_succeeds_and_the_result_equals_an_uninter
 
 
 def test_runs_a_killed_process_left_running_are_closed_on_resume(tmp_path):
-    from pipeline.config import load_recipe
     from pipeline.tracking import Tracker
 
     recipe = load_recipe("demo", [f"output_dir={tmp_path / 'runs'}"])
