@@ -71,6 +71,15 @@ def decide(config: EarlyStopConfig, step: int, score: float) -> str | None:
     )
 
 
+def verdict(config: EarlyStopConfig, step: int, scores: dict) -> dict:
+    """Rank 0's decision (`reason`: why it stops, or None), or the error it met instead: the other
+    workers wait in a broadcast for one, so an error must reach them as an answer, not as silence."""
+    try:
+        return {"reason": decide(config, step, scores[config.metric]), "error": None}
+    except (OSError, KeyError, ValueError) as err:
+        return {"reason": None, "error": f"{type(err).__name__}: {err}"}
+
+
 def record_stop(stage_dir: Path, step: int, reason: str) -> None:
     write_json(stage_dir / DECISION_FILE, {"step": step, "reason": reason})
 
@@ -79,3 +88,10 @@ def stopped_early(stage_dir: Path) -> dict | None:
     """{"step", "reason"} when this training was stopped early, else None."""
     path = stage_dir / DECISION_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def last_step(stage_dir: Path, stop: int) -> int:
+    """Where training ends: `stop`, or the step it was stopped early at (a restart, or a resume from
+    an older checkpoint, must end there too)."""
+    early = stopped_early(stage_dir)
+    return min(stop, early["step"]) if early else stop

@@ -43,7 +43,7 @@ from pipeline.stage import (
     StageOutputs,
     earlier_source,
 )
-from stages.early_stop import EarlyStopConfig, decide, record_stop, stopped_early
+from stages.early_stop import EarlyStopConfig, last_step, record_stop, stopped_early, verdict
 from stages.mlflow_sink import MlflowSink
 
 STATE_FILE = "state.pt"
@@ -321,9 +321,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ZeroShotDuringTraining(config, preprocess_eval, tokenizer, log_path.parent, str(device)) if rank == 0 else None
     )
     progress = ProgressWriter(log_path.parent)  # what `pipeline status` shows while this trains
-    stop = min(config.total_steps, config.stop_at_step or config.total_steps)
-    early = stopped_early(log_path.parent)  # stopped by the sweep before a restart or a resume from an older checkpoint
-    stop = min(stop, early["step"]) if early else stop
+    stop = last_step(log_path.parent, min(config.total_steps, config.stop_at_step or config.total_steps))
     per_worker = config.micro_batch * config.accum_freq
     every = config.checkpoint_every_steps
     window_started, data_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -376,22 +374,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scores = scorer.score(core, step, client, tracking) if scorer is not None and scorer.due(step) else {}
         _report(core, optimizer, config, step, metrics, rank, client, tracking)
         if config.early_stop is not None and zeroshot_due(config, step) and step < stop:
-            verdict = _early_stop_verdict(config, step, scores) if rank == 0 else None
-            verdict = ray.train.collective.broadcast_from_rank_zero(verdict)  # every worker acts on rank 0's
-            if verdict["error"]:
-                raise RuntimeError(f"train: early stopping at step {step}: {verdict['error']}")
-            if verdict["reason"]:
+            decided = verdict(config.early_stop, step, scores) if rank == 0 else None
+            decided = ray.train.collective.broadcast_from_rank_zero(decided)  # every worker acts on rank 0's
+            if decided["error"]:
+                raise RuntimeError(f"train: early stopping at step {step}: {decided['error']}")
+            if decided["reason"]:
                 if rank == 0:
-                    record_stop(log_path.parent, step, verdict["reason"])
+                    record_stop(log_path.parent, step, decided["reason"])
                 break
-
-
-def _early_stop_verdict(config: TrainConfig, step: int, scores: dict) -> dict:
-    """Rank 0's decision, or the error it met instead: the other workers wait in the broadcast for one."""
-    try:
-        return {"reason": decide(config.early_stop, step, scores[config.early_stop.metric]), "error": None}
-    except (OSError, KeyError, ValueError) as err:
-        return {"reason": None, "error": f"{type(err).__name__}: {err}"}
 
 
 def zeroshot_due(config: TrainConfig, step: int) -> bool:
@@ -541,15 +531,14 @@ def run_train(
     stage_dir.mkdir(parents=True, exist_ok=True)
     for name in (LOG_FILE, ZEROSHOT_FILE):
         _trim_log(stage_dir / name, resume.step)
-    stop = min(config.total_steps, config.stop_at_step or config.total_steps)
-    early = stopped_early(stage_dir)  # an earlier attempt was stopped by the sweep's early stopping
-    stop = early["step"] if early else stop
+    # an earlier attempt may have been stopped by the sweep's early stopping
+    stop = last_step(stage_dir, min(config.total_steps, config.stop_at_step or config.total_steps))
     if resume.folder is not None and resume.step >= stop:
         final = resume.folder  # killed after the last checkpoint but before the manifest: nothing left to train
     else:
         final = _fit(shards, config, stage_dir, storage, resume.folder, tracking, stop)
-        early = stopped_early(stage_dir)
-        stop = early["step"] if early else stop
+        stop = last_step(stage_dir, stop)  # or this fit's own stop
+    early = stopped_early(stage_dir)
     if early:
         log(f"train: stopped early at step {early['step']} of {config.total_steps}: {early['reason']}")
     step = _recorded_step(final)
@@ -642,8 +631,7 @@ def _fit(
     else:
         final = choose_checkpoint(storage).folder
     reached = _recorded_step(final) if final is not None else 0
-    early = stopped_early(stage_dir)  # this fit's own stop, or an earlier one (then `stop` is at it already)
-    if reached < min(stop, early["step"] if early else stop) or trainer.interrupted:  # Ctrl-C near the end too
+    if reached < last_step(stage_dir, stop) or trainer.interrupted:  # Ctrl-C near the end still stops the run
         raise KeyboardInterrupt(f"train: interrupted at step {reached} of {stop}")
     return final
 
