@@ -42,6 +42,7 @@ from pipeline.tracking import Tracker, metric_key
 from stages.early_stop import EarlyStopConfig
 from stages.evaluate import Evaluate, EvaluateOutputs
 from stages.filter import Filter
+from stages.subset import Subset
 from stages.train import Train
 
 
@@ -65,6 +66,8 @@ def sweep_recipes(sweep: SweepConfig, overrides: list[str]) -> tuple[Recipe, dic
         raise ConfigError(
             f"sweep '{sweep.name}': early_stopping reads the zero-shot curve: set train.zeroshot_frequency"
         )
+    if sweep.materialise_best and Subset.name not in base.stages:
+        raise ConfigError(f"sweep '{sweep.name}': materialise_best writes a subset, but the base recipe has no subset")
     varying = downstream(build_stages(base, check=False), {Filter.name})  # the strategy's stage and all that read it
     shared = base.model_copy(update={"stages": [s for s in base.stages if s not in varying]})
     per_strategy = {}
@@ -76,14 +79,18 @@ def sweep_recipes(sweep: SweepConfig, overrides: list[str]) -> tuple[Recipe, dic
 
 
 def sweep_trials(sweep: SweepConfig, per_strategy: dict[str, Recipe]) -> list[Trial]:
-    """Seed by seed, every strategy: with fewer slots than trials, each strategy gets its first seed first."""
+    """Seed by seed, every strategy: with fewer slots than trials, each strategy gets its first seed first.
+    A trial writes no copy of the pool (unless `trial_subsets`): its training applies the strategy's
+    decisions to the shared shards as a kept-uid mask (`stages.kept_mask`)."""
     trials = []
     for k in range(sweep.seeds):
         for strategy, recipe in per_strategy.items():
             seed = recipe.train.seed + k
             name = strategy if sweep.seeds == 1 else f"{strategy}-seed{seed}"
-            train = recipe.train.model_copy(update={"seed": seed})
-            trials.append(Trial(name, strategy, seed, recipe.model_copy(update={Train.name: train})))
+            update = {Train.name: recipe.train.model_copy(update={"seed": seed})}
+            if not sweep.trial_subsets:
+                update["stages"] = [s for s in recipe.stages if s != Subset.name]
+            trials.append(Trial(name, strategy, seed, recipe.model_copy(update=update)))
     return trials
 
 
@@ -122,13 +129,15 @@ def sweep_plan(sweep: SweepConfig, overrides: list[str]) -> list[str]:
     trials = sweep_trials(sweep, per_strategy)
     train, need = shared.train, training_resources(trials[0].recipe)
     gpus = f" and {need.actors * need.gpus:g} GPU(s)" if need.gpus else ""
+    masked = Subset.name in per_strategy[trials[0].strategy].stages and not sweep.trial_subsets
+    mask_note = " (training reads the shared shards through a kept-uid mask: no copy of the pool)" if masked else ""
     at_once = (
         f"{min(sweep.concurrent_trials, len(trials))}" if sweep.concurrent_trials else "as many as the cluster holds"
     )
     lines = [
         f"sweep '{sweep.name}': shared stages {', '.join(shared.stages)} once, then {len(trials)} trials "
         f"({len(per_strategy)} strategies x {sweep.seeds} seed(s))",
-        f"each trial: {', '.join(s for s in per_strategy[trials[0].strategy].stages if s not in shared.stages)}; "
+        f"each trial: {', '.join(s for s in trials[0].recipe.stages if s not in shared.stages)}{mask_note}; "
         f"training on {need.actors * need.cpus:g} CPU(s){gpus}; {at_once} at once",
         f"training budget: {train.samples_seen:,} samples seen per trial, {train.samples_seen * len(trials):,} in all",
         *(f"open parameter {note}" for note in settled_strategies(sweep)[1]),
@@ -166,12 +175,16 @@ def run_trial(trial: Trial, sweep_dir: str, reuse: dict, parent_run_id: str | No
     return row
 
 
-def write_best_recipe(summaries: list[StrategySummary], per_strategy: dict[str, Recipe], path: Path) -> Path:
-    """The recipe of the strategy with the best mean zero-shot top-1, ready for `pipeline run` at a
-    larger scale (its output folder and tracking store are left to that run's defaults)."""
+def best_strategy(summaries: list[StrategySummary]) -> StrategySummary:
+    """The strategy with the best mean zero-shot top-1 among those with a trial trained to the end."""
     finished = [s for s in summaries if s.seeds] or summaries  # trials stopped early had less compute
-    best = max(finished, key=lambda s: s.metrics["zeroshot_top1"].mean)
-    recipe = per_strategy[best.strategy].model_dump(mode="json", exclude={"output_dir", "tracking"})
+    return max(finished, key=lambda s: s.metrics["zeroshot_top1"].mean)
+
+
+def write_best_recipe(best: StrategySummary, recipe: Recipe, path: Path) -> Path:
+    """The best strategy's recipe (with the base recipe's stages, its subset too), ready for `pipeline run`
+    at a larger scale (its output folder and tracking store are left to that run's defaults)."""
+    recipe = recipe.model_dump(mode="json", exclude={"output_dir", "tracking"})
     recipe["description"] = f"best strategy of a sweep: {best.strategy}"
     header = (
         f"# '{best.strategy}': zero-shot top-1 {best.metrics['zeroshot_top1']} over {best.seeds} seed(s), "
@@ -179,6 +192,16 @@ def write_best_recipe(summaries: list[StrategySummary], per_strategy: dict[str, 
     )
     write_text(path, header + yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def materialise(recipe: Recipe, shared: Recipe, runs_root: dict, reuse: dict, parent: str | None, log, consoles):
+    """The best strategy's filtered copy of the pool: its filter and subset, in the sweep's `best` run."""
+    best = recipe.model_copy(update={**runs_root, "stages": [*shared.stages, Filter.name, Subset.name]})
+    log("--- best: its filtered copy of the pool ---")
+    again = (Path(runs_root["output_dir"]) / "best" / "run.json").exists()
+    return run_pipeline(
+        best, run_name="best", resume=again, log=log, reuse=reuse, parent_run_id=parent, consoles=consoles
+    )
 
 
 def result_row(strategy: str, result: RunResult) -> StrategyRow:
@@ -258,8 +281,11 @@ def run_sweep(
             stopped = f" (stopped early at step {row.stopped_at_step})" if row.stopped_at_step else ""
             log(f"[{trial.name}] kept {row.kept}/{row.pool}, zero-shot top-1 {row.zeroshot_top1:.3f}{stopped}")
         summaries = summarise(rows)
+        best = best_strategy(summaries)
         paths = write_table(rows, summaries, sweep_dir / "results")
-        paths.append(write_best_recipe(summaries, per_strategy, sweep_dir / "results" / "best_recipe.yaml"))
+        paths.append(write_best_recipe(best, per_strategy[best.strategy], sweep_dir / "results" / "best_recipe.yaml"))
+        if sweep.materialise_best:
+            materialise(per_strategy[best.strategy], shared, runs_root, reuse, sweep_run, log, consoles)
         for path in paths if sweep_run else []:
             tracker.call("log_artifact", sweep_run, str(path), "results")
         for summary in summaries if sweep_run else []:

@@ -40,6 +40,14 @@ class SweepConfig(StrictModel):
         0, ge=0, description="trials at once; 0: as many as the cluster's CPUs (and GPUs) hold their training"
     )
     early_stopping: EarlyStopping | None = Field(None, description="stop trials whose zero-shot curve falls behind")
+    trial_subsets: bool = Field(
+        False,
+        description="each trial writes its strategy's filtered copy of the pool (subset); "
+        "default: trials train from the shared shards through a kept-uid mask",
+    )
+    materialise_best: bool = Field(
+        False, description="write the best strategy's filtered copy of the pool (filter, subset) under <sweep>/best"
+    )
 
 
 class _SettledStrategies(StrictModel):

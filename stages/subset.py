@@ -49,7 +49,7 @@ def selection(decisions: pa.Table) -> tuple[set[str], dict[str, str]]:
 
 
 class SubsetOutputs(Shards):
-    pass
+    applied: str | None = None  # the decisions these shards were cut by (training applies no mask for them)
 
 
 @dataclass
@@ -82,4 +82,5 @@ class Subset(Stage):
             drop_reasons=reasons,
             default_reason=UNDECIDED,
         )
+        manifest.outputs["applied"] = inputs.decisions.decisions
         return self.finished(manifest)

@@ -33,6 +33,7 @@ from pipeline.manifest import Manifest
 from pipeline.models import StrictModel
 from pipeline.progress import ProgressWriter
 from pipeline.stage import (
+    Decisions,
     MissingInput,
     PlanRow,
     Resources,
@@ -44,6 +45,7 @@ from pipeline.stage import (
     earlier_source,
 )
 from stages.early_stop import EarlyStopConfig, last_step, record_stop, stopped_early, verdict
+from stages.kept_mask import MASK_DIR, KeptMask, write_kept_mask
 from stages.mlflow_sink import MlflowSink
 
 STATE_FILE = "state.pt"
@@ -271,7 +273,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from open_clip_train.scheduler import cosine_lr
 
     from stages import clip_models
-    from stages.train_data import batches
+    from stages.train_data import Mask, batches
     from stages.train_step import backward_step
 
     config = TrainConfig.model_validate(loop_config["train"])
@@ -339,6 +341,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 segment=segment,
                 loader_workers=config.loader_workers,
                 shuffle_buffer=config.shuffle_buffer,
+                mask=Mask(**loop_config["mask"]) if loop_config.get("mask") else None,
             )
         )
         metrics = {}
@@ -514,12 +517,20 @@ def run_train(
     stage_dir: Path,
     tracking: Tracking | None = None,
     log: Callable[[str], None] = print,
+    mask: KeptMask | None = None,
 ) -> Manifest:
-    """Train on `shards` (which hold `n_samples` samples); write the final model to stage_dir/model.
+    """Train on `shards` (which hold `n_samples` samples), or on the samples `mask` keeps of them;
+    write the final model to stage_dir/model.
 
     A rerun resumes from the newest *complete* checkpoint of earlier attempts (see
     `choose_checkpoint`) and says so when a newer one had to be passed over.
     """
+    if mask is not None:
+        if mask.in_count != n_samples:
+            raise RuntimeError(f"train: the shards' tables list {mask.in_count} samples, their stage kept {n_samples}")
+        if not mask.kept:
+            raise ValueError("train: the latest decisions keep none of the samples in its shards")
+        shards = mask.shards
     if not shards:
         raise ValueError("train: no shards to train on")
     started = time.perf_counter()
@@ -536,7 +547,7 @@ def run_train(
     if resume.folder is not None and resume.step >= stop:
         final = resume.folder  # killed after the last checkpoint but before the manifest: nothing left to train
     else:
-        final = _fit(shards, config, stage_dir, storage, resume.folder, tracking, stop)
+        final = _fit(shards, config, stage_dir, storage, resume.folder, tracking, stop, mask)
         stop = last_step(stage_dir, stop)  # or this fit's own stop
     early = stopped_early(stage_dir)
     if early:
@@ -555,7 +566,8 @@ def run_train(
     return Manifest(
         stage="train",
         **{"in": n_samples},
-        kept=n_samples,
+        kept=mask.kept if mask else n_samples,
+        dropped=mask.dropped if mask else {},
         outputs=TrainOutputs(
             model=str(model_dir),
             checkpoint=str(final),
@@ -574,7 +586,14 @@ def run_train(
 
 
 def _fit(
-    shards: list[str], config: TrainConfig, stage_dir: Path, storage: Path, resume: Path | None, tracking, stop: int
+    shards: list[str],
+    config: TrainConfig,
+    stage_dir: Path,
+    storage: Path,
+    resume: Path | None,
+    tracking,
+    stop: int,
+    mask: KeptMask | None = None,
 ) -> Path:
     """One Ray Train run from `resume` (or from scratch); the folder of its final checkpoint.
 
@@ -597,6 +616,7 @@ def _fit(
     loop_config = {
         "train": config.model_dump(),
         "shards": [str(Path(s).absolute()) for s in shards],
+        "mask": {"folder": str(Path(mask.folder).absolute())} if mask else None,
         "resume_path": str(resume) if resume else None,
         "tracking": vars(tracking) if tracking else None,
         "log_path": str(stage_dir / LOG_FILE),
@@ -731,6 +751,8 @@ class TrainOutputs(StageOutputs):
 class TrainInputs:
     shards: Shards  # the latest shards made before training: the subset's, else the download's
     source: SourceOutputs | None = None  # its held-out set, scored during training (zeroshot_frequency)
+    # the latest keep/drop verdicts; applied as a kept-uid mask unless the shards already applied them
+    decisions: Decisions | None = None
 
 
 class Train(Stage):
@@ -791,7 +813,12 @@ class Train(Stage):
         )
         output = str(run_dir / self.name / "model")
         return PlanRow(
-            self.name, "the latest shards (subset, else download)", output, rows, note, self.resources().describe()
+            self.name,
+            "the latest shards (subset, else download through the latest decisions' kept-uid mask)",
+            output,
+            rows,
+            note,
+            self.resources().describe(),
         )
 
     def run(self, ctx: RunContext, inputs: TrainInputs) -> tuple[TrainOutputs, Manifest]:
@@ -803,5 +830,13 @@ class Train(Stage):
         config = self.config
         if config.zeroshot_frequency and not config.zeroshot_eval_dir and inputs.source is not None:
             config = config.model_copy(update={"zeroshot_eval_dir": inputs.source.eval_dir})
-        manifest = run_train(shards, n_samples, config, self.stage_dir(ctx), tracking, log=ctx.log)
+        mask = None
+        decisions = inputs.decisions.decisions if inputs.decisions else None
+        if decisions and decisions != getattr(inputs.shards, "applied", None):
+            mask = write_kept_mask(shards, decisions, self.stage_dir(ctx) / MASK_DIR)
+            ctx.log(
+                f"[{self.name}] {mask.kept:,} of {mask.in_count:,} samples kept by {Path(decisions).parent.name}'s "
+                f"decisions, read from {len(mask.shards):,} of {len(shards):,} shards through a kept-uid mask"
+            )
+        manifest = run_train(shards, n_samples, config, self.stage_dir(ctx), tracking, log=ctx.log, mask=mask)
         return self.finished(manifest)

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_recipe
-from pipeline.sweep import run_sweep, sweep_recipes
-from pipeline.sweep_config import load_sweep
+from pipeline.sweep import run_sweep, sweep_plan, sweep_recipes
+from pipeline.sweep_config import available_sweeps, load_sweep
 from tests.conftest import fast_filter_overrides, small_demo_overrides
 
 
@@ -42,6 +42,16 @@ def test_shipped_sweeps_validate_and_bad_strategies_fail_before_work(tmp_path):
     shared, per_strategy = sweep_recipes(demo, [f"output_dir={tmp_path}"])
     assert "filter" not in shared.stages and "embed" in shared.stages
     assert {r.train.samples_seen for r in per_strategy.values()} == {shared.train.samples_seen}  # equal compute
+    for name in available_sweeps():  # every shipped sweep plans (validated, nothing started)
+        assert sweep_plan(load_sweep(name), [f"output_dir={tmp_path}"])[0].startswith(f"sweep '{name}'")
+    plan = sweep_plan(demo, [f"output_dir={tmp_path}"])
+    assert "each trial: filter, train, evaluate (training reads the shared shards through a kept-uid mask" in plan[1]
+    no_subset = [
+        f"output_dir={tmp_path}",
+        "stages=[demo_pool, download, phash, dedupe, embed, filter, train, evaluate]",
+    ]
+    with pytest.raises(ConfigError, match="materialise_best writes a subset, but the base recipe has no subset"):
+        sweep_recipes(demo.model_copy(update={"materialise_best": True}), no_subset)
     bad = load_sweep(_sweep_file(tmp_path, {"x": [{"name": "aesthetic", "head": "/nope.pt"}]}))
     with pytest.raises(ConfigError, match="head weights not found"):
         sweep_recipes(bad, [f"output_dir={tmp_path}"])
@@ -78,9 +88,14 @@ def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, 
     # shared stages ran once: the strategies' folders have no download/embed of their own
     assert (sweep_dir / "shared" / "embed" / "manifest.json").exists()
     assert not (sweep_dir / "none" / "download").exists() and not (sweep_dir / "none" / "embed").exists()
-    for name in ("none", "dedupe_clip"):
+    downloaded = json.loads((sweep_dir / "shared" / "download" / "manifest.json").read_text())["kept"]
+    for name, row in (("none", none), ("dedupe_clip", filtered)):
         train = json.loads((sweep_dir / name / "train" / "manifest.json").read_text())
         assert train["metrics"]["samples_seen"] == 64  # the same compute for every strategy
+        # no copy of the pool per trial: training read the shared shards through the strategy's mask
+        assert not (sweep_dir / name / "subset").exists() and (sweep_dir / name / "train" / "kept").is_dir()
+        assert train["in"] == downloaded and train["kept"] == row.kept
+        assert train["in"] == train["kept"] + sum(train["dropped"].values())
     assert "| dedupe_clip |" in (sweep_dir / "results" / "results.md").read_text()
     best = max(rows, key=lambda r: r.zeroshot_top1)  # one seed each: the mean is the trial's own
     best_recipe = load_recipe(str(sweep_dir / "results" / "best_recipe.yaml"))  # ready for `pipeline run`
@@ -122,8 +137,11 @@ def test_sweep_runs_strategies_on_shared_stages_and_logs_the_table(ray_cluster, 
     trained = {
         name: (sweep_dir / name / "train" / "manifest.json").stat().st_mtime_ns for name in ("none", "dedupe_clip")
     }
-    again, resumed = run_sweep(sweep, _overrides(tmp_path, tiny_model), resume=True, log=lambda m: None)
+    materialise = sweep.model_copy(update={"materialise_best": True})  # and now the winner's copy, on request
+    again, resumed = run_sweep(materialise, _overrides(tmp_path, tiny_model), resume=True, log=lambda m: None)
     assert again == sweep_dir and [r.zeroshot_top1 for r in resumed] == [r.zeroshot_top1 for r in rows]
+    copied = json.loads((sweep_dir / "best" / "subset" / "manifest.json").read_text())
+    assert copied["kept"] == best.kept and not (sweep_dir / "best" / "train").exists()
     assert trained == {n: (sweep_dir / n / "train" / "manifest.json").stat().st_mtime_ns for n in trained}
     none_log, other_log = ((sweep_dir / "trials" / f"{n}.log").read_text() for n in ("none", "dedupe_clip"))
     assert none_log.count("[evaluate] in=") == 1 and "[evaluate] finished earlier, skipped" in none_log
