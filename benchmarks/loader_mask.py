@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/loader_mask.py --keep 0.1 --json out.json
 
 A sweep's trials train from the shared pool's shards with the strategy's kept uids applied in the
-loader (`stages.kept_mask`); the alternative is a filtered copy of the pool per trial (the subset
+loader (`stages.train.kept_mask`); the alternative is a filtered copy of the pool per trial (the subset
 stage). The work compared is the same on both sides: the same kept samples, decoded, cropped to
-the train transform's size and tokenised by the train stage's loader (`stages.train_data.batches`,
+the train transform's size and tokenised by the train stage's loader (`stages.train.data.batches`,
 one process), the same number of batches, after the same warm-up batches. The mask's side also
 reads the dropped samples' bytes off the tar (1/keep times the bytes of the copy's side) and skips
 them before decoding; that is the cost measured. A first round of each side is not counted (imports,
@@ -36,8 +36,8 @@ def build_pool(root: Path, images: int, size: int, per_shard: int, keep: float, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.kept_mask import write_kept_mask
     from stages.shards import reshard, successful_rows
+    from stages.train.kept_mask import write_kept_mask
 
     shards = [str(p) for p in write_scene_shards(root / "pool", images, size, per_shard)]
     uids = successful_rows(Path(s).with_suffix(".parquet") for s in shards).column("uid").to_pylist()
@@ -55,7 +55,7 @@ def build_pool(root: Path, images: int, size: int, per_shard: int, keep: float, 
 def samples_per_second(shards, mask, args) -> float:
     import open_clip
 
-    from stages.train_data import Mask, batches
+    from stages.train.data import Mask, batches
 
     preprocess = open_clip.image_transform(args.crop, is_train=True)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")

@@ -10,7 +10,7 @@ process with its own run folder, so a killed sweep resumes with its finished tri
 one sweep run, a child run per trial (and for the shared stages), each with its stage runs below
 it; the sweep run holds the results table (mean ± std per strategy) and the accuracy-vs-kept plot.
 A strategy may leave filter parameters open (`pipeline.sweep_search`: each setting becomes a
-strategy), and `early_stopping` stops trials whose zero-shot curve falls behind (`stages.early_stop`).
+strategy), and `early_stopping` stops trials whose zero-shot curve falls behind (`stages.train.early_stop`).
 
 Why Ray tasks and not Ray Tune: a trial is a whole pipeline run whose training is itself a Ray Train
 run that asks the cluster for its own workers; a task with no resources of its own is all a trial's
@@ -39,11 +39,11 @@ from pipeline.sweep_config import SweepConfig, apply_sweep_overrides, settled_st
 from pipeline.sweep_table import StrategyRow, StrategySummary, summarise, write_table
 from pipeline.terminal import run_output
 from pipeline.tracking import Tracker, metric_key
-from stages.early_stop import EarlyStopConfig
 from stages.evaluate import Evaluate, EvaluateOutputs
 from stages.filter import Filter
 from stages.subset import Subset
 from stages.train import Train
+from stages.train.early_stop import EarlyStopConfig
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def sweep_recipes(sweep: SweepConfig, overrides: list[str]) -> tuple[Recipe, dic
 def sweep_trials(sweep: SweepConfig, per_strategy: dict[str, Recipe]) -> list[Trial]:
     """Seed by seed, every strategy: with fewer slots than trials, each strategy gets its first seed first.
     A trial writes no copy of the pool (unless `trial_subsets`): its training applies the strategy's
-    decisions to the shared shards as a kept-uid mask (`stages.kept_mask`)."""
+    decisions to the shared shards as a kept-uid mask (`stages.train.kept_mask`)."""
     trials = []
     for k in range(sweep.seeds):
         for strategy, recipe in per_strategy.items():

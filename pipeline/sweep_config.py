@@ -18,7 +18,7 @@ SWEEPS_PACKAGE = "pipeline.sweeps"
 
 
 class EarlyStopping(StrictModel):
-    """ASHA on the zero-shot curve the train stage scores at its checkpoints (see `stages.early_stop`)."""
+    """ASHA on the zero-shot curve the train stage scores at its checkpoints (see `stages.train.early_stop`)."""
 
     reduction_factor: float = Field(3.0, ge=2, description="a trial goes on only in the top 1/rf at each checkpoint")
     min_step: int = Field(1, ge=1, description="no trial is stopped before this training step")

@@ -82,5 +82,6 @@ class Subset(Stage):
             drop_reasons=reasons,
             default_reason=UNDECIDED,
         )
-        manifest.outputs["applied"] = inputs.decisions.decisions
-        return self.finished(manifest)
+        outputs = SubsetOutputs.model_validate({**manifest.outputs, "applied": inputs.decisions.decisions})
+        manifest.outputs = outputs.as_dict()
+        return outputs, manifest

@@ -35,6 +35,20 @@ def readme_stage_module(tmp_path: Path):
     return module
 
 
+def test_the_layout_rules_hold():
+    """What the self-describing-stages issue asked of the tree: orchestration files stay short, stage
+    outputs are typed (never looked up by string), no source is special-cased in `pipeline/`, and
+    filters stay pure (nothing from `stages/`)."""
+    root = Path(__file__).parents[1]
+    long = [p.name for p in (root / "pipeline").glob("*.py") if len(p.read_text().splitlines()) > 300]
+    assert not long, f"pipeline/ files over 300 lines: {long}"
+    code = [*(root / "pipeline").rglob("*.py"), *(root / "stages").rglob("*.py")]
+    assert not [p.name for p in code if 'outputs["' in p.read_text()]
+    assert not [p.name for p in (root / "pipeline").glob("*.py") if p.name != "cli.py" and '"demo' in p.read_text()]
+    impure = re.compile(r"^\s*(from stages\b|import stages\b)", re.M)
+    assert not [p.name for p in (root / "filters").rglob("*.py") if impure.search(p.read_text())]
+
+
 @pytest.fixture
 def caption_words(tmp_path, monkeypatch):
     """The README stage registered the way the README says: one entry in the list."""

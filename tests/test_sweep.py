@@ -247,10 +247,10 @@ def test_open_parameters_become_one_strategy_per_setting(tmp_path):
 
 def test_early_stopping_cuts_at_the_asha_quantile_and_the_table_sets_stopped_trials_apart(tmp_path):
     """Without Ray: the board's rule (Ray Tune's ASHA cutoff) and how a sweep reports stopped trials."""
-    from pipeline.sweep import write_best_recipe
+    from pipeline.sweep import best_strategy, write_best_recipe
     from pipeline.sweep_config import EarlyStopping
     from pipeline.sweep_table import StrategyRow, markdown, summarise
-    from stages.early_stop import EarlyStopConfig, cutoff, decide, rung_of
+    from stages.train.early_stop import EarlyStopConfig, cutoff, decide, rung_of
 
     def trial(name, **kw):
         return EarlyStopConfig(board=str(tmp_path / "board"), trial=name, **kw)
@@ -280,9 +280,10 @@ def test_early_stopping_cuts_at_the_asha_quantile_and_the_table_sets_stopped_tri
     assert (bad.seeds, bad.stopped) == (0, 2) and not bad.differs(none, "zeroshot_top1")
     table = markdown([none, cut, bad])
     assert "| cut | 1 | 0.500 | 0.300 ± 0.000 | 0.500 ± 0.000 | 0.200 ± 0.000 | 0.200 ± 0.000 | 1 |" in table
-    recipes = {name: load_recipe("demo", [f"output_dir={tmp_path}"]) for name in ("none", "cut", "bad")}
-    best = write_best_recipe([none, cut, bad], recipes, tmp_path / "best.yaml").read_text()
-    assert best.startswith("# 'cut'")  # 'bad' scored higher, but only on less compute
+    best = best_strategy([none, cut, bad])
+    assert best is cut  # 'bad' scored higher, but only on less compute
+    written = write_best_recipe(best, load_recipe("demo", [f"output_dir={tmp_path}"]), tmp_path / "best.yaml")
+    assert written.read_text().startswith("# 'cut': zero-shot top-1 0.300 ± 0.000 over 1 seed(s)")
     sweep = load_sweep(_sweep_file(tmp_path, {"none": []}))
     with pytest.raises(ConfigError, match="early_stopping reads the zero-shot curve"):
         sweep_recipes(sweep.model_copy(update={"early_stopping": EarlyStopping()}), ["train.zeroshot_frequency=0"])

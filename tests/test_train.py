@@ -187,7 +187,7 @@ def test_a_trial_behind_the_others_at_a_checkpoint_stops_there_on_every_worker(
     """The sweep's early stopping inside a real fit on 2 workers: another trial already scored 1.0 at
     step 2 on the board, so this one (an untrained model) is behind it there and both workers stop at
     step 2; the stage finishes with that checkpoint and says why; a rerun trains nothing more."""
-    from stages.early_stop import EarlyStopConfig, decide
+    from stages.train.early_stop import EarlyStopConfig, decide
 
     pool_dir, _ = served_pool
     board = tmp_path / "board"

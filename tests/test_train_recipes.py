@@ -11,7 +11,7 @@ from open_clip.loss import ClipLoss
 from pipeline.config import ConfigError, load_recipe
 from stages import clip_models
 from stages.train import Train, TrainConfig
-from stages.train_step import backward_step
+from stages.train.step import backward_step
 
 AUGREG = [
     "train.aug_cfg.scale=[0.33,1.0]",
