@@ -8,9 +8,11 @@
     The floor is the work bit-identity forces, measured in the same run: PIL open, decode,
     `convert("L")` and the 32x32 LANCZOS resize per image on one core, times the cores a side uses
     (1 for the kernel, all for the stage).
-(2) Search: n random 64-bit hashes plus 1% planted near-duplicates (up to k flipped bits); time
-    and peak traced memory of the exact multi-index search, and recall against brute force for
-    sampled queries. Run by hand, not in CI.
+(2) Search: n random 64-bit hashes plus 1% planted near-duplicates (up to k flipped bits), each
+    size and radius in a fresh process: time (numba's compile, or the load of its cache, is timed
+    apart, before), the process's RSS before the search and at its peak during it, and recall
+    against brute force for sampled queries.
+    `--images 0` skips (1). Run by hand, not in CI.
 
 `--json PATH` writes one result per measurement in the benchmarks' format (benchmark_result.py):
 each hashing side against the imagehash loop, and each search size against brute force (its rate
@@ -27,7 +29,6 @@ import shutil
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -127,9 +128,49 @@ def decode_floor(payloads: list[tuple[str, bytes]]) -> float:
 
 
 def bench_search(n: int, k: int, queries: int) -> dict:
+    """One size and radius, in a fresh process: its peak RSS is the search's (and the hashes')."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_search_in_this_process, n, k, queries).result()
+
+
+class RssPeak:
+    """This process's resident memory just before the block and its peak during it (sampled every
+    20 ms from /proc), in MiB: what the block itself needs on top of what the process already held."""
+
+    @staticmethod
+    def now() -> float:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self):
+        import threading
+
+        self._done = threading.Event()
+        self.before = self.peak = self.now()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def _search_in_this_process(n: int, k: int, queries: int) -> dict:
     from filters.hamming import band_layout, near_pairs_unique
     from tests.oracles import brute_force_neighbours
 
+    started = time.perf_counter()
+    near_pairs_unique(np.arange(1000, dtype=np.uint64), k)  # numba's compile (or its cache's load)
+    compile_seconds = time.perf_counter() - started
     rng = np.random.default_rng(n)
     base = rng.integers(0, 2**64 - 1, n, dtype=np.uint64)
     planted = n // 100
@@ -138,12 +179,11 @@ def bench_search(n: int, k: int, queries: int) -> dict:
     for _ in range(k):
         flips |= np.uint64(1) << rng.integers(0, 64, planted).astype(np.uint64)
     values = np.unique(np.concatenate([base, base[sources] ^ flips]))
-    tracemalloc.start()
-    started = time.perf_counter()
-    i, j = near_pairs_unique(values, k)
-    seconds = time.perf_counter() - started
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    with RssPeak() as rss:
+        started = time.perf_counter()
+        i, j = near_pairs_unique(values, k)
+        seconds = time.perf_counter() - started
+    before, peak = rss.before, rss.peak
     found = set(zip(i.tolist(), j.tolist(), strict=True))
     sample = np.concatenate(
         [rng.choice(len(values), queries // 2, replace=False), np.searchsorted(values, base[sources][: queries // 2])]
@@ -158,10 +198,12 @@ def bench_search(n: int, k: int, queries: int) -> dict:
     brute_total = per_query * len(values) / 2  # every hash against every later one
     layout = band_layout(len(values), k)
     print(
-        f"[search] n={len(values):,} k={k}: {seconds:6.1f}s, peak traced memory {peak / 2**20:,.0f} MiB, "
+        f"[search] n={len(values):,} k={k}: {seconds:6.1f}s on {os.cpu_count()} cores (compile/cache load "
+        f"{compile_seconds:.1f}s before), RSS {before:,.0f} MiB before the search, {peak:,.0f} at its peak, "
         f"{len(i):,} pairs, bands {layout.widths} r={layout.radius}; "
         f"recall on {len(sample)} sampled queries: {(true_pairs - missed)}/{true_pairs}; "
-        f"brute force extrapolated from those queries: {brute_total / 3600:,.2f} h ({brute_total / seconds:,.0f}x)"
+        f"brute force extrapolated from those queries: {brute_total / 3600:,.2f} h ({brute_total / seconds:,.0f}x)",
+        flush=True,
     )
     return result(
         "near_duplicate_search",
@@ -170,7 +212,10 @@ def bench_search(n: int, k: int, queries: int) -> dict:
         "hashes/s",
         {"n": len(values), "k": k, "queries": len(sample)},
         seconds=seconds,
-        peak_traced_mib=peak / 2**20,
+        compile_seconds=compile_seconds,
+        rss_before_search_mib=before,
+        rss_peak_during_search_mib=peak,
+        pairs=len(i),
         recall=(true_pairs - missed) / max(true_pairs, 1),
     )
 
@@ -181,13 +226,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--k", type=int, nargs="*", default=[4, 8], help="Hamming radii searched")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--json", default=None, help="write the results here (benchmark_result.py's format)")
     args = parser.parse_args()
-    results = bench_hashing(args)
+    results = bench_hashing(args) if args.images else []
     for n in args.sizes:
-        results.append(bench_search(n, args.k, args.queries))
+        results += [bench_search(n, k, args.queries) for k in args.k]
     write_results(args.json, results)
 
 

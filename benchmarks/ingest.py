@@ -7,7 +7,8 @@ thread and shard settings; the baseline is img2dataset's own `download()` with i
 multiprocessing distributor and one process per core. Runs alternate (baseline, ours, baseline,
 ...). The headline is the cold ratio, the first run of each: img2dataset starts its processes anew
 every run while our Ray workers stay warm, so a best-of-N would favour us. Every run's seconds and
-both sides' success counts (from img2dataset's `*_stats.json`, which both write) are printed, and
+both sides' success counts (from img2dataset's `*_stats.json`, which both write) are printed, with
+the warm ratio too (the medians of the runs after the first: warm against warm), and
 `--json PATH` writes them in the benchmarks' format (benchmark_result.py).
 Run by hand (not in CI). The main guard is required: img2dataset spawns its workers.
 """
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -132,10 +134,18 @@ def main() -> None:
         listed = ", ".join(f"{s:.1f}s ({k} ok)" for s, k in zip(runs, ok, strict=True))
         print(f"{name} {n / runs[0]:8.1f} samples/s cold   runs: {listed}")
     print(f"cold ratio (ours / img2dataset, first run of each): {base[0] / ours[0]:.2f}x")
+    warm = None
+    if len(ours) > 1:  # the later runs: img2dataset's page cache and imports warm, our Ray workers up
+        warm = statistics.median(base[1:]) / statistics.median(ours[1:])
+        print(f"warm ratio (ours / img2dataset, median of the runs after the first): {warm:.2f}x")
     params = {
         k: getattr(args, k) for k in ("samples", "source_size", "image_size", "shard_size", "threads", "processes")
     }
-    extra = {"seconds": {"ours": ours, "anchor": base}, "successes": {"ours": ok_ours, "anchor": ok_base}}
+    extra = {
+        "seconds": {"ours": ours, "anchor": base},
+        "successes": {"ours": ok_ours, "anchor": ok_base},
+        "warm_ratio": warm,
+    }
     write_results(args.json, [result("ingest", n / ours[0], n / base[0], "samples/s", params, **extra)])
 
 

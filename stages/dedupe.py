@@ -99,7 +99,7 @@ class Dedupe(Stage):
         evals = f"{len(c.eval_sets)} eval set(s) + the source's held-out set, if any"
         note = f"Hamming <= {c.max_distance}, keep {c.keep}, {evals}"
         output = str(run_dir / self.name / "decisions.parquet")
-        return PlanRow(self.name, str(run_dir / Phash.name / "hashes"), output, rows, note, "1 CPU, one global index")
+        return PlanRow(self.name, str(run_dir / Phash.name / "hashes"), output, rows, note, "driver, one index")
 
     def run(self, ctx: RunContext, inputs: DedupeInputs) -> tuple[DedupeOutputs, Manifest]:
         config = self.config

@@ -37,3 +37,10 @@ def test_the_floors_measure_the_forced_work_at_a_positive_rate(tiny_model):
     with pytest.raises(OSError):
         dedupe.decode_floor([("b", b"not an image")])
     assert embed.model_alone(tiny_model, batch_size=4, batches=1) > 0
+
+
+def test_the_search_benchmark_runs_exact_in_a_process_of_its_own():
+    """Its tiny setting, as a user runs it by hand at 10M: every sampled true pair found, memory read."""
+    row = load_benchmark("dedupe").bench_search(3000, 8, 40)
+    assert row["extra"]["recall"] == 1.0 and row["extra"]["pairs"] >= 30  # 1% planted near-duplicates
+    assert row["extra"]["rss_peak_during_search_mib"] >= row["extra"]["rss_before_search_mib"] > 0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from filters.hamming import band_layout, hamming_distance, near_pairs_unique
+from filters.hamming import MAX_TABLE_BITS, band_layout, hamming_distance, near_pairs_unique
 from tests.oracles import brute_force_neighbours
 
 
@@ -29,8 +29,9 @@ def _brute_pairs(values, k):
 def test_same_pairs_as_brute_force(n, k):
     values = _planted(np.random.default_rng(n + k), n, k)
     i, j = near_pairs_unique(values, k)
-    assert set(zip(i.tolist(), j.tolist(), strict=True)) == _brute_pairs(values, k)
-    assert np.all(hamming_distance(values[i], values[j]) <= k)
+    pairs = list(zip(i.tolist(), j.tolist(), strict=True))
+    assert set(pairs) == _brute_pairs(values, k) and len(pairs) == len(set(pairs))  # each pair once
+    assert pairs == sorted(pairs) and np.all(hamming_distance(values[i], values[j]) <= k)
 
 
 def test_dense_clusters_of_near_identical_hashes():
@@ -42,12 +43,14 @@ def test_dense_clusters_of_near_identical_hashes():
     assert set(zip(i.tolist(), j.tolist(), strict=True)) == _brute_pairs(values, 2)
 
 
-def test_layout_keeps_per_band_radius_at_most_one():
+def test_every_layout_is_exact_by_pigeonhole_and_fits_its_tables():
     for n in [10, 1000, 10**6, 10**8]:
-        for k in range(0, 20):
+        for k in range(0, 32):
             layout = band_layout(n, k)
-            assert layout.radius <= 1
-            assert sum(layout.widths) == 64
+            assert sum(layout.widths) == 64 and max(layout.widths) <= MAX_TABLE_BITS
+            assert (layout.radius + 1) * len(layout.widths) > k  # some band is within the radius
+    big = band_layout(10**7, 8)  # the benchmark's hard case: 3 bands of 21-22 bits at radius 2
+    assert big.widths == (22, 21, 21) and big.radius == 2
     with pytest.raises(ValueError):
         band_layout(100, 40)
 
