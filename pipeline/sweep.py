@@ -1,12 +1,14 @@
 """Sweeps: one pool, several filter strategies, the same training compute, one results table.
 
 A sweep names a base recipe and a set of strategies. The stages above the strategy (download,
-hashes, seed models, embeddings, heads) run once, in a `shared` run; each strategy then runs
-filter → subset → train → evaluate with those stages reused, and the training budget (model,
+hashes, seed models, embeddings, heads) run once, in a `shared` run (once per pool seed with
+`pool_seed_key`); each strategy then runs filter → train → evaluate with those stages reused,
+training from the shared shards through its kept-uid mask, and the training budget (model,
 samples seen, batch, seed) of the base recipe unchanged, so strategies differ only in their
-data. A strategy trained with `seeds` training seeds is that many *trials*; trials run as Ray tasks,
-as many at once as the cluster holds their training (`concurrent_trials`), each in its own worker
-process with its own run folder, so a killed sweep resumes with its finished trials kept. MLflow:
+data. The plan (recipes, trials, slots, the dry run) is `pipeline.sweep_plan`. A strategy trained
+with `seeds` training seeds is that many *trials*; trials run as Ray tasks, as many at once as
+the cluster holds their training (`concurrent_trials`), each in its own worker process with its
+own run folder, so a killed sweep resumes with its finished trials kept. MLflow:
 one sweep run, a child run per trial (and for the shared stages), each with its stage runs below
 it; the sweep run holds the results table (mean ± std per strategy) and the accuracy-vs-kept plot.
 A strategy may leave filter parameters open (`pipeline.sweep_search`: each setting becomes a
@@ -23,136 +25,35 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
 from pipeline.atomic import write_json, write_text
-from pipeline.config import ConfigError, Recipe, load_recipe
-from pipeline.graph import build_stages, downstream
+from pipeline.config import ConfigError, Recipe
 from pipeline.orchestrator import RunResult, run_pipeline
 from pipeline.runtime import ray_runtime
-from pipeline.stage import Resources
-from pipeline.sweep_config import SweepConfig, apply_sweep_overrides, settled_strategies
+from pipeline.sweep_config import SweepConfig, apply_sweep_overrides
+from pipeline.sweep_plan import (
+    Trial,
+    shared_runs,
+    sweep_plan,
+    sweep_recipes,
+    sweep_trials,
+    trial_slots,
+    with_early_stop,
+)
 from pipeline.sweep_table import StrategyRow, StrategySummary, summarise, write_table
 from pipeline.terminal import run_output
 from pipeline.tracking import Tracker, metric_key
-from stages.evaluate import Evaluate, EvaluateOutputs
+from stages.evaluate import EvaluateOutputs
 from stages.filter import Filter
 from stages.subset import Subset
 from stages.train import Train
-from stages.train.early_stop import EarlyStopConfig
 
-
-@dataclass(frozen=True)
-class Trial:
-    """One strategy trained with one seed: a run folder of its own under the sweep's."""
-
-    name: str
-    strategy: str
-    seed: int
-    recipe: Recipe
-
-
-def sweep_recipes(sweep: SweepConfig, overrides: list[str]) -> tuple[Recipe, dict[str, Recipe]]:
-    """(the shared-stages recipe, one recipe per strategy); all validated before anything runs."""
-    base = load_recipe(sweep.recipe, [*sweep.overrides, *overrides, f"tracking.experiment={sweep.name}"])
-    missing = [s.name for s in (Filter, Train, Evaluate) if s.name not in base.stages]
-    if missing:
-        raise ConfigError(f"sweep '{sweep.name}': the base recipe's stages lack {', '.join(missing)}")
-    if sweep.early_stopping and not base.train.zeroshot_frequency:
-        raise ConfigError(
-            f"sweep '{sweep.name}': early_stopping reads the zero-shot curve: set train.zeroshot_frequency"
-        )
-    if sweep.materialise_best and Subset.name not in base.stages:
-        raise ConfigError(f"sweep '{sweep.name}': materialise_best writes a subset, but the base recipe has no subset")
-    varying = downstream(build_stages(base, check=False), {Filter.name})  # the strategy's stage and all that read it
-    shared = base.model_copy(update={"stages": [s for s in base.stages if s not in varying]})
-    per_strategy = {}
-    for name, steps in settled_strategies(sweep)[0].items():
-        recipe = base.model_copy(update={Filter.name: base.filter.model_copy(update={"strategy": steps})})
-        build_stages(recipe)  # a strategy that cannot run fails here, before the shared stages start
-        per_strategy[name] = recipe
-    return shared, per_strategy
-
-
-def sweep_trials(sweep: SweepConfig, per_strategy: dict[str, Recipe]) -> list[Trial]:
-    """Seed by seed, every strategy: with fewer slots than trials, each strategy gets its first seed first.
-    A trial writes no copy of the pool (unless `trial_subsets`): its training applies the strategy's
-    decisions to the shared shards as a kept-uid mask (`stages.train.kept_mask`)."""
-    trials = []
-    for k in range(sweep.seeds):
-        for strategy, recipe in per_strategy.items():
-            seed = recipe.train.seed + k
-            name = strategy if sweep.seeds == 1 else f"{strategy}-seed{seed}"
-            update = {Train.name: recipe.train.model_copy(update={"seed": seed})}
-            if not sweep.trial_subsets:
-                update["stages"] = [s for s in recipe.stages if s != Subset.name]
-            trials.append(Trial(name, strategy, seed, recipe.model_copy(update=update)))
-    return trials
-
-
-def with_early_stop(recipe: Recipe, sweep: SweepConfig, trial: str) -> Recipe:
-    """The trial's recipe with the sweep's early stopping handed to its training (the board is the sweep's)."""
-    if sweep.early_stopping is None:
-        return recipe
-    board = str(Path(recipe.output_dir) / "early_stop")
-    stop = EarlyStopConfig(board=board, trial=trial, **sweep.early_stopping.model_dump())
-    return recipe.model_copy(update={Train.name: recipe.train.model_copy(update={"early_stop": stop})})
-
-
-def training_resources(recipe: Recipe) -> Resources:
-    """What one trial's training asks of the cluster: the train stage's own declaration."""
-    return next(stage for stage in build_stages(recipe, check=False) if stage.name == Train.name).resources()
-
-
-def trial_slots(sweep: SweepConfig, recipe: Recipe, n_trials: int) -> int:
-    """How many trials run at once: as asked, or as many as the cluster holds their training."""
-    if sweep.concurrent_trials:
-        return min(sweep.concurrent_trials, n_trials)
-    import ray
-
-    total, need = ray.cluster_resources(), training_resources(recipe)
-    slots = total.get("CPU", 1.0) // (need.actors * need.cpus)
-    if need.gpus:
-        slots = min(slots, total.get("GPU", 0.0) // (need.actors * need.gpus))
-    return int(max(1, min(slots, n_trials)))
-
-
-def sweep_plan(sweep: SweepConfig, overrides: list[str]) -> list[str]:
-    """What `pipeline sweep --dry-run` prints: the trials, each one's resources, how many run at once,
-    and the training budget in all. Validates everything; starts nothing."""
-    sweep, overrides = apply_sweep_overrides(sweep, overrides)
-    shared, per_strategy = sweep_recipes(sweep, overrides)
-    trials = sweep_trials(sweep, per_strategy)
-    train, need = shared.train, training_resources(trials[0].recipe)
-    gpus = f" and {need.actors * need.gpus:g} GPU(s)" if need.gpus else ""
-    masked = Subset.name in per_strategy[trials[0].strategy].stages and not sweep.trial_subsets
-    mask_note = " (training reads the shared shards through a kept-uid mask: no copy of the pool)" if masked else ""
-    at_once = (
-        f"{min(sweep.concurrent_trials, len(trials))}" if sweep.concurrent_trials else "as many as the cluster holds"
-    )
-    lines = [
-        f"sweep '{sweep.name}': shared stages {', '.join(shared.stages)} once, then {len(trials)} trials "
-        f"({len(per_strategy)} strategies x {sweep.seeds} seed(s))",
-        f"each trial: {', '.join(s for s in trials[0].recipe.stages if s not in shared.stages)}{mask_note}; "
-        f"training on {need.actors * need.cpus:g} CPU(s){gpus}; {at_once} at once",
-        f"training budget: {train.samples_seen:,} samples seen per trial, {train.samples_seen * len(trials):,} in all",
-        *(f"open parameter {note}" for note in settled_strategies(sweep)[1]),
-    ]
-    if sweep.early_stopping:
-        e = sweep.early_stopping
-        lines.append(
-            f"early stopping: a trial below the top 1/{e.reduction_factor:g} at a rung stops there; rungs at steps "
-            f"{e.min_step} x {e.reduction_factor:g}^k, zero-shot scored every {train.checkpoint_every_steps} steps"
-        )
-    lines += [
-        f"  {t.name}: {', '.join(s.name for s in t.recipe.filter.strategy) or '(no filter)'}, seed {t.seed}"
-        for t in trials
-    ]
-    return lines
+__all__ = ["run_sweep", "sweep_plan", "sweep_recipes", "sweep_trials"]  # the plan's, for the CLI and tests
 
 
 def run_trial(trial: Trial, sweep_dir: str, reuse: dict, parent_run_id: str | None) -> StrategyRow:
@@ -231,7 +132,8 @@ def run_sweep(
     log: Callable[[str], None] = print,
     consoles=None,
 ) -> tuple[Path, list[StrategyRow]]:
-    """Shared stages once, then the trials, several at once; `consoles`: quiet runs (see `run_pipeline`).
+    """Shared stages once (or once per pool seed), then the trials, several at once; `consoles`: quiet
+    runs (see `run_pipeline`).
     Returns the sweep folder and a row per trial."""
     from pipeline.executor import make_ray_map
 
@@ -257,22 +159,24 @@ def run_sweep(
         write_json(sweep_dir / "sweep.json", record)
         # every run of the sweep lives in its folder and logs to the sweep's MLflow store
         runs_root = {"output_dir": str(sweep_dir), "tracking": shared.tracking.model_copy(update={"uri": tracker.uri})}
-        log("--- shared ---")
-        again = (sweep_dir / "shared" / "run.json").exists()
-        shared_result = run_pipeline(
-            shared.model_copy(update=runs_root), run_name="shared", resume=again, log=log,
-            parent_run_id=sweep_run, consoles=consoles,
-        )  # fmt: skip
+        reuse = []  # the manifests of each shared run (one per pool seed with `pool_seed_key`)
+        for name, recipe in shared_runs(sweep, shared):
+            log(f"--- {name} ---")
+            again = (sweep_dir / name / "run.json").exists()
+            reuse.append(run_pipeline(
+                recipe.model_copy(update=runs_root), run_name=name, resume=again, log=log,
+                parent_run_id=sweep_run, consoles=consoles,
+            ).manifests)  # fmt: skip
         trials = [
-            Trial(t.name, t.strategy, t.seed, with_early_stop(t.recipe.model_copy(update=runs_root), sweep, t.name))
+            replace(t, recipe=with_early_stop(t.recipe.model_copy(update=runs_root), sweep, t.name))
             for t in sweep_trials(sweep, per_strategy)
         ]
         slots = trial_slots(sweep, trials[0].recipe, len(trials))
         log(f"--- {len(trials)} trials, {slots} at a time (consoles in {sweep_dir / 'trials'}) ---")
-        reuse, folder = shared_result.manifests, str(sweep_dir)
+        folder = str(sweep_dir)
 
         def trial_task(trial: Trial) -> StrategyRow:
-            return run_trial(trial, folder, reuse, sweep_run)
+            return run_trial(trial, folder, reuse[trial.pool], sweep_run)
 
         bars = consoles[-1] if consoles else None
         ray_map = make_ray_map(max_retries=1, num_cpus=0, console=bars, max_in_flight=slots, progress_dir=sweep_dir)
@@ -285,7 +189,7 @@ def run_sweep(
         paths = write_table(rows, summaries, sweep_dir / "results")
         paths.append(write_best_recipe(best, per_strategy[best.strategy], sweep_dir / "results" / "best_recipe.yaml"))
         if sweep.materialise_best:
-            materialise(per_strategy[best.strategy], shared, runs_root, reuse, sweep_run, log, consoles)
+            materialise(per_strategy[best.strategy], shared, runs_root, reuse[0], sweep_run, log, consoles)
         for path in paths if sweep_run else []:
             tracker.call("log_artifact", sweep_run, str(path), "results")
         for summary in summaries if sweep_run else []:

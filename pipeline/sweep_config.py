@@ -45,6 +45,11 @@ class SweepConfig(StrictModel):
         description="each trial writes its strategy's filtered copy of the pool (subset); "
         "default: trials train from the shared shards through a kept-uid mask",
     )
+    pool_seed_key: str | None = Field(
+        None,
+        description="a recipe key seed k adds k to as well (source.demo.seed: a pool drawn anew per seed); "
+        "the shared stages then run once per seed",
+    )
     materialise_best: bool = Field(
         False, description="write the best strategy's filtered copy of the pool (filter, subset) under <sweep>/best"
     )

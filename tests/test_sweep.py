@@ -154,6 +154,7 @@ def test_seeds_make_trials_and_the_table_reports_the_spread(tmp_path):
     and a difference marked only when it exceeds both spreads."""
     from pipeline.sweep import sweep_plan, sweep_trials
     from pipeline.sweep_config import apply_sweep_overrides
+    from pipeline.sweep_plan import shared_runs
     from pipeline.sweep_table import StrategyRow, markdown, summarise
 
     sweep = load_sweep(_sweep_file(tmp_path, {"none": [], "dedupe": [{"name": "dedupe"}]}))
@@ -188,6 +189,21 @@ def test_seeds_make_trials_and_the_table_reports_the_spread(tmp_path):
     assert "| far | 3 | 0.500 | 0.310 ± 0.010* |" in table and "| close | 3 | 0.500 | 0.150 ± 0.020 |" in table
     single = summarise([row("none", 0.1, 0), row("far", 0.9, 0)])
     assert not single[1].differs(single[0], "zeroshot_top1")  # one seed: no spread, no claim
+
+    # on the demo, seed k also draws the pool anew: a shared run per pool, each trial on its seed's pool
+    pooled, _ = apply_sweep_overrides(sweep, ["sweep.pool_seed_key=source.demo.seed"])
+    shared, per_strategy = sweep_recipes(pooled, [f"output_dir={tmp_path}"])
+    first = shared.source.demo.seed
+    assert [(name, r.source.demo.seed) for name, r in shared_runs(pooled, shared)] == [
+        (f"shared-pool{first + k}", first + k) for k in range(3)
+    ]
+    trials = sweep_trials(pooled, per_strategy)
+    assert [(t.pool, t.recipe.source.demo.seed, t.recipe.train.seed - base) for t in trials[::2]] == [
+        (k, first + k, k) for k in range(3)
+    ]
+    assert "once per pool seed (source.demo.seed: shared-pool" in sweep_plan(pooled, [f"output_dir={tmp_path}"])[0]
+    with pytest.raises(ConfigError, match="'train.model' is not an integer key"):
+        sweep_recipes(pooled.model_copy(update={"pool_seed_key": "train.model"}), [f"output_dir={tmp_path}"])
 
 
 def test_open_parameters_become_one_strategy_per_setting(tmp_path):
