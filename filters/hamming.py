@@ -26,7 +26,8 @@ import numpy as np
 
 BITS = 64
 MAX_TABLE_BITS = 26  # a band's bucket table has 2^width entries: 26 bits is 512 MiB of offsets at most
-_PROBE_COST, _CHECK_COST, _TABLE_COST = 4.0, 1.0, 1.0  # relative costs, measured on the 2-core machine
+# rough relative costs, not fitted: a probe reads the offset table out of cache, a check reads one hash in order
+_PROBE_COST, _CHECK_COST, _TABLE_COST = 4.0, 1.0, 1.0
 
 
 @dataclass(frozen=True)

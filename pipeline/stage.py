@@ -47,6 +47,7 @@ class Shards(StageOutputs):
 
     shards_dir: str
     n_shards: str | None = None
+    applied: str | None = None  # the decisions these shards were cut by (a subset's); training masks no further
 
 
 class Decisions(StageOutputs):

@@ -49,7 +49,7 @@ def selection(decisions: pa.Table) -> tuple[set[str], dict[str, str]]:
 
 
 class SubsetOutputs(Shards):
-    applied: str | None = None  # the decisions these shards were cut by (training applies no mask for them)
+    pass
 
 
 @dataclass

@@ -139,7 +139,7 @@ class Train(Stage):
             config = config.model_copy(update={"zeroshot_eval_dir": inputs.source.eval_dir})
         mask = None
         decisions = inputs.decisions.decisions if inputs.decisions else None
-        if decisions and decisions != getattr(inputs.shards, "applied", None):
+        if decisions and decisions != inputs.shards.applied:
             mask = write_kept_mask(shards, decisions, self.stage_dir(ctx) / MASK_DIR)
             ctx.log(
                 f"[{self.name}] {mask.kept:,} of {mask.in_count:,} samples kept by {Path(decisions).parent.name}'s "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,9 +27,9 @@ import pyarrow.parquet as pq
 from filters.phash_dedupe import DUPLICATE, EVAL_DUPLICATE
 from pipeline.atomic import write_parquet
 from stages.shards import only_successes
+from stages.subset import UNDECIDED  # a sample no decision covers: counted as the subset stage counts it
 
 MASK_DIR = "kept"
-UNDECIDED = "not_hashed"  # a sample no decision covers (the phash stage could not decode it), as subset says
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,10 @@ def _shard_rows(shards: list[str]) -> pa.Table:
     """(uid, shard index) of every successful row of the shards' parquet tables."""
     tables = []
     for index, shard in enumerate(shards):
-        rows = only_successes(pq.read_table(Path(shard).with_suffix(".parquet"), columns=None))
-        tables.append(pa.table({"uid": rows.column("uid"), "shard": pa.array([index] * rows.num_rows, pa.int32())}))
+        path = Path(shard).with_suffix(".parquet")
+        columns = [c for c in ("uid", "status") if c in pq.read_schema(path).names]  # not captions, urls, ...
+        rows = only_successes(pq.read_table(path, columns=columns))
+        tables.append(pa.table({"uid": rows.column("uid"), "shard": np.full(rows.num_rows, index, np.int32)}))
     return pa.concat_tables(tables)
 
 
