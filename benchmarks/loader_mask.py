@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/loader_mask.py --keep 0.1 --json out.json
 
 A sweep's trials train from the shared pool's shards with the strategy's kept uids applied in the
-loader (`stages.train.kept_mask`); the alternative is a filtered copy of the pool per trial (the subset
+loader (`stages.selection`); the alternative is a filtered copy of the pool per trial (the subset
 stage). The work compared is the same on both sides: the same kept samples, decoded, cropped to
 the train transform's size and tokenised by the train stage's loader (`stages.train.data.batches`,
 one process), the same number of batches, after the same warm-up batches. The mask's side also
@@ -36,8 +36,9 @@ def build_pool(root: Path, images: int, size: int, per_shard: int, keep: float, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.shards import reshard, successful_rows
-    from stages.train.kept_mask import write_kept_mask
+    from stages.selection import write_kept_mask
+    from stages.shard_copy import reshard
+    from stages.shards import successful_rows
 
     shards = [str(p) for p in write_scene_shards(root / "pool", images, size, per_shard)]
     uids = successful_rows(Path(s).with_suffix(".parquet") for s in shards).column("uid").to_pylist()
@@ -47,7 +48,7 @@ def build_pool(root: Path, images: int, size: int, per_shard: int, keep: float, 
     pq.write_table(pa.table({"uid": uids, "keep": kept, "reason": reasons}), decisions)
     mask = write_kept_mask(shards, decisions, root / "kept")
     wanted = {uid for uid, k in zip(uids, kept, strict=True) if k}
-    reshard(shards, root / "subset", per_shard, keep_uids=wanted)
+    reshard(shards, root / "subset", per_shard, keep=wanted)
     copy = sorted(str(p) for p in (root / "subset").glob("*.tar"))
     return mask, copy
 

@@ -83,7 +83,7 @@ def sweep_trials(sweep: SweepConfig, per_strategy: dict[str, Recipe]) -> list[Tr
     """Seed by seed, every strategy: with fewer slots than trials, each strategy gets its first seed first.
     With `pool_seed_key`, seed k also draws the pool anew (that key + k) and reuses that pool's shared run.
     A trial writes no copy of the pool (unless `trial_subsets`): its training applies the strategy's
-    decisions to the shared shards as a kept-uid mask (`stages.train.kept_mask`)."""
+    decisions to the shared shards as a kept-uid mask (`stages.selection`)."""
     trials = []
     for k in range(sweep.seeds):
         for strategy, recipe in per_strategy.items():

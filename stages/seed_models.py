@@ -27,7 +27,7 @@ from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage, StageOutpu
 from stages import clip_models
 from stages.dedupe import DedupeOutputs
 from stages.download import DownloadOutputs, downloaded_rows
-from stages.shards import reshard
+from stages.shard_copy import reshard
 from stages.train import TrainConfig, TrainOutputs, run_train
 
 SEED_TRAIN_DEFAULTS = TrainConfig(
@@ -88,7 +88,7 @@ def _train_on(shards: list[Path], uids: set[str], config: TrainConfig, folder: P
     model_dir = folder / "train" / "model"
     if (model_dir / clip_models.WEIGHTS).exists():
         return str(model_dir), None
-    subset = reshard(shards, folder / "shards", 10_000, keep_uids=uids, stage="seed")
+    subset = reshard(shards, folder / "shards", 10_000, keep=uids, stage="seed")
     tars = sorted(str(p) for p in (folder / "shards").glob("*.tar"))
     manifest = run_train(tars, subset.kept, config, folder / "train")
     return TrainOutputs.model_validate(manifest.outputs).model, manifest

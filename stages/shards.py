@@ -1,18 +1,13 @@
 """Webdataset shards: naming, reading samples and their parquet tables, and rewriting them.
 
-The one home for shard I/O that several stages share. `reshard` rewrites shards into shards of a
-target size, optionally keeping only some uids (the subset and seed_models stages). Its input
-samples are the successful rows of the shards' parquet tables; each one ends up kept, dropped
-(`not_selected`) or failed (`missing_in_tar` when a tar is truncated or lacks the sample), so a
-broken input shard shows up in the counts, not as a crash.
+The one home for shard I/O that several stages share; copying kept samples into new shards is
+`stages.shard_copy`.
 """
 
 from __future__ import annotations
 
-import io
 import tarfile
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,8 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.atomic import Partial, atomic_path, write_parquet
-from pipeline.manifest import Manifest, count_reasons
+from pipeline.atomic import atomic_path
 
 SHARD_DIGITS = 5
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -193,107 +187,3 @@ def expected_samples(tar: Path) -> pa.Table:
         if column not in table.column_names:
             table = table.append_column(column, pa.nulls(table.num_rows, pa.int32()))
     return table.select(["uid", "original_width", "original_height"])
-
-
-class _ShardWriter:
-    def __init__(self, output_dir: Path, samples_per_shard: int):
-        self.output_dir = output_dir
-        self.samples_per_shard = samples_per_shard
-        self.index = -1
-        self.count = 0
-        self.tar: tarfile.TarFile | None = None
-        self.partial: Partial | None = None
-        self.shards: list[str] = []
-
-    def write(self, key: str, sample: dict[str, bytes]) -> None:
-        if self.tar is None or self.count == self.samples_per_shard:
-            self._roll()
-        for ext, data in sorted(sample.items()):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            self.tar.addfile(info, io.BytesIO(data))
-        self.count += 1
-
-    def _roll(self) -> None:
-        self.close()
-        self.index += 1
-        self.count = 0
-        path = self.output_dir / f"{shard_name(self.index)}.tar"
-        self.partial = Partial(path)  # the tar appears under its name only once closed
-        self.tar = tarfile.open(self.partial.tmp, "w")  # noqa: SIM115 (closed by close(), one shard at a time)
-        self.shards.append(str(path))
-
-    def close(self, error: BaseException | None = None) -> None:
-        """Finish the open shard; with `error`, discard it instead."""
-        if self.tar is not None:
-            self.tar.close()
-            self.tar = None
-            partial, self.partial = self.partial, None
-            if error is None:
-                partial.commit()
-            else:
-                partial.abort()
-
-
-def reshard(
-    shard_paths: list[str | Path],
-    output_dir: Path,
-    samples_per_shard: int,
-    keep_uids: set[str] | None = None,
-    stage: str = "reshard",
-    drop_reasons: Mapping[str, str] | None = None,
-    default_reason: str = "not_selected",
-) -> Manifest:
-    """Copy the samples of `shard_paths` (those in `keep_uids`, if given) into new shards.
-
-    Samples left out are counted under `drop_reasons[uid]`, or `default_reason` for uids it lacks.
-    """
-    started = time.perf_counter()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tars = [Path(p) for p in shard_paths]
-    rows = successful_rows(t.with_suffix(".parquet") for t in tars)
-    wanted = (
-        rows
-        if keep_uids is None
-        else rows.filter(pc.is_in(rows.column("uid"), pa.array(sorted(keep_uids), pa.string())))
-    )
-    wanted_uids = set(wanted.column("uid").to_pylist())
-    writer = _ShardWriter(output_dir, samples_per_shard)
-    written: list[str] = []
-    seen: set[str] = set()
-    try:
-        for tar_path in tars:
-            for key, sample in read_tar_samples(tar_path):
-                if key in wanted_uids and key not in seen:
-                    writer.write(key, sample)
-                    written.append(key)
-                    seen.add(key)
-    except BaseException as err:
-        writer.close(err)
-        raise
-    writer.close()
-    _write_shard_tables(wanted, written, writer.shards, samples_per_shard)
-    n_missing = len(wanted_uids) - len(written)
-    return Manifest(
-        stage=stage,
-        **{"in": rows.num_rows},
-        kept=len(written),
-        dropped=_drop_counts(rows, wanted_uids, drop_reasons or {}, default_reason),
-        failed={"missing_in_tar": n_missing} if n_missing else {},
-        outputs={"shards_dir": str(output_dir), "n_shards": str(len(writer.shards))},
-        seconds=time.perf_counter() - started,
-    )
-
-
-def _drop_counts(rows: pa.Table, wanted: set[str], reasons: Mapping[str, str], default: str) -> dict[str, int]:
-    return count_reasons([reasons.get(uid, default) for uid in rows.column("uid").to_pylist() if uid not in wanted])
-
-
-def _write_shard_tables(rows: pa.Table, order: list[str], shards: list[str], per_shard: int) -> None:
-    """One parquet beside each output tar, rows in the tar's order."""
-    position = {uid: i for i, uid in enumerate(rows.column("uid").to_pylist())}
-    for n, shard in enumerate(shards):
-        uids = order[n * per_shard : (n + 1) * per_shard]
-        table = rows.take(pa.array([position[u] for u in uids], pa.int64()))
-        write_parquet(Path(shard).with_suffix(".parquet"), table)

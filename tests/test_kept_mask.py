@@ -12,8 +12,8 @@ from itertools import islice
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.selection import UNDECIDED, kept_uids, write_kept_mask
 from stages.train.data import Mask, _samples
-from stages.train.kept_mask import UNDECIDED, kept_uids, write_kept_mask
 
 
 def _shard(path, uids: list[str], failed: list[str] = ()) -> str:

@@ -24,7 +24,8 @@ from stages.filter import FilterOutputs
 from stages.filter.pool_table import build_pool_table, upstream_failure
 from stages.filter.strategy_inputs import check_columns, resolve_strategy
 from stages.phash import SCHEMA as HASH_SCHEMA
-from stages.subset import Subset, SubsetOutputs, selection, subset_reason
+from stages.selection import kept_slice, write_kept_mask
+from stages.subset import Subset, SubsetOutputs
 from stages.train import Train
 
 # --- evaluate: zero-shot accuracy and recall@k ---------------------------------------------------
@@ -202,31 +203,32 @@ def test_upstream_failure_first_non_null_of_phash_then_embed():
 # --- subset: drop reasons ------------------------------------------------------------------------
 
 
-def test_subset_reason_folds_only_per_uid_dedupe_reasons():
-    """duplicate_of:<uid> and eval_duplicate_of:<uid> fold to their kind; every other reason stays."""
-    assert subset_reason("duplicate_of:abc") == "duplicate_of"
-    assert subset_reason("eval_duplicate_of:xyz") == "eval_duplicate_of"
-    assert subset_reason("failed:decode_error") == "failed:decode_error"
-    assert subset_reason("clip_score") == "clip_score"
-
-
-def test_selection_keeps_and_reasons():
-    """Kept uids form the set; each dropped uid maps to its folded reason, a null reason -> 'dropped'."""
+def test_kept_uids_per_shard_in_table_order_and_every_other_sample_under_its_folded_reason(tmp_path):
+    """The join subset and the train mask share: kept uids per shard in the shard table's order;
+    per-uid dedupe reasons fold to their kind, a null reason is 'dropped', a sample no decision covers
+    is undecided, and a failed download is not a sample at all."""
+    shards = []
+    for name, uids, status in [("00000", ["e", "a", "b", "x"], ["success"] * 3 + ["failed_to_download"]),
+                               ("00001", ["f", "c", "d", "u"], ["success"] * 4)]:  # fmt: skip
+        pq.write_table(pa.table({"uid": uids, "status": status}), tmp_path / f"{name}.parquet")
+        shards.append(str(tmp_path / f"{name}.tar"))
     decisions = pa.table(
         {
-            "uid": ["a", "b", "c", "d", "e", "f"],
-            "keep": [True, False, False, False, False, False],
-            "reason": [None, "duplicate_of:a", "eval_duplicate_of:z", "failed:decode_error", "clip_score", None],
+            "uid": ["a", "b", "c", "d", "e", "f", "x"],
+            "keep": [True, False, False, False, True, False, True],
+            "reason": [None, "duplicate_of:a", "eval_duplicate_of:z", "failed:decode_error", None, None, None],
         }
     )
-    keep, reasons = selection(decisions)
-    assert keep == {"a"}
-    assert reasons == {
-        "b": "duplicate_of",
-        "c": "eval_duplicate_of",
-        "d": "failed:decode_error",
-        "e": "clip_score",
-        "f": "dropped",
+    mask = write_kept_mask(shards, decisions, tmp_path / "kept", undecided="undecided")
+    assert mask.in_count == 7 and mask.shards == [shards[0]] and mask.kept_per_shard == [2]
+    assert kept_slice(mask.folder, shards[0], 0, 2) == ["e", "a"]  # the table's order, not the uids'
+    assert not (tmp_path / "kept" / "00001.parquet").exists()  # a shard that keeps nothing has no file
+    assert mask.dropped == {
+        "dropped": 1,  # f: no reason given
+        "duplicate_of": 1,
+        "eval_duplicate_of": 1,
+        "failed:decode_error": 1,
+        "undecided": 1,  # u
     }
 
 

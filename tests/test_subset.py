@@ -5,7 +5,8 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from stages.shards import read_tar_samples, reshard
+from stages.shard_copy import reshard
+from stages.shards import read_tar_samples
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_reshard_keeps_only_selected_uids(shards, tmp_path):
     tars, download = shards
     everything = sorted(_samples(tars))
     chosen = set(everything[::3])
-    manifest = reshard(tars, tmp_path, samples_per_shard=1000, keep_uids=chosen)
+    manifest = reshard(tars, tmp_path, samples_per_shard=1000, keep=chosen)
     manifest.check_balance()
     assert manifest.kept == len(chosen)
     assert manifest.dropped == {"not_selected": download.kept - len(chosen)}
@@ -57,3 +58,36 @@ def test_truncated_input_tar_is_counted_not_fatal(shards, tmp_path):
     assert manifest.failed["missing_in_tar"] > 0
     with tarfile.open(sorted((tmp_path / "out").glob("*.tar"))[0]) as tar:
         assert tar.getnames()
+
+
+def test_tars_list_their_samples_in_their_tables_order(shards):
+    """What lets the copy be planned from the tables: each tar holds its table's successful rows, in order."""
+    tars, _ = shards
+    for tar in tars:
+        rows = pq.read_table(tar.with_suffix(".parquet"), columns=["uid", "status"]).to_pydict()
+        successful = [u for u, s in zip(rows["uid"], rows["status"], strict=True) if s == "success"]
+        assert [key for key, _ in read_tar_samples(tar)] == successful, tar.name
+
+
+def test_the_copy_as_ray_tasks_equals_one_process_copying_tar_by_tar(ray_cluster, shards, tmp_path):
+    """Output shards that straddle input shards hold the kept samples in input order, whichever way
+    the work is spread; each table lists its tar's samples in the tar's order."""
+    from pipeline.executor import make_ray_map
+
+    tars, download = shards
+    everything = [key for tar in tars for key, _ in read_tar_samples(tar)]
+    chosen = set(everything[1::2])
+    expected = [key for key in everything if key in chosen]  # what one process copying tar by tar writes
+    per_shard = 37  # does not divide any input shard: pieces cross input boundaries
+    for name, map_fn in (("local", None), ("ray", make_ray_map())):
+        out = tmp_path / name
+        manifest = reshard(tars, out, per_shard, keep=chosen, **({"map_fn": map_fn} if map_fn else {}))
+        manifest.check_balance()
+        assert manifest.kept == len(chosen) and manifest.outputs["n_shards"] == str(-(-len(chosen) // per_shard))
+        written = sorted(out.glob("*.tar"))
+        keys = [[key for key, _ in read_tar_samples(tar)] for tar in written]
+        assert [k for shard in keys for k in shard] == expected, name
+        assert all(len(shard) == per_shard for shard in keys[:-1])
+        for tar, shard in zip(written, keys, strict=True):
+            assert pq.read_table(tar.with_suffix(".parquet")).column("uid").to_pylist() == shard
+        assert _samples(written) == {k: v for k, v in _samples(tars).items() if k in chosen}

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.download import DownloadConfig, run_download
-from stages.shards import read_tar_samples, reshard
+from stages.shard_copy import reshard
+from stages.shards import read_tar_samples
 
 HOSTILE = "../../../../tmp/escaped"
 

@@ -31,10 +31,10 @@ from pipeline.stage import (
     Stage,
     earlier_source,
 )
+from stages.selection import MASK_DIR, write_kept_mask
 from stages.train.checkpoints import checkpoint_problem, choose_checkpoint, latest_checkpoint
 from stages.train.config import STATE_FILE, STEP_FILE, Tracking, TrainConfig, TrainOutputs, curve_key
 from stages.train.fit import run_train
-from stages.train.kept_mask import MASK_DIR, write_kept_mask
 from stages.train.loop import parameter_groups
 
 __all__ = [

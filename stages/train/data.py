@@ -5,7 +5,7 @@ shuffles samples in a buffer, from an RNG seeded by (seed, rank, loader worker, 
 segment is the stretch between two checkpoints, so a run resumed from a checkpoint sees exactly
 the batches an uninterrupted run would have seen.
 
-With a kept-uid mask (`stages.train.kept_mask`), the samples a strategy dropped are skipped before any
+With a kept-uid mask (`stages.selection`), the samples a strategy dropped are skipped before any
 decoding. Shards are drawn uniformly either way, and each drawn shard is read whole: every sample is
 then drawn as often as any other, however many samples its shard holds or keeps.
 """
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from stages.selection import kept_uids
 from stages.shards import image_bytes, read_tar_samples
-from stages.train.kept_mask import kept_uids
 
 
 @dataclass(frozen=True)
 class Mask:
-    """Where the kept uids of each shard are (`stages.train.kept_mask`)."""
+    """Where the kept uids of each shard are (`stages.selection`)."""
 
     folder: str
 

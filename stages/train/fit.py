@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.interrupts import note_interrupt
 from pipeline.manifest import Manifest
 from stages.mlflow_sink import MlflowSink
+from stages.selection import KeptMask
 from stages.train.checkpoints import (
     checkpoint_artifact,
     checkpoint_problem,
@@ -25,7 +26,6 @@ from stages.train.checkpoints import (
 )
 from stages.train.config import LOG_FILE, ZEROSHOT_FILE, Tracking, TrainConfig, TrainOutputs
 from stages.train.early_stop import last_step, stopped_early
-from stages.train.kept_mask import KeptMask
 from stages.train.loop import train_loop_per_worker
 
 
