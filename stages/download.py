@@ -1,9 +1,9 @@
 """Ingest: download url/caption tables into webdataset shards with img2dataset.
 
-The table is split into shard-sized parts; each part is downloaded by img2dataset's own
-`Downloader` (its HTTP, retry, resize and stats code) and written by a writer that keys every
-sample by its stable `uid`. A part is finished once img2dataset has written its stats file, which
-is what makes reruns skip finished shards.
+The table is read and split into shard-sized parts by Ray tasks (`stages.source_parts`); each
+part is downloaded by img2dataset's own `Downloader` (its HTTP, retry, resize and stats code) and
+written by a writer that keys every sample by its stable `uid`. A part is finished once img2dataset
+has written its stats file, which is what makes reruns skip finished shards.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,11 @@ from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, RunContext, Shards, SourceOutputs, Stage
 from stages.metadata_schema import RESERVED, SchemaName
 from stages.shards import SHARD_DIGITS, shard_name, successful_rows, write_sorted_by_key
-from stages.source_table import load_source, metadata_columns
+from stages.source_parts import Piece, SourcePlan, piece_rows, plan_source
+from stages.source_table import SourceTableError, metadata_columns
 
 PART_COLUMNS = ("uid", "url", "caption")
+SOURCE_DIR = "source"  # the table as normalised chunks while the stage runs (stages.source_parts)
 POOL_COLUMNS = ("uid", "caption", "original_width", "original_height")  # per downloaded sample, for filters
 # Resizer messages that mean "this image does not meet the recipe's size rules": a policy drop,
 # not a failure of the download itself.
@@ -63,13 +66,15 @@ class DownloadConfig(StrictModel):
 
 @dataclass(frozen=True)
 class DownloadPart:
-    """One shard's worth of input rows, downloaded by one task."""
+    """One shard's worth of input rows, downloaded by one task that first builds them from its pieces."""
 
     index: int
     input_path: str
     shards_dir: str
     n_rows: int
     columns: tuple[str, ...] = PART_COLUMNS  # uid, url, caption, then the table's metadata columns
+    pieces: tuple[Piece, ...] = ()  # kept rows of the source's chunks (stages.source_parts)
+    work_dir: str = ""  # where those chunks are
 
 
 @dataclass
@@ -217,52 +222,36 @@ def part_finished(shards_dir: str | Path, index: int) -> bool:
 
 def download_part(part: DownloadPart, config: DownloadConfig) -> PartResult:
     """Download one part unless its shard is already complete."""
-    part_uids = _part_uids(part)
     if part_finished(part.shards_dir, part.index):
-        return summarize_part(part, part_uids, 0.0, skipped=True)
+        parquet_path = Path(part.shards_dir) / f"{shard_name(part.index)}.parquet"
+        uids = pq.read_table(parquet_path, columns=["uid"]).column("uid").to_pylist()
+        return summarize_part(part, uids, 0.0, skipped=True)
     started = time.perf_counter()
+    rows = piece_rows(part.work_dir, part.pieces, part.columns)
+    _write_arrow(rows, Path(part.input_path))
     downloader = _build_downloader(config, part.shards_dir, part.columns)
     downloader.download_shard((part.index, part.input_path))  # raises on failure: task retries
-    return summarize_part(part, part_uids, time.perf_counter() - started, skipped=False)
+    return summarize_part(part, rows.column("uid").to_pylist(), time.perf_counter() - started, skipped=False)
 
 
-def _part_uids(part: DownloadPart) -> list[str]:
-    path = Path(part.input_path)
-    if path.exists():
-        with pa.memory_map(str(path)) as source:
-            return pa.ipc.open_file(source).read_all().column("uid").to_pylist()
-    # finished parts have had their input removed by img2dataset: read uids from the parquet
-    parquet_path = Path(part.shards_dir) / f"{shard_name(part.index)}.parquet"
-    return pq.read_table(parquet_path, columns=["uid"]).column("uid").to_pylist()
-
-
-def drop_duplicate_rows(table: pa.Table) -> tuple[pa.Table, int]:
-    """Keep the first row of each uid; identical url+caption rows are one sample."""
-    uids = table.column("uid").to_pylist()
-    seen: set[str] = set()
-    mask = []
-    for uid in uids:
-        mask.append(uid not in seen)
-        seen.add(uid)
-    n_dropped = mask.count(False)
-    return (table.filter(pa.array(mask)) if n_dropped else table), n_dropped
-
-
-def plan_parts(table: pa.Table, config: DownloadConfig, stage_dir: Path) -> list[DownloadPart]:
-    """Split the (deduplicated) table into parts; write inputs only for unfinished parts."""
+def plan_parts(plan: SourcePlan, stage_dir: Path) -> list[DownloadPart]:
+    """One part per planned group of source rows; each task writes its own input."""
     shards_dir = stage_dir / "shards"
     inputs_dir = stage_dir / "part_inputs"
     shards_dir.mkdir(parents=True, exist_ok=True)
     inputs_dir.mkdir(parents=True, exist_ok=True)
-    parts = []
-    n_parts = math.ceil(table.num_rows / config.samples_per_shard)
-    for index in range(n_parts):
-        chunk = table.slice(index * config.samples_per_shard, config.samples_per_shard)
-        input_path = inputs_dir / f"{shard_name(index)}.arrow"
-        if not part_finished(shards_dir, index):
-            _write_arrow(chunk, input_path)
-        parts.append(DownloadPart(index, str(input_path), str(shards_dir), chunk.num_rows, tuple(table.column_names)))
-    return parts
+    return [
+        DownloadPart(
+            index,
+            str(inputs_dir / f"{shard_name(index)}.arrow"),
+            str(shards_dir),
+            sum(p.stop - p.start for p in pieces),
+            plan.columns,
+            pieces,
+            plan.work_dir,
+        )
+        for index, pieces in enumerate(plan.parts)
+    ]
 
 
 def _write_arrow(table: pa.Table, path: Path) -> None:
@@ -281,15 +270,23 @@ def run_download(
 ) -> Manifest:
     """Download every row of the source table into `stage_dir/shards`; return the manifest."""
     started = time.perf_counter()
-    table = load_source(source_path, metadata, url_col, caption_col)
-    n_in = table.num_rows
-    table, n_duplicate_rows = drop_duplicate_rows(table)
-    parts = plan_parts(table, config, stage_dir)
+    existed = stage_dir.exists()
+    try:
+        source = plan_source(
+            source_path, metadata, url_col, caption_col, stage_dir / SOURCE_DIR, config.samples_per_shard, map_fn
+        )
+    except SourceTableError:
+        if not existed:  # a table that cannot be used leaves nothing behind
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    n_in, n_duplicate_rows = source.n_in, source.duplicate_rows
+    parts = plan_parts(source, stage_dir)
 
     def download_shard(part: DownloadPart) -> PartResult:  # named: Ray's dashboard shows tasks by function name
         return download_part(part, config)
 
     results = map_fn(download_shard, parts, desc="download", weight=lambda r: r.n_in)
+    shutil.rmtree(source.work_dir, ignore_errors=True)  # the table's normalised copy: every part is written
     dropped = merge_reasons(*(r.dropped for r in results))
     if n_duplicate_rows:
         dropped = merge_reasons(dropped, {"duplicate_row": n_duplicate_rows})

@@ -29,7 +29,7 @@ from pipeline.atomic import atomic_path, write_parquet
 from pipeline.manifest import Manifest, merge_reasons
 from pipeline.mapping import MapFn, local_map
 from stages.selection import MASK_DIR, KeptMask, kept_slice, verdicts_keeping, write_kept_mask
-from stages.shards import only_successes, read_tar_samples, shard_name
+from stages.shards import cut_in_order, only_successes, read_tar_samples, shard_name
 
 NOT_SELECTED = "not_selected"  # a sample outside `keep` (or undecided when copying by decisions)
 
@@ -64,28 +64,15 @@ class CopyResult:
 
 def plan_output_shards(mask: KeptMask, samples_per_shard: int, output_dir: Path) -> list[OutputShard]:
     """Cut the kept samples, input shard after input shard, into output shards of `samples_per_shard`."""
-    plan: list[OutputShard] = []
-    pieces: list[Piece] = []
-    room = samples_per_shard
-
-    def close() -> None:
-        index = len(plan)
-        path = str(output_dir / f"{shard_name(index)}.tar")
-        plan.append(OutputShard(index, path, tuple(pieces), mask.folder))
-        pieces.clear()
-
-    for tar, count in zip(mask.shards, mask.kept_per_shard, strict=True):
-        start = 0
-        while start < count:
-            take = min(room, count - start)
-            pieces.append(Piece(tar, start, start + take))
-            start, room = start + take, room - take
-            if room == 0:
-                close()
-                room = samples_per_shard
-    if pieces:
-        close()
-    return plan
+    return [
+        OutputShard(
+            index,
+            str(output_dir / f"{shard_name(index)}.tar"),
+            tuple(Piece(mask.shards[i], start, stop) for i, start, stop in group),
+            mask.folder,
+        )
+        for index, group in enumerate(cut_in_order(mask.kept_per_shard, samples_per_shard))
+    ]
 
 
 def _add_sample(tar: tarfile.TarFile, key: str, sample: dict[str, bytes]) -> None:

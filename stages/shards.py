@@ -187,3 +187,23 @@ def expected_samples(tar: Path) -> pa.Table:
         if column not in table.column_names:
             table = table.append_column(column, pa.nulls(table.num_rows, pa.int32()))
     return table.select(["uid", "original_width", "original_height"])
+
+
+def cut_in_order(counts: list[int], size: int) -> list[list[tuple[int, int, int]]]:
+    """Items `counts[i]` of each source i, taken in order and cut into groups of `size` (the last one
+    shorter): each group a list of (source, start, stop). The plan of a copy or of download parts."""
+    groups: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = size
+    for source, count in enumerate(counts):
+        start = 0
+        while start < count:
+            take = min(room, count - start)
+            current.append((source, start, start + take))
+            start, room = start + take, room - take
+            if room == 0:
+                groups.append(current)
+                current, room = [], size
+    if current:
+        groups.append(current)
+    return groups
