@@ -222,12 +222,10 @@ def part_finished(shards_dir: str | Path, index: int) -> bool:
 
 def download_part(part: DownloadPart, config: DownloadConfig) -> PartResult:
     """Download one part unless its shard is already complete."""
-    if part_finished(part.shards_dir, part.index):
-        parquet_path = Path(part.shards_dir) / f"{shard_name(part.index)}.parquet"
-        uids = pq.read_table(parquet_path, columns=["uid"]).column("uid").to_pylist()
-        return summarize_part(part, uids, 0.0, skipped=True)
-    started = time.perf_counter()
     rows = piece_rows(part.work_dir, part.pieces, part.columns)
+    if part_finished(part.shards_dir, part.index):  # an earlier run's: counted again, rows lost included
+        return summarize_part(part, rows.column("uid").to_pylist(), 0.0, skipped=True)
+    started = time.perf_counter()
     _write_arrow(rows, Path(part.input_path))
     downloader = _build_downloader(config, part.shards_dir, part.columns)
     downloader.download_shard((part.index, part.input_path))  # raises on failure: task retries

@@ -91,20 +91,21 @@ def verdicts_keeping(uids: set[str] | frozenset[str]) -> pa.Table:
 
 def _with_verdicts(rows: pa.Table, decisions: str | Path | pa.Table | None, undecided: str) -> pa.Table:
     """`rows` (uid, shard, row) with each one's keep and reason, in shard and row order; no decisions
-    at all keep every row."""
+    at all keep every row. A null keep is a drop under its reason, as a false one is."""
     n = rows.num_rows
     if decisions is None:
         table = rows.append_column("keep", pa.array(np.ones(n, bool))).append_column("reason", pa.nulls(n, pa.string()))
     else:
-        verdicts = (
-            decisions
-            if isinstance(decisions, pa.Table)
-            else pq.read_table(decisions, columns=["uid", "keep", "reason"])
-        )
-        verdicts = verdicts.select(["uid", "keep", "reason"])
+        columns = ["uid", "keep", "reason"]
+        verdicts = decisions if isinstance(decisions, pa.Table) else pq.read_table(decisions, columns=columns)
+        verdicts = verdicts.select(columns)
+        repeated = verdicts.num_rows - pc.count_distinct(verdicts.column("uid")).as_py()
+        if repeated:
+            raise ValueError(f"the decisions name {repeated:,} uid(s) more than once: one verdict per uid, please")
         verdicts = verdicts.set_column(2, "reason", verdicts.column("reason").cast(pa.string()))  # all null: type null
+        verdicts = verdicts.append_column("decided", pa.array(np.ones(verdicts.num_rows, bool)))
         table = rows.join(verdicts, "uid", join_type="left outer")
-        undecided_rows = pc.is_null(table.column("keep"))
+        undecided_rows = pc.is_null(table.column("decided"))
         reasons = pc.if_else(undecided_rows, undecided, pc.fill_null(table.column("reason"), "dropped"))
         table = table.set_column(table.column_names.index("keep"), "keep", pc.fill_null(table.column("keep"), False))
         table = table.set_column(table.column_names.index("reason"), "reason", reasons)
@@ -115,6 +116,9 @@ def write_kept_mask(
     shards: list[str], decisions: str | Path | pa.Table | None, folder: Path, undecided: str = UNDECIDED
 ) -> KeptMask:
     """Join the shards' uids with the decisions; write each shard's kept uids (in table order) under `folder`."""
+    stems = [Path(s).stem for s in shards]
+    if len(set(stems)) < len(stems):
+        raise ValueError("shards from different folders share file names: their kept-uid files would collide")
     table = _with_verdicts(_shard_rows(shards), decisions, undecided)
     keep = table.column("keep")
     dropped = _reason_counts(_reason_kinds(pc.filter(table.column("reason"), pc.invert(keep))))

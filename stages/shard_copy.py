@@ -8,7 +8,8 @@ per-sample Python objects:
 3. each output shard is written by one task that reads its pieces' tars and tables, so the copy
    runs on every node of the cluster at once.
 
-The new shards hold the same samples in the same order as one process copying them tar by tar.
+The new shards hold the same samples in the same order as one process copying them tar by tar
+(a sample missing from its tar leaves its new shard one short: the shards are planned from counts).
 Every input sample ends up kept, dropped (the decision's reason) or failed (`missing_in_tar` when a
 truncated or damaged tar lacks it); a broken input shard shows in the counts, not as a crash.
 """
@@ -96,6 +97,8 @@ def write_output_shard(shard: OutputShard) -> CopyResult:
                     _add_sample(out, key, sample)
                     written.append(key)
                     wanted.discard(key)  # a key twice in one tar is copied once
+                    if not wanted:
+                        break  # the rest of the tar is other pieces' (or dropped samples)
             rows = only_successes(pq.read_table(Path(piece.tar).with_suffix(".parquet")))
             tables.append(rows.filter(pc.is_in(rows.column("uid"), pa.array(written, pa.string()))))
             order += written

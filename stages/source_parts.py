@@ -5,14 +5,16 @@
 2. One task per chunk reads it, checks it, normalises it (uid, url, caption, then the metadata
    columns; a table's own uid kept, else derived) and writes it as arrow, with its uids also
    written into hash buckets.
-3. One task per bucket finds the rows whose uid an earlier row already had (earlier in the input
+3. One task per bucket (at most 4,096) finds the rows whose uid an earlier row already had (earlier in the input
    order: chunk, then row) and writes their row numbers per chunk. Identical url+caption rows are one
    sample: the first is kept, the others are dropped as `duplicate_row`.
 4. The driver plans the parts from per-chunk counts: each part is a few (chunk, start, stop) pieces
    of the kept rows, in input order, so the parts hold the same rows as cutting the whole table would.
    Each download task builds its own part from its pieces.
 
-Scale: the driver holds a row per chunk, per bucket and per part; each task one chunk or one bucket.
+Scale: the driver holds a row per chunk, per bucket and per part; a read task holds one chunk, a
+bucket task the uids of its bucket (about rows / 4,096: ~3M at DataComp xlarge), a download task
+its own part. Each bucket task opens every chunk's uid file (one per chunk, sorted by bucket).
 """
 
 from __future__ import annotations
@@ -30,14 +32,21 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
 from pipeline.mapping import MapFn, local_map
-from stages.metadata_schema import SchemaName, resolve
+from stages.metadata_schema import MetadataSchema, SchemaName, resolve
 from stages.shards import cut_in_order
-from stages.source_table import SourceTableError, detect_format, expand_table_paths, normalise_table, read_table
+from stages.source_table import (
+    SourceTableError,
+    detect_format,
+    expand_table_paths,
+    first_file_columns,
+    normalise_table,
+    read_table,
+)
 
 ROWS_PER_CHUNK = 1_000_000  # rows one task reads and normalises at once
-MAX_BUCKETS = 256
-# the tasks' name in the dashboard and their progress file (`<run>/download/source/progress.json`)
-TASKS = "download/source"
+MAX_BUCKETS = 4096  # a bucket task holds about rows / buckets uids: ~3M at DataComp xlarge
+# the tasks' names in the dashboard; their progress files go under `<run>/download/source/`, the work dir
+READ_TASKS, DUPLICATE_TASKS = "download/source/read", "download/source/duplicates"
 
 
 @dataclass(frozen=True)
@@ -49,11 +58,9 @@ class Chunk:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """How to read the table's columns (see `stages.metadata_schema`), and where tasks write."""
+    """How to read the table's columns (resolved once, from its first file), and where tasks write."""
 
-    schema: SchemaName
-    url_col: str | None
-    caption_col: str | None
+    layout: MetadataSchema
     work_dir: str
     n_buckets: int
 
@@ -145,12 +152,19 @@ def _rows_file(work_dir: str | Path, chunk: int) -> Path:
     return Path(work_dir) / "rows" / f"{chunk:07d}.arrow"
 
 
+def _uids_file(work_dir: str | Path, chunk: int) -> Path:
+    return Path(work_dir) / "uids" / f"{chunk:07d}.arrow"
+
+
 def normalise_chunk(chunk: Chunk, spec: SourceSpec) -> ChunkResult:
-    """Read, check and normalise one chunk; write it, and its uids by bucket. A table that cannot be
-    used comes back as the one-line error, not raised: a retry would not mend it."""
+    """Read, check and normalise one chunk; write it, and its (uid, row) sorted by bucket with the
+    buckets' offsets. A table that cannot be used comes back as the one-line error, not raised: a
+    retry would not mend it."""
     try:
         raw = _read_chunk(chunk)
-        table = normalise_table(raw, resolve(raw.column_names, spec.schema, spec.url_col, spec.caption_col), chunk.path)
+        if spec.layout.uid and spec.layout.uid not in raw.column_names:
+            raise SourceTableError(f"{chunk.path}: missing column '{spec.layout.uid}' (the first table has its uids)")
+        table = normalise_table(raw, spec.layout, chunk.path)
     except SourceTableError as err:
         return ChunkResult(chunk.index, 0, None, str(err))
     except ValueError as err:
@@ -158,56 +172,58 @@ def normalise_chunk(chunk: Chunk, spec: SourceSpec) -> ChunkResult:
     _write_arrow(table, _rows_file(spec.work_dir, chunk.index))
     uids = table.column("uid")
     buckets = _bucket_of(uids.to_pylist(), spec.n_buckets)
-    rows = np.arange(table.num_rows, dtype=np.int64)
-    for bucket in np.unique(buckets):
-        where = buckets == bucket
-        part = pa.table({"uid": uids.filter(pa.array(where)), "row": rows[where]})
-        _write_arrow(part, Path(spec.work_dir) / "uids" / f"{bucket:04d}" / f"{chunk.index:07d}.arrow")
+    order = np.argsort(buckets, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(buckets, minlength=spec.n_buckets))])
+    by_bucket = pa.table({"uid": uids.take(pa.array(order)), "row": order.astype(np.int64)})
+    by_bucket = by_bucket.replace_schema_metadata({"offsets": ",".join(map(str, offsets.tolist()))})
+    _write_arrow(by_bucket, _uids_file(spec.work_dir, chunk.index))
     return ChunkResult(chunk.index, table.num_rows, table.schema)
 
 
 def find_duplicate_rows(bucket: int, spec: SourceSpec) -> dict[int, int]:
     """Rows of this bucket whose uid an earlier row (chunk, then row) had: written per chunk; counts back."""
-    files = sorted((Path(spec.work_dir) / "uids" / f"{bucket:04d}").glob("*.arrow"))
-    if not files:
-        return {}
     tables = []
-    for file in files:
+    for file in sorted((Path(spec.work_dir) / "uids").glob("*.arrow")):
         table = _read_arrow(file)
-        tables.append(table.append_column("chunk", pa.array(np.full(table.num_rows, int(file.stem), np.int64))))
-    table = pa.concat_tables(tables)
+        offsets = [int(x) for x in table.schema.metadata[b"offsets"].split(b",")]
+        part = table.slice(offsets[bucket], offsets[bucket + 1] - offsets[bucket])
+        tables.append(part.append_column("chunk", pa.array(np.full(part.num_rows, int(file.stem), np.int64))))
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or table.num_rows < 2:
+        return {}
     table = table.take(pc.sort_indices(table, [("uid", "ascending"), ("chunk", "ascending"), ("row", "ascending")]))
     uids = table.column("uid")
     repeated = np.zeros(table.num_rows, bool)
-    if table.num_rows > 1:
-        repeated[1:] = pc.equal(uids.slice(1), uids.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
-    dropped = table.filter(pa.array(repeated))
+    repeated[1:] = pc.equal(uids.slice(1), uids.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
+    chunks, rows = table.column("chunk").to_numpy()[repeated], table.column("row").to_numpy()[repeated]
     counts: dict[int, int] = {}
-    chunks = dropped.column("chunk").to_numpy()
     for chunk in np.unique(chunks):
-        rows = dropped.column("row").to_numpy()[chunks == chunk]
+        mine = np.sort(rows[chunks == chunk])
         path = Path(spec.work_dir) / "drops" / f"{chunk:07d}" / f"{bucket:04d}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.sort(rows))
-        counts[int(chunk)] = len(rows)
+            np.save(f, mine)
+        counts[int(chunk)] = len(mine)
     return counts
 
 
-def chunk_rows(work_dir: str | Path, chunk: int) -> pa.Table:
-    """A chunk's normalised rows without the duplicates the bucket tasks found."""
-    table = _read_arrow(_rows_file(work_dir, chunk))
+def _kept_indices(work_dir: str | Path, chunk: int, n_rows: int) -> np.ndarray:
+    """The rows of a chunk that no duplicate finding dropped, in order."""
     drops = [np.load(p) for p in sorted((Path(work_dir) / "drops" / f"{chunk:07d}").glob("*.npy"))]
     if not drops:
-        return table
-    keep = np.ones(table.num_rows, bool)
+        return np.arange(n_rows)
+    keep = np.ones(n_rows, bool)
     keep[np.concatenate(drops)] = False
-    return table.filter(pa.array(keep))
+    return np.flatnonzero(keep)
 
 
 def piece_rows(work_dir: str | Path, pieces: tuple[Piece, ...], columns: tuple[str, ...]) -> pa.Table:
-    """One part's rows, every column present (nulls where a chunk lacked one), in `columns`' order."""
-    tables = [chunk_rows(work_dir, p.chunk).slice(p.start, p.stop - p.start) for p in pieces]
+    """One part's rows, every column present (nulls where a chunk lacked one), in `columns`' order.
+    Only the part's own rows are taken from each (memory-mapped) chunk."""
+    tables = []
+    for p in pieces:
+        chunk = _read_arrow(_rows_file(work_dir, p.chunk))
+        tables.append(chunk.take(pa.array(_kept_indices(work_dir, p.chunk, chunk.num_rows)[p.start : p.stop])))
     table = pa.concat_tables(tables, promote_options="default")
     for name in columns:
         if name not in table.column_names:
@@ -252,7 +268,11 @@ def plan_source(
     shutil.rmtree(work_dir, ignore_errors=True)  # a killed run's chunks, buckets and drops: made anew
     try:
         chunks = source_chunks(path, rows_per_chunk)
-        spec = SourceSpec(schema, url_col, caption_col, str(work_dir), min(MAX_BUCKETS, max(1, len(chunks))))
+        try:
+            layout = resolve(first_file_columns(path), schema, url_col, caption_col)
+        except ValueError as err:
+            raise (err if isinstance(err, SourceTableError) else SourceTableError(f"{path}: {err}")) from None
+        spec = SourceSpec(layout, str(work_dir), min(MAX_BUCKETS, max(1, len(chunks))))
 
         def read_table_chunk(chunk: Chunk) -> ChunkResult:  # named: Ray's dashboard shows tasks by function name
             return normalise_chunk(chunk, spec)
@@ -260,14 +280,14 @@ def plan_source(
         def find_duplicates(bucket: int) -> dict[int, int]:
             return find_duplicate_rows(bucket, spec)
 
-        results = map_fn(read_table_chunk, chunks, desc=TASKS, weight=lambda r: r.rows)
+        results = map_fn(read_table_chunk, chunks, desc=READ_TASKS, weight=lambda r: r.rows)
         error = next((r.error for r in results if r.error), None)
         if error:
             raise SourceTableError(error)
         if sum(r.rows for r in results) == 0:
             raise SourceTableError(f"{path}: the table has no rows")
         columns = _unified_columns(path, results)
-        drops = map_fn(find_duplicates, list(range(spec.n_buckets)), desc=TASKS)
+        drops = map_fn(find_duplicates, list(range(spec.n_buckets)), desc=DUPLICATE_TASKS)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise

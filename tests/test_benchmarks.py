@@ -44,3 +44,34 @@ def test_the_search_benchmark_runs_exact_in_a_process_of_its_own():
     row = load_benchmark("dedupe").bench_search(3000, 8, 40)
     assert row["extra"]["recall"] == 1.0 and row["extra"]["pairs"] >= 30  # 1% planted near-duplicates
     assert row["extra"]["rss_peak_during_search_mib"] >= row["extra"]["rss_before_search_mib"] > 0
+
+
+def test_the_scale_benchmark_runs_the_stages_on_its_synthetic_pool(tmp_path):
+    """Its tiny setting, as a user runs it by hand at 1M and 10M rows: every stage timed, memory read,
+    and the strategy kept some rows and dropped others."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "scale.py"
+    args = [
+        "--rows",
+        "3000",
+        "--per-shard",
+        "1000",
+        "--dim",
+        "16",
+        "--clusters",
+        "5",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = json.loads((tmp_path / "r.json").read_text())
+    extra = row["extra"]
+    assert set(extra["stage_seconds"]) == {"dedupe", "filter", "subset_decisions"} and row["ours"] > 0
+    assert extra["driver_peak_rss_mib"] >= extra["driver_rss_after_writing_mib"] > 0
+    assert extra["largest_worker_peak_rss_mib"] > 0  # the filter's k-means ran as Ray tasks
+    assert 0 < extra["kept"] < extra["dedupe_kept"] < 3000  # 1% planted near-duplicates went first

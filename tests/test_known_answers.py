@@ -209,18 +209,18 @@ def test_kept_uids_per_shard_in_table_order_and_every_other_sample_under_its_fol
     is undecided, and a failed download is not a sample at all."""
     shards = []
     for name, uids, status in [("00000", ["e", "a", "b", "x"], ["success"] * 3 + ["failed_to_download"]),
-                               ("00001", ["f", "c", "d", "u"], ["success"] * 4)]:  # fmt: skip
+                               ("00001", ["f", "c", "d", "u", "g"], ["success"] * 5)]:  # fmt: skip
         pq.write_table(pa.table({"uid": uids, "status": status}), tmp_path / f"{name}.parquet")
         shards.append(str(tmp_path / f"{name}.tar"))
     decisions = pa.table(
         {
-            "uid": ["a", "b", "c", "d", "e", "f", "x"],
-            "keep": [True, False, False, False, True, False, True],
-            "reason": [None, "duplicate_of:a", "eval_duplicate_of:z", "failed:decode_error", None, None, None],
+            "uid": ["a", "b", "c", "d", "e", "f", "x", "g"],
+            "keep": [True, False, False, False, True, False, True, None],
+            "reason": [None, "duplicate_of:a", "eval_duplicate_of:z", "failed:decode_error", None, None, None, "nsfw"],
         }
     )
     mask = write_kept_mask(shards, decisions, tmp_path / "kept", undecided="undecided")
-    assert mask.in_count == 7 and mask.shards == [shards[0]] and mask.kept_per_shard == [2]
+    assert mask.in_count == 8 and mask.shards == [shards[0]] and mask.kept_per_shard == [2]
     assert kept_slice(mask.folder, shards[0], 0, 2) == ["e", "a"]  # the table's order, not the uids'
     assert not (tmp_path / "kept" / "00001.parquet").exists()  # a shard that keeps nothing has no file
     assert mask.dropped == {
@@ -228,8 +228,12 @@ def test_kept_uids_per_shard_in_table_order_and_every_other_sample_under_its_fol
         "duplicate_of": 1,
         "eval_duplicate_of": 1,
         "failed:decode_error": 1,
+        "nsfw": 1,  # g: a null keep is a drop under its reason
         "undecided": 1,  # u
     }
+    twice = pa.concat_tables([decisions, decisions.slice(0, 1)])
+    with pytest.raises(ValueError, match="1 uid\\(s\\) more than once"):
+        write_kept_mask(shards, twice, tmp_path / "kept2")
 
 
 # --- filter: strategy inputs ---------------------------------------------------------------------

@@ -94,3 +94,16 @@ def test_a_chunk_that_cannot_be_used_stops_the_plan_in_one_line_and_leaves_nothi
     (table_folder / "3.csv").write_text("url,caption,punsafe\nhttp://x/1.jpg,one,high\n")
     with pytest.raises(SourceTableError, match="tables do not share a schema"):
         plan_source(str(table_folder), "auto", None, None, tmp_path / "work", 5)
+
+
+def test_a_table_whose_first_file_has_its_own_uids_needs_them_in_every_file(tmp_path):
+    """DataComp's layout is read from the first file; a later file without uids is refused, not given
+    derived ones."""
+    folder = tmp_path / "datacomp"
+    folder.mkdir()
+    pq.write_table(
+        pa.table({"uid": ["a" * 32], "url": ["http://x/1.jpg"], "text": ["one two three"]}), folder / "0.parquet"
+    )
+    pq.write_table(pa.table({"url": ["http://x/2.jpg"], "text": ["four five six"]}), folder / "1.parquet")
+    with pytest.raises(SourceTableError, match="1.parquet: missing column 'uid'"):
+        plan_source(str(folder), "auto", None, None, tmp_path / "work", 5)
