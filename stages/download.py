@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from pipeline.atomic import Partial, atomic_path, write_parquet
+from pipeline.atomic import Partial, write_parquet
 from pipeline.budget import human_bytes, storage_estimate
 from pipeline.manifest import Manifest, count_reasons, merge_reasons
 from pipeline.mapping import MapFn, local_map
@@ -29,7 +29,7 @@ from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, RunContext, Shards, SourceOutputs, Stage
 from stages.metadata_schema import RESERVED, SchemaName
 from stages.shards import SHARD_DIGITS, shard_name, successful_rows, write_sorted_by_key
-from stages.source_parts import Piece, SourcePlan, piece_rows, plan_source
+from stages.source_parts import Piece, SourcePlan, piece_rows, plan_source, write_arrow
 from stages.source_table import SourceTableError, metadata_columns
 
 PART_COLUMNS = ("uid", "url", "caption")
@@ -226,7 +226,7 @@ def download_part(part: DownloadPart, config: DownloadConfig) -> PartResult:
     if part_finished(part.shards_dir, part.index):  # an earlier run's: counted again, rows lost included
         return summarize_part(part, rows.column("uid").to_pylist(), 0.0, skipped=True)
     started = time.perf_counter()
-    _write_arrow(rows, Path(part.input_path))
+    write_arrow(rows, Path(part.input_path))
     downloader = _build_downloader(config, part.shards_dir, part.columns)
     downloader.download_shard((part.index, part.input_path))  # raises on failure: task retries
     return summarize_part(part, rows.column("uid").to_pylist(), time.perf_counter() - started, skipped=False)
@@ -250,11 +250,6 @@ def plan_parts(plan: SourcePlan, stage_dir: Path) -> list[DownloadPart]:
         )
         for index, pieces in enumerate(plan.parts)
     ]
-
-
-def _write_arrow(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
 
 
 def run_download(

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, write_parquet
-from pipeline.manifest import Manifest, merge_reasons
+from pipeline.manifest import Manifest
 from pipeline.mapping import MapFn, local_map
 from stages.selection import MASK_DIR, KeptMask, kept_slice, verdicts_keeping, write_kept_mask
 from stages.shards import cut_in_order, only_successes, read_tar_samples, shard_name
@@ -141,7 +141,7 @@ def reshard(
         stage=stage,
         **{"in": mask.in_count},
         kept=sum(r.written for r in results),
-        dropped=merge_reasons(mask.dropped),
+        dropped=dict(mask.dropped),
         failed={"missing_in_tar": missing} if missing else {},
         outputs={"shards_dir": str(output_dir), "n_shards": str(len(written))},
         seconds=time.perf_counter() - started,

@@ -41,6 +41,7 @@ from stages.source_table import (
     first_file_columns,
     normalise_table,
     read_table,
+    unreadable,
 )
 
 ROWS_PER_CHUNK = 1_000_000  # rows one task reads and normalises at once
@@ -82,20 +83,13 @@ class Piece:
     stop: int
 
 
-def _cannot_read(path: str, err: Exception) -> SourceTableError:
-    if isinstance(err, FileNotFoundError):
-        return SourceTableError(f"{path}: file not found")
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return SourceTableError(f"{path}: cannot read {detect_format(path)} table: {first_line}")
-
-
 def _parquet_chunks(path: str, rows_per_chunk: int) -> list[tuple[int, ...]]:
     """Consecutive row groups of a parquet file, grouped up to `rows_per_chunk` rows (from its footer)."""
     try:
         with fsspec.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
     except (FileNotFoundError, pa.ArrowInvalid, OSError) as err:
-        raise _cannot_read(path, err) from err
+        raise unreadable(path, err) from err
     groups: list[tuple[int, ...]] = []
     current: list[int] = []
     rows = 0
@@ -128,7 +122,7 @@ def _read_chunk(chunk: Chunk) -> pa.Table:
         with fsspec.open(chunk.path, "rb") as f:
             return pq.ParquetFile(f).read_row_groups(list(chunk.row_groups))
     except (FileNotFoundError, pa.ArrowInvalid, OSError) as err:
-        raise _cannot_read(chunk.path, err) from err
+        raise unreadable(chunk.path, err) from err
 
 
 def _bucket_of(uids: list[str], n_buckets: int) -> np.ndarray:
@@ -137,7 +131,8 @@ def _bucket_of(uids: list[str], n_buckets: int) -> np.ndarray:
     return np.fromiter((int.from_bytes(d, "little") % n_buckets for d in digests), np.int64, len(uids))
 
 
-def _write_arrow(table: pa.Table, path: Path) -> None:
+def write_arrow(table: pa.Table, path: Path) -> None:
+    """An arrow IPC file, atomically (img2dataset reads a part's input in this format)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -169,14 +164,14 @@ def normalise_chunk(chunk: Chunk, spec: SourceSpec) -> ChunkResult:
         return ChunkResult(chunk.index, 0, None, str(err))
     except ValueError as err:
         return ChunkResult(chunk.index, 0, None, f"{chunk.path}: {err}")
-    _write_arrow(table, _rows_file(spec.work_dir, chunk.index))
+    write_arrow(table, _rows_file(spec.work_dir, chunk.index))
     uids = table.column("uid")
     buckets = _bucket_of(uids.to_pylist(), spec.n_buckets)
     order = np.argsort(buckets, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(np.bincount(buckets, minlength=spec.n_buckets))])
     by_bucket = pa.table({"uid": uids.take(pa.array(order)), "row": order.astype(np.int64)})
     by_bucket = by_bucket.replace_schema_metadata({"offsets": ",".join(map(str, offsets.tolist()))})
-    _write_arrow(by_bucket, _uids_file(spec.work_dir, chunk.index))
+    write_arrow(by_bucket, _uids_file(spec.work_dir, chunk.index))
     return ChunkResult(chunk.index, table.num_rows, table.schema)
 
 

@@ -77,11 +77,16 @@ def read_table(path: str) -> pa.Table:
             if fmt == "csv":
                 return pacsv.read_csv(f)
             return pajson.read_json(f)
-    except FileNotFoundError as err:
-        raise SourceTableError(f"{path}: file not found") from err
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SourceTableError(f"{path}: cannot read {fmt} table: {first_line}") from err
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:  # FileNotFoundError is an OSError
+        raise unreadable(path, err) from err
+
+
+def unreadable(path: str, err: Exception) -> SourceTableError:
+    """The one line for a table file that cannot be opened or parsed."""
+    if isinstance(err, FileNotFoundError):
+        return SourceTableError(f"{path}: file not found")
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return SourceTableError(f"{path}: cannot read {detect_format(path)} table: {first_line}")
 
 
 def normalise_table(table: pa.Table, schema: MetadataSchema, source: str) -> pa.Table:
