@@ -6,8 +6,10 @@
     process) and by our code, both as the batched kernel in one process and as the phash stage
     on Ray (one task per shard). Prints images/s, ratios, and how many hashes differ (must be 0).
     The floor is the work bit-identity forces, measured in the same run: PIL open, decode,
-    `convert("L")` and the 32x32 LANCZOS resize per image on one core, times the cores a side uses
-    (1 for the kernel, all for the stage).
+    `convert("L")` and the 32x32 LANCZOS resize per image, on one core for the kernel and on every
+    core at once (one process each) for the stage; one core's floor times the cores is printed too.
+    Each round measures every side once, side by side, so the machine's drift hits all alike; rates
+    are medians over rounds, ratios are taken within a round (median and min-max).
 (2) Search: n random 64-bit hashes plus 1% planted near-duplicates (up to k flipped bits), each
     size and radius in a fresh process: time (numba's compile, or the load of its cache, is timed
     apart, before), the process's RSS before the search and at its peak during it, and recall
@@ -42,89 +44,156 @@ from scene_shards import write_scene_shards  # noqa: E402
 
 
 def bench_hashing(args: argparse.Namespace) -> list[dict]:
+    import multiprocessing
+
     import imagehash
     import ray
     from PIL import Image
 
     from pipeline.executor import make_ray_map
     from pipeline.runtime import local_worker_env
-    from stages.phash import HashConfig, decode_thumbnail, phash_pixels, read_hash_tables, run_hash, to_hex
+    from stages.phash import HashConfig, decode_grey, phash_pixels, read_hash_tables, run_hash, stack_thumbnails, to_hex
     from stages.shards import read_tar_samples
 
     work = Path(tempfile.mkdtemp(prefix="bench-dedupe-"))
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use, as Ray counts them
+    shards = write_scene_shards(work, args.images, args.image_size, args.shard_size)
+    payloads = [(k, s["jpg"]) for t in shards for k, s in read_tar_samples(t)]
+    _PAYLOADS[:] = [b for _, b in payloads]  # the floor's worker processes inherit them
+    n = len(payloads)
+    rounds: list[dict[str, float]] = []
+    # forked before Ray starts: the parallel floor's workers, one per core, kept for every round
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(cores)
     try:
-        shards = write_scene_shards(work, args.images, args.image_size, args.shard_size)
-        payloads = [(k, s["jpg"]) for t in shards for k, s in read_tar_samples(t)]
-
-        started = time.perf_counter()
-        reference = {k: str(imagehash.phash(Image.open(io.BytesIO(b)))) for k, b in payloads}
-        t_loop = time.perf_counter() - started
-
-        floor_per_core = decode_floor(payloads)
-
-        started = time.perf_counter()
-        thumbs = np.stack([decode_thumbnail(b)[0] for _, b in payloads])
-        kernel = dict(zip((k for k, _ in payloads), (to_hex(h) for h in phash_pixels(thumbs)), strict=True))
-        t_kernel = time.perf_counter() - started
-
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            _temp_dir=ray_tmp,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": local_worker_env()},
-        )
-        run_hash(work, HashConfig(), work / "warm", map_fn=make_ray_map())  # start the workers
-        started = time.perf_counter()
-        run_hash(work, HashConfig(), work / "stage", map_fn=make_ray_map())
-        t_stage = time.perf_counter() - started
-        table = read_hash_tables(work / "stage" / "hashes")
-        stage = {
-            u: to_hex(h)
-            for u, h in zip(table.column("uid").to_pylist(), table.column("phash").to_pylist(), strict=True)
-        }
-        ray.shutdown()
+        with context.Pool(cores, initializer=_keep_barrier, initargs=(barrier,)) as floor_pool:
+            ray.init(
+                num_cpus=cores,
+                include_dashboard=False,
+                _temp_dir=ray_tmp,
+                logging_level=logging.WARNING,
+                runtime_env={"env_vars": local_worker_env()},
+            )
+            run_hash(work, HashConfig(), work / "warm", map_fn=make_ray_map())  # start the workers
+            for r in range(args.rounds):  # every side once per round, side by side: drift hits all alike
+                started = time.perf_counter()
+                reference = {k: str(imagehash.phash(Image.open(io.BytesIO(b)))) for k, b in payloads}
+                t_loop = time.perf_counter() - started
+                floor_one = decode_floor(payloads)
+                started = time.perf_counter()
+                kernel = {}
+                for start in range(0, n, args.shard_size):  # a shard at a time, as the stage's tasks hash
+                    shard = payloads[start : start + args.shard_size]
+                    hashes = phash_pixels(stack_thumbnails([decode_grey(b)[0] for _, b in shard]))
+                    kernel.update(zip((k for k, _ in shard), (to_hex(h) for h in hashes), strict=True))
+                t_kernel = time.perf_counter() - started
+                floor_all = parallel_floor(floor_pool, cores)
+                started = time.perf_counter()
+                run_hash(work, HashConfig(), work / f"stage-{r}", map_fn=make_ray_map())
+                t_stage = time.perf_counter() - started
+                table = read_hash_tables(work / f"stage-{r}" / "hashes")
+                stage = {
+                    u: to_hex(h)
+                    for u, h in zip(table.column("uid").to_pylist(), table.column("phash").to_pylist(), strict=True)
+                }
+                rounds.append(
+                    {
+                        "loop": n / t_loop,
+                        "floor_one_core": floor_one,
+                        "kernel": n / t_kernel,
+                        "floor_all_cores": floor_all,
+                        "stage": n / t_stage,
+                        "differ_kernel": sum(reference[k] != v for k, v in kernel.items()),
+                        "differ_stage": sum(reference[k] != stage.get(k) for k in reference),
+                    }
+                )
     finally:
+        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    n = len(payloads)
-    differ_kernel = sum(reference[k] != v for k, v in kernel.items())
-    differ_stage = sum(reference[k] != stage.get(k) for k in reference)
-    print(f"[hashing] {n} JPEGs of {args.image_size}px in {len(shards)} shards, {os.cpu_count()} cores")
-    cores = os.cpu_count() or 1
-    print(f"  imagehash.phash loop (1 process):   {n / t_loop:8.0f} images/s")
-    print(f"  floor (PIL decode, grey, resize):   {floor_per_core:8.0f} images/s per core")
-    params = {"images": n, "image_size": args.image_size, "shards": len(shards)}
+    return report_hashing(rounds, n, len(shards), cores, args.image_size)
+
+
+_PAYLOADS: list[bytes] = []
+_BARRIER = None
+
+
+def _keep_barrier(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def _floor_slice(bounds: tuple[int, int]) -> tuple[float, float]:
+    """In a floor worker: wait until every worker holds its slice, then decode it; (start, end) times."""
+    from PIL import Image
+
+    _BARRIER.wait(timeout=60)  # a worker that died breaks the barrier instead of hanging the rest
+    started = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+    for payload in _PAYLOADS[bounds[0] : bounds[1]]:
+        with Image.open(io.BytesIO(payload)) as image:
+            image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    return started, time.perf_counter()
+
+
+def parallel_floor(pool, cores: int) -> float:
+    """Images/s of the floor's PIL calls run on every core at once, measured rather than assumed:
+    two processes on two cores need not do twice one's work (shared caches, memory bandwidth)."""
+    edges = np.linspace(0, len(_PAYLOADS), cores + 1).astype(int)
+    slices = list(zip(edges[:-1], edges[1:], strict=True))
+    spans = pool.map_async(_floor_slice, slices, chunksize=1).get(timeout=600)
+    return len(_PAYLOADS) / (max(end for _, end in spans) - min(start for start, _ in spans))
+
+
+def report_hashing(rounds: list[dict[str, float]], n: int, shards: int, cores: int, image_size: int) -> list[dict]:
+    """Per side: the median rate over rounds; ratios are taken within each round (median, min-max)."""
+
+    def median(key: str) -> float:
+        return float(np.median([r[key] for r in rounds]))
+
+    def spread(ours: str, floor: str, scale: float = 1.0) -> tuple[float, float, float]:
+        ratios = [r[ours] / (r[floor] * scale) for r in rounds]
+        return float(np.median(ratios)), min(ratios), max(ratios)
+
+    print(f"[hashing] {n} JPEGs of {image_size}px in {shards} shards, {cores} cores, {len(rounds)} rounds (medians)")
+    print(f"  imagehash.phash loop (1 process):   {median('loop'):8.0f} images/s")
+    print(f"  floor (PIL decode, grey, resize):   {median('floor_one_core'):8.0f} images/s on one core")
+    print(f"                                      {median('floor_all_cores'):8.0f} images/s on {cores} cores at once")
+    params = {"images": n, "image_size": image_size, "shards": shards, "rounds": len(rounds)}
     results = []
-    for name, label, seconds, differ, used in (
-        ("phash_kernel", "batched kernel (1 process):       ", t_kernel, differ_kernel, 1),
-        ("phash_stage", "phash stage (Ray, task per shard):", t_stage, differ_stage, cores),
-    ):
-        floor = floor_per_core * used
+    sides = (
+        ("phash_kernel", "batched kernel (1 process):       ", "kernel", "floor_one_core", 1, "differ_kernel"),
+        ("phash_stage", "phash stage (Ray, task per shard):", "stage", "floor_all_cores", cores, "differ_stage"),
+    )
+    for name, label, key, floor_key, used, differ_key in sides:
+        of_loop = spread(key, "loop")[0]
+        ratio, low, high = spread(key, floor_key)
+        per_core, per_core_low, per_core_high = spread(key, "floor_one_core", used)
+        differ = max(int(r[differ_key]) for r in rounds)
         print(
-            f"  {label} {n / seconds:8.0f} images/s   ratio {t_loop / seconds:.2f}x   "
-            f"{n / seconds / floor:.2f}x of the floor on {used} core(s)   differing hashes: {differ}"
+            f"  {label} {median(key):8.0f} images/s   {of_loop:.2f}x the loop   "
+            f"{ratio:.2f}x of the floor on {used} core(s) ({low:.2f}-{high:.2f})   "
+            f"one core's floor x {used}: {per_core:.2f}x ({per_core_low:.2f}-{per_core_high:.2f})   "
+            f"differing hashes: {differ}"
         )
-        results.append(
-            result(name, n / seconds, n / t_loop, "images/s", params, floor=floor, differing_hashes=differ, cores=used)
-        )
+        extra = {"of_floor_min": low, "of_floor_max": high, "of_one_core_floor_times_cores": per_core}
+        extra |= {"differing_hashes": differ, "cores": used, "rounds": rounds}
+        row = result(name, median(key), median("loop"), "images/s", params, floor=median(floor_key), **extra)
+        row["ratio"] = of_loop  # within rounds, as the floor's
+        results.append(row)
     return results
 
 
 def decode_floor(payloads: list[tuple[str, bytes]]) -> float:
     """Images/s on one core of what a bit-identical pHash cannot skip: imagehash's own PIL calls
-    (open, decode, grey, 32x32 LANCZOS), with the DCT and median left out. Best of two passes."""
+    (open, decode, grey, 32x32 LANCZOS), with the DCT and median left out. One pass, as ours."""
     from PIL import Image
 
-    best = float("inf")
-    for _ in range(2):
-        started = time.perf_counter()
-        for _, payload in payloads:
-            with Image.open(io.BytesIO(payload)) as image:
-                image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
-        best = min(best, time.perf_counter() - started)
-    return len(payloads) / best
+    started = time.perf_counter()
+    for _, payload in payloads:
+        with Image.open(io.BytesIO(payload)) as image:
+            image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    return len(payloads) / (time.perf_counter() - started)
 
 
 def bench_search(n: int, k: int, queries: int) -> dict:
@@ -225,6 +294,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3, help="hashing: every side once per round")
     parser.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--k", type=int, nargs="*", default=[4, 8], help="Hamming radii searched")
     parser.add_argument("--queries", type=int, default=1000)

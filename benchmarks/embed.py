@@ -6,8 +6,9 @@
 Both sides embed the same webdataset shards (rendered scenes with captions) with the same
 randomly initialised open_clip model: decode, preprocess, encode image and text, cosine. The
 baseline is what one writes by hand: one process, torch's default threads, a Python loop over
-the shards in batches. The stage runs Ray Data read tasks feeding an actor pool (one model per
-actor). Prints samples/s and the ratio, measured in the same run. Run by hand, not in CI.
+the shards in batches (the model on the GPU when there is one). The stage runs Ray Data read
+tasks, then decoding tasks (on a GPU; on CPU each replica decodes), feeding an actor pool (one model
+per actor). Prints samples/s and the ratio, measured in the same run. Run by hand, not in CI.
 `--json PATH` writes the result in the benchmarks' format (benchmark_result.py): the stage's
 steady state against the loop's (the loop is warmed on one shard first), end to end beside it.
 
@@ -36,21 +37,27 @@ from scene_shards import write_scene_shards  # noqa: E402
 
 
 def single_process_loop(shards: list[Path], model_dir: str, batch_size: int) -> int:
-    """The hand-written baseline: decode, preprocess and embed in one process."""
+    """The hand-written baseline: decode, preprocess and embed in one process (the model on the GPU,
+    with the stage's bf16 autocast, when there is one)."""
+    import contextlib
+
     import torch
     from PIL import Image
 
     from stages import clip_models
     from stages.shards import read_tar_samples
 
-    model, preprocess, tokenizer = clip_models.load(Path(model_dir))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, preprocess, tokenizer = clip_models.load(Path(model_dir), device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     done = 0
 
     def flush(images, captions):
-        with torch.inference_mode():
-            image = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
-            text = model.encode_text(tokenizer(captions), normalize=True)
-            (image * text).sum(dim=1).numpy()
+        with torch.inference_mode(), autocast:
+            pixels = torch.stack([preprocess(im) for im in images]).to(device)
+            image = model.encode_image(pixels, normalize=True)
+            text = model.encode_text(tokenizer(captions).to(device), normalize=True)
+            (image * text).sum(dim=1).float().cpu().numpy()
 
     images, captions = [], []
     for tar in shards:
@@ -65,6 +72,25 @@ def single_process_loop(shards: list[Path], model_dir: str, batch_size: int) -> 
         flush(images, captions)
         done += len(images)
     return done
+
+
+def preprocess_alone(shard: Path, model_dir: str, batch_size: int) -> float:
+    """Samples/s of one core decoding, resizing and tokenising (the stage's own CPU step), no model:
+    with the replicas on GPUs, the CPUs left to these tasks set a second floor."""
+    import numpy as np
+
+    from stages.embed import read_shard
+    from stages.embed_inputs import InputSpec, Preparer
+
+    rows = list(read_shard({"tar": str(shard)}))
+    prepare = Preparer(InputSpec(model_dir, threads=1))
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    columns = [{k: np.array([r[k] for r in b], dtype=object) for k in b[0]} for b in batches]
+    prepare(columns[0])  # warm-up
+    started = time.perf_counter()
+    for batch in columns:
+        prepare(batch)
+    return len(rows) / (time.perf_counter() - started)
 
 
 def model_alone(model_dir: str, batch_size: int, batches: int = 6) -> float:
@@ -106,6 +132,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--actors", type=int, default=None, help="default: one per CPU (or GPU)")
     parser.add_argument("--threads-per-actor", type=int, default=1)
+    parser.add_argument("--unique", type=int, default=None, help="render this many scenes and repeat them")
+    parser.add_argument("--loop-images", type=int, default=None, help="the loop on this many (default: all)")
+    parser.add_argument("--preprocess-in", default="auto", choices=["auto", "tasks", "actor"])
     parser.add_argument("--json", default=None, help="write the result here (benchmark_result.py's format)")
     args = parser.parse_args()
 
@@ -114,12 +143,12 @@ def main() -> None:
 
     from pipeline.runtime import local_worker_env
     from stages import clip_models
-    from stages.embed import EmbedConfig, run_embed
+    from stages.embed import EmbedConfig, prepare_in_tasks, run_embed
 
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     try:
-        shards = write_scene_shards(work / "shards", args.images, args.size, args.per_shard)
+        shards = write_scene_shards(work / "shards", args.images, args.size, args.per_shard, args.unique)
         torch.manual_seed(0)
         model, *_ = clip_models.create(args.model)
         model_dir = str(clip_models.save(model, args.model, work / "model"))
@@ -129,12 +158,19 @@ def main() -> None:
         )
 
         single_process_loop(shards[:1], model_dir, args.batch_size)  # warm caches, as the stage's actors warm up
+        loop_shards = shards[: -(-args.loop_images // args.per_shard)] if args.loop_images else shards
         started = time.perf_counter()
-        n = single_process_loop(shards, model_dir, args.batch_size)
+        n = single_process_loop(loop_shards, model_dir, args.batch_size)
         baseline = n / (time.perf_counter() - started)
         print(f"single-process torch loop ({torch.get_num_threads()} threads): {baseline:8.1f} samples/s")
         floor = model_alone(model_dir, args.batch_size)
         print(f"floor, the model alone on ready tensors: {floor:8.1f} samples/s")
+        per_core = preprocess_alone(shards[0], model_dir, args.batch_size)
+        gpus = torch.cuda.device_count()
+        free_cores = (os.cpu_count() or 1) - gpus  # each GPU replica holds one core
+        print(f"decode+resize+tokenise alone, one core:  {per_core:8.1f} samples/s")
+        if gpus:
+            print(f"  x {free_cores} cores the replicas leave: {per_core * free_cores:8.1f} samples/s (the CPU floor)")
 
         ray.init(
             include_dashboard=False,
@@ -143,7 +179,14 @@ def main() -> None:
             runtime_env={"env_vars": local_worker_env()},
         )
         ray.data.DataContext.get_current().enable_progress_bars = False
-        config = EmbedConfig(batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads_per_actor)
+        config = EmbedConfig(
+            batch_size=args.batch_size,
+            actors=args.actors,
+            threads_per_actor=args.threads_per_actor,
+            preprocess_in=args.preprocess_in,
+        )
+        in_tasks = prepare_in_tasks(config)
+        print(f"decoding and resizing {'in CPU tasks before the replicas' if in_tasks else 'inside each replica'}")
         run_embed(work / "shards", config.model_copy(update={"shard_glob": "00000.tar"}), work / "warm", model_dir)
         manifest = run_embed(work / "shards", config, work / "stage", model_dir)
         stage = manifest.kept / manifest.seconds
@@ -152,10 +195,16 @@ def main() -> None:
         print(f"                                          {steady:8.1f} samples/s steady state (after first batch)")
         print(f"ratio: {stage / baseline:.2f}x end to end, {steady / baseline:.2f}x steady state")
         print(f"of the floor: {stage / floor:.2f}x end to end, {steady / floor:.2f}x steady state")
+        if gpus:
+            print(f"of the CPU floor: {steady / (per_core * free_cores):.2f}x steady state")
         if len(shards) < 8:
             print("note: under 8 shards the first batch arrives late and the steady-state figure overstates")
-        params = {k: getattr(args, k) for k in ("images", "size", "model", "per_shard", "batch_size", "actors")}
-        row = result("embed", steady, baseline, "samples/s", params, floor=floor, end_to_end=stage, shards=len(shards))
+        names = ("images", "size", "model", "per_shard", "batch_size", "actors", "unique")
+        params = {k: getattr(args, k) for k in names} | {"preprocess_in": "tasks" if in_tasks else "actor"}
+        extra = {"end_to_end": stage, "shards": len(shards), "preprocess_per_core": per_core}
+        if gpus:
+            extra["cpu_floor"] = per_core * free_cores
+        row = result("embed", steady, baseline, "samples/s", params, floor=floor, **extra)
         write_results(args.json, [row])
     finally:
         if ray.is_initialized():

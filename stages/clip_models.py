@@ -195,6 +195,33 @@ def convert_torchscript(path: Path, model_name: str, folder: Path) -> Path:
     return save(model, model_name, folder)
 
 
+def model_name_of(path: str | Path | None, model_name: str | None = None) -> str:
+    """The open_clip architecture of a saved model folder, else the name given with a checkpoint file."""
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    if path is not None and Path(path).is_dir():
+        info = Path(path) / MODEL_INFO
+        if not info.is_file():
+            raise FileNotFoundError(f"{path}: not a saved model (needs {MODEL_INFO} and {WEIGHTS})")
+        return json.loads(info.read_text())["model"]
+    if not model_name:
+        raise ValueError(f"{path}: a checkpoint file needs its open_clip model name (e.g. ViT-B-32)")
+    return model_name
+
+
+@cache
+def eval_transform_and_tokenizer(model_name: str):
+    """A model's eval image transform and tokenizer without building its weights: the model is made
+    on torch's meta device (0.1 s for ViT-L-14 instead of 4 s), for CPU tasks that only preprocess."""
+    import open_clip
+    import torch
+
+    register_model_configs()
+    with torch.device("meta"):
+        _, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=None, device="meta")
+    return transform, open_clip.get_tokenizer(model_name)
+
+
 def load_model(path: str | Path, model_name: str | None = None, device: str = "cpu"):
     """A saved model folder, or a checkpoint file plus its open_clip model name."""
     path = Path(path)

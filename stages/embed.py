@@ -1,8 +1,9 @@
 """Embed stage: CLIP image and text embeddings for every downloaded sample, computed once.
 
 Shards stream through Ray Data: read tasks turn each tar into rows of (uid, caption, image
-bytes), and an actor pool, one model per actor, decodes, preprocesses and embeds them in
-batches (GPU with bf16 autocast when there is one, CPU threads otherwise). The same actor can
+bytes), images are decoded, resized and tokenised (`stages/embed_inputs.py`: in CPU tasks in front
+of the replicas on a GPU, inside each replica on CPU), and an actor pool, one model per actor,
+embeds them in batches (GPU with bf16 autocast when there is one, CPU threads otherwise). The same actor can
 also score each pair with a second CLIP model (a DFN filtering network) and each image with the
 open_nsfw ONNX classifier, so images are decoded once for all of them.
 
@@ -15,11 +16,9 @@ vectors `image_emb`, `text_emb`, float32 `clip_score` (their cosine), optional `
 
 from __future__ import annotations
 
-import io
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +36,7 @@ from pipeline.stage import MissingInput, PlanRow, Resources, RunContext, SourceO
 from stages import clip_models
 from stages.class_embeddings import write_class_embeddings
 from stages.download import Download, DownloadOutputs, downloaded_rows
+from stages.embed_inputs import InputSpec, Preparer, as_reason, finish_pixels, model_input, prepare_batch
 from stages.embed_precomputed import MISSING, WIDTH, Features, convert, npz_files, uid_tables
 from stages.evaluate import eval_classnames
 from stages.seed_models import SeedModels, SeedModelsOutputs
@@ -58,7 +58,10 @@ class EmbedConfig(StrictModel):
     actors: int | None = Field(None, gt=0, description="model replicas; default one per GPU, or per CPU core")
     threads_per_actor: int = Field(1, gt=0, description="torch CPU threads in each actor")
     preprocess_threads: int | None = Field(
-        None, gt=0, description="threads decoding and resizing images in each replica; default: 8 on GPU, else 1"
+        None, gt=0, description="threads decoding in each replica when it decodes itself; default: 8 on GPU, else 1"
+    )
+    preprocess_in: Literal["auto", "tasks", "actor"] = Field(
+        "auto", description="decode and resize in CPU tasks before the replicas (auto: on a GPU) or in each replica"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     shard_glob: str = "*.tar"
@@ -100,9 +103,10 @@ def read_shard(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 class Embedder:
-    """One replica of the scoring models; called on batches of rows from `read_shard`."""
+    """One replica of the scoring models; called on batches of rows from `read_shard`, or of rows
+    already prepared by `embed_inputs.prepare_batch` tasks (then it only runs the models)."""
 
-    def __init__(self, config: EmbedConfig, model_path: str):
+    def __init__(self, config: EmbedConfig, model_path: str, prepared: bool = False):
         import logging
 
         import torch
@@ -114,15 +118,18 @@ class Embedder:
         self.device = _device(config.device)
         if self.device == "cpu":
             torch.set_num_threads(config.threads_per_actor)
-        self.model, self.preprocess, self.tokenizer = clip_models.load_model(model_path, config.model_name, self.device)
+        spec = input_spec(config, model_path, preprocess_threads(config, self.device))
+        self.prepare = None if prepared else Preparer(spec)
+        # the models' transforms finish the prepared images here
+        self.clip_input = model_input(spec.model, spec.model_name)
+        self.dfn_input = model_input(spec.dfn_model, spec.dfn_model_name) if spec.dfn_model else None
+        self.model, _, _ = clip_models.load_model(model_path, config.model_name, self.device)
         with torch.inference_mode():
-            self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1])
+            tokens = self.clip_input.tokenizer(["a"]).to(self.device)
+            self.dim = int(self.model.encode_text(tokens).shape[-1])
         self.dfn = None
         if config.dfn_model:
-            self.dfn = clip_models.load_model(config.dfn_model, config.dfn_model_name, self.device)
-        # on a GPU one thread of JPEG decoding and resizing feeds ~350 ViT-B-32 pairs/s against the
-        # model's ~12,000 (H100, bf16): PIL releases the GIL, so a thread pool scales it
-        self.pool = ThreadPoolExecutor(preprocess_threads(config, self.device))
+            self.dfn = clip_models.load_model(config.dfn_model, config.dfn_model_name, self.device)[0]
         self.nsfw = None
         if config.nsfw_onnx:
             from stages.nsfw_onnx import OpenNsfw
@@ -136,70 +143,60 @@ class Embedder:
             return self.torch.autocast("cuda", dtype=self.torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _encode(self, model, preprocess, tokenizer, images: list, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, model, inputs, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
-        pixels = torch.stack(list(self.pool.map(preprocess, images))).to(self.device, non_blocking=True)
-        tokens = tokenizer(captions).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            image_features = model.encode_image(pixels, normalize=True).float()
-            text_features = model.encode_text(tokens, normalize=True).float()
+        with torch.inference_mode():
+            images = finish_pixels(pixels, inputs, self.device)
+            text = torch.from_numpy(np.ascontiguousarray(tokens)).to(self.device)
+            with self._autocast():
+                image_features = model.encode_image(images, normalize=True).float()
+                text_features = model.encode_text(text, normalize=True).float()
         return image_features.cpu().numpy(), text_features.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from PIL import Image
-
+        if self.prepare is not None:
+            batch = self.prepare(batch)
         n = len(batch["uid"])
-        reasons = [_as_reason(r) for r in batch["reason"]]
-        todo = [i for i in range(n) if reasons[i] is None]
-        images: dict[int, Image.Image] = {}
-        for i, image in zip(todo, self.pool.map(_decode, (batch["image"][i] for i in todo)), strict=True):
-            if image is None:
-                reasons[i] = "decode_error"
-            else:
-                images[i] = image
-        ok = sorted(images)
-        captions = [str(batch["caption"][i]) for i in ok]
+        reasons = [as_reason(r) for r in batch["reason"]]
+        ok = np.flatnonzero([r is None for r in reasons])
         out: dict[str, np.ndarray] = {"shard": batch["shard"], "uid": batch["uid"], "reason": np.array(reasons, object)}
         image_emb = np.zeros((n, self.dim), np.float16)
         text_emb = np.zeros((n, self.dim), np.float16)
         clip_score = np.full(n, np.nan, np.float32)
-        if ok:
-            img, txt = self._encode(self.model, self.preprocess, self.tokenizer, [images[i] for i in ok], captions)
+        if len(ok):
+            img, txt = self._encode(self.model, self.clip_input, batch["pixels"][ok], batch["tokens"][ok])
             image_emb[ok], text_emb[ok] = img, txt
             clip_score[ok] = (img * txt).sum(axis=1)
         out.update(image_emb=image_emb, text_emb=text_emb, clip_score=clip_score)
         if self.dfn is not None:
             dfn_score = np.full(n, np.nan, np.float32)
-            if ok:
-                d_img, d_txt = self._encode(*self.dfn, [images[i] for i in ok], captions)
+            if len(ok):
+                d_img, d_txt = self._encode(self.dfn, self.dfn_input, batch["dfn_pixels"][ok], batch["dfn_tokens"][ok])
                 dfn_score[ok] = (d_img * d_txt).sum(axis=1)
             out["dfn_score"] = dfn_score
         if self.nsfw is not None:
             nsfw = np.full(n, np.nan, np.float32)
-            if ok:
-                nsfw[ok] = self.nsfw.score([images[i] for i in ok])
+            if len(ok):
+                nsfw[ok] = self.nsfw.score_inputs(batch["nsfw_pixels"][ok])
             out["nsfw_onnx"] = nsfw
         return out
 
 
-def _decode(payload: bytes):
-    """An RGB image, or None when the payload is not one (that sample's failure, not the batch's)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(payload)) as image:
-            return image.convert("RGB")
-    except Exception:  # noqa: BLE001 - any undecodable payload
-        return None
+def input_spec(config: EmbedConfig, model_path: str, threads: int) -> InputSpec:
+    return InputSpec(
+        str(model_path), config.model_name, config.dfn_model, config.dfn_model_name, config.nsfw_onnx, threads
+    )
 
 
 def preprocess_threads(config: EmbedConfig, device: str) -> int:
     return config.preprocess_threads or (8 if device == "cuda" else 1)
 
 
-def _as_reason(value: object) -> str | None:
-    """Ray Data may turn an all-None object column into NaN floats; only strings are reasons."""
-    return value if isinstance(value, str) and value else None
+def prepare_in_tasks(config: EmbedConfig) -> bool:
+    """auto: in CPU tasks in front of the replicas on a GPU, inside each replica on CPU."""
+    if config.preprocess_in == "auto":
+        return _device(config.device) == "cuda"
+    return config.preprocess_in == "tasks"
 
 
 def _shard_table(rows: dict[str, list]) -> pa.Table:
@@ -208,7 +205,7 @@ def _shard_table(rows: dict[str, list]) -> pa.Table:
     order = np.argsort(columns["uid"].astype(str), kind="stable")
     table: dict[str, pa.Array] = {
         "uid": pa.array(columns["uid"][order].astype(str)),
-        "reason": pa.array([_as_reason(r) for r in columns["reason"][order]], pa.string()),
+        "reason": pa.array([as_reason(r) for r in columns["reason"][order]], pa.string()),
     }
     for name in ("image_emb", "text_emb"):
         matrix = columns[name][order].astype(np.float16)
@@ -250,6 +247,12 @@ def _batches_local(tars: list[Path], config: EmbedConfig, model_path: str) -> It
             yield embedder({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
 
 
+def n_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def actor_count(config: EmbedConfig) -> int:
     """Replicas: the configured number, else one per GPU, else one per `threads_per_actor` CPUs."""
     import ray
@@ -259,7 +262,7 @@ def actor_count(config: EmbedConfig) -> int:
     resources = ray.cluster_resources()
     if _device(config.device) == "cuda" and resources.get("GPU"):
         return int(resources["GPU"])
-    return max(1, int(resources.get("CPU", 1)) // config.threads_per_actor)
+    return max(1, n_cpus() // config.threads_per_actor)
 
 
 def read_shard_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -275,19 +278,25 @@ def _batches_ray(tars: list[Path], config: EmbedConfig, model_path: str) -> Iter
 
     gpu = _device(config.device) == "cuda"
     n_actors = actor_count(config)
-    dataset = (
-        ray.data.from_items([{"tar": str(t)} for t in tars], override_num_blocks=max(1, len(tars)))
-        # reading is I/O: no CPU reserved (so it never waits for the replicas), but only a few at once
-        .map_batches(read_shard_batch, batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
-        .map_batches(
-            Embedder,
-            fn_constructor_kwargs={"config": config, "model_path": model_path},
-            batch_size=config.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_gpus=1 if gpu else 0,
-            num_cpus=1 if gpu else config.threads_per_actor,  # GPU: preprocess threads share one reserved CPU
-        )
+    # on a GPU the tasks need a core the replicas leave; with none left they would never start
+    in_tasks = prepare_in_tasks(config) and (not gpu or n_cpus() > n_actors)
+    dataset = ray.data.from_items([{"tar": str(t)} for t in tars], override_num_blocks=max(1, len(tars)))
+    # reading is I/O: no CPU reserved (so it never waits for the replicas), but only a few at once
+    dataset = dataset.map_batches(read_shard_batch, batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
+    if in_tasks:  # decoding and resizing on every CPU the replicas leave free
+        spec = input_spec(config, model_path, threads=1)
+        # with no GPU the replicas hold every core: the tasks run beside them unreserved (as reads do),
+        # at most one per core. Their resources differ from the replicas', so Ray Data keeps them apart.
+        tasks = {"num_cpus": 1} if gpu else {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=n_cpus())}
+        dataset = dataset.map_batches(prepare_batch, fn_kwargs={"spec": spec}, batch_size=config.batch_size, **tasks)
+    dataset = dataset.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"config": config, "model_path": model_path, "prepared": in_tasks},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_gpus=1 if gpu else 0,
+        num_cpus=1 if gpu else config.threads_per_actor,  # GPU: the replica's own work holds one CPU
     )
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 

