@@ -158,25 +158,28 @@ class Embedder:
             batch = self.prepare(batch)
         n = len(batch["uid"])
         reasons = [as_reason(r) for r in batch["reason"]]
-        ok = np.flatnonzero([r is None for r in reasons])
+        decoded = np.flatnonzero([r is None for r in reasons])
+        any_ok = len(decoded) > 0
+        # every row decoded: the arrays as they are, not a copy (256 images at 224 px are 38 MB)
+        ok = slice(None) if len(decoded) == n else decoded
         out: dict[str, np.ndarray] = {"shard": batch["shard"], "uid": batch["uid"], "reason": np.array(reasons, object)}
         image_emb = np.zeros((n, self.dim), np.float16)
         text_emb = np.zeros((n, self.dim), np.float16)
         clip_score = np.full(n, np.nan, np.float32)
-        if len(ok):
+        if any_ok:
             img, txt = self._encode(self.model, self.clip_input, batch["pixels"][ok], batch["tokens"][ok])
             image_emb[ok], text_emb[ok] = img, txt
             clip_score[ok] = (img * txt).sum(axis=1)
         out.update(image_emb=image_emb, text_emb=text_emb, clip_score=clip_score)
         if self.dfn is not None:
             dfn_score = np.full(n, np.nan, np.float32)
-            if len(ok):
+            if any_ok:
                 d_img, d_txt = self._encode(self.dfn, self.dfn_input, batch["dfn_pixels"][ok], batch["dfn_tokens"][ok])
                 dfn_score[ok] = (d_img * d_txt).sum(axis=1)
             out["dfn_score"] = dfn_score
         if self.nsfw is not None:
             nsfw = np.full(n, np.nan, np.float32)
-            if len(ok):
+            if any_ok:
                 nsfw[ok] = self.nsfw.score_inputs(batch["nsfw_pixels"][ok])
             out["nsfw_onnx"] = nsfw
         return out

@@ -104,6 +104,15 @@ def test_a_batch_with_an_undecodable_image_keeps_its_shape_and_names_the_failure
     assert out["reason"].tolist() == [None, "decode_error", "missing_in_tar"]
     assert out["pixels"].shape[0] == out["tokens"].shape[0] == out["nsfw_pixels"].shape[0] == 3
     assert out["pixels"][0].any() and not out["pixels"][1:].any()  # failed rows stay blank, never scored
+    # the replica scores only the decoded row, whether it decodes the batch or gets it prepared
+    from stages.embed import Embedder
+
+    config = EmbedConfig(engine="local", nsfw_onnx=True)
+    for embedded in (Embedder(config, tiny_model)(batch), Embedder(config, tiny_model, prepared=True)(out)):
+        assert embedded["reason"].tolist() == [None, "decode_error", "missing_in_tar"]
+        assert np.isfinite(embedded["clip_score"][0]) and np.isnan(embedded["clip_score"][1:]).all()
+        assert np.isfinite(embedded["nsfw_onnx"][0]) and np.isnan(embedded["nsfw_onnx"][1:]).all()
+        assert embedded["image_emb"][0].any() and not embedded["image_emb"][1:].any()
 
 
 def test_rerun_skips_finished_shards_and_redoes_a_missing_one(pool_shards, tiny_model, tmp_path):
