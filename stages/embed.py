@@ -36,7 +36,7 @@ from pipeline.stage import MissingInput, PlanRow, Resources, RunContext, SourceO
 from stages import clip_models
 from stages.class_embeddings import write_class_embeddings
 from stages.download import Download, DownloadOutputs, downloaded_rows
-from stages.embed_inputs import InputSpec, Preparer, as_reason, finish_pixels, model_input, prepare_batch
+from stages.embed_inputs import InputSpec, Preparer, as_reason, finish_pixels, model_inputs, prepare_batch
 from stages.embed_precomputed import MISSING, WIDTH, Features, convert, npz_files, uid_tables
 from stages.evaluate import eval_classnames
 from stages.seed_models import SeedModels, SeedModelsOutputs
@@ -120,9 +120,7 @@ class Embedder:
             torch.set_num_threads(config.threads_per_actor)
         spec = input_spec(config, model_path, preprocess_threads(config, self.device))
         self.prepare = None if prepared else Preparer(spec)
-        # the models' transforms finish the prepared images here
-        self.clip_input = model_input(spec.model, spec.model_name)
-        self.dfn_input = model_input(spec.dfn_model, spec.dfn_model_name) if spec.dfn_model else None
+        self.clip_input, self.dfn_input = model_inputs(spec)  # their transforms finish the prepared images
         self.model, _, _ = clip_models.load_model(model_path, config.model_name, self.device)
         with torch.inference_mode():
             tokens = self.clip_input.tokenizer(["a"]).to(self.device)
@@ -174,7 +172,8 @@ class Embedder:
         if self.dfn is not None:
             dfn_score = np.full(n, np.nan, np.float32)
             if any_ok:
-                d_img, d_txt = self._encode(self.dfn, self.dfn_input, batch["dfn_pixels"][ok], batch["dfn_tokens"][ok])
+                pixels = batch["dfn_pixels"] if "dfn_pixels" in batch else batch["pixels"]  # see shares_pixels
+                d_img, d_txt = self._encode(self.dfn, self.dfn_input, pixels[ok], batch["dfn_tokens"][ok])
                 dfn_score[ok] = (d_img * d_txt).sum(axis=1)
             out["dfn_score"] = dfn_score
         if self.nsfw is not None:

@@ -60,6 +60,19 @@ def model_input(path: str | None, model_name: str | None) -> ModelInput:
     return ModelInput(transform, None, tokenizer)
 
 
+def model_inputs(spec: InputSpec) -> tuple[ModelInput, ModelInput | None]:
+    """The CLIP model's inputs and the DFN's (None without one), for preparing and for finishing."""
+    dfn = model_input(spec.dfn_model, spec.dfn_model_name) if spec.dfn_model else None
+    return model_input(spec.model, spec.model_name), dfn
+
+
+def shares_pixels(clip: ModelInput, dfn: ModelInput | None) -> bool:
+    """The DFN resizes and crops as the CLIP model does (usual: both at 224 px): its uint8 pixels
+    are the same array, prepared and sent once; each model still normalises with its own numbers."""
+    split = dfn is not None and clip.finish is not None and dfn.finish is not None
+    return split and repr(clip.pil_steps) == repr(dfn.pil_steps)
+
+
 def finish_pixels(pixels, model: ModelInput, device: str):
     """Prepared images (uint8 NHWC, or float NCHW when the transform was not split) as the model's input."""
     import torch
@@ -93,8 +106,8 @@ class Preparer:
     """Rows of (shard, uid, caption, image bytes, reason) -> the arrays the replicas' models take."""
 
     def __init__(self, spec: InputSpec):
-        self.clip = model_input(spec.model, spec.model_name)
-        self.dfn = model_input(spec.dfn_model, spec.dfn_model_name) if spec.dfn_model else None
+        self.clip, self.dfn = model_inputs(spec)
+        self.dfn_pixels = self.dfn is not None and not shares_pixels(self.clip, self.dfn)
         self.nsfw = spec.nsfw
         self.pool = ThreadPoolExecutor(spec.threads)  # PIL releases the GIL while decoding and resizing
         from PIL import Image
@@ -108,7 +121,7 @@ class Preparer:
 
     def _arrays(self, image) -> dict[str, np.ndarray]:
         arrays = {"pixels": self.clip.image(image)}
-        if self.dfn is not None:
+        if self.dfn_pixels:
             arrays["dfn_pixels"] = self.dfn.image(image)
         if self.nsfw:
             arrays["nsfw_pixels"] = nsfw_input(image)

@@ -104,6 +104,11 @@ def test_a_batch_with_an_undecodable_image_keeps_its_shape_and_names_the_failure
     assert out["reason"].tolist() == [None, "decode_error", "missing_in_tar"]
     assert out["pixels"].shape[0] == out["tokens"].shape[0] == out["nsfw_pixels"].shape[0] == 3
     assert out["pixels"][0].any() and not out["pixels"][1:].any()  # failed rows stay blank, never scored
+    # a DFN that resizes as the CLIP model does shares its pixels; one at another size gets its own
+    from stages.embed_inputs import model_input, shares_pixels
+
+    assert "dfn_pixels" not in Preparer(InputSpec(tiny_model, dfn_model=tiny_model))(batch)
+    assert not shares_pixels(model_input(tiny_model, None), model_input(None, "ViT-B-32"))
     # the replica scores only the decoded row, whether it decodes the batch or gets it prepared
     from stages.embed import Embedder
 
