@@ -180,8 +180,9 @@ def run_size(rows: int, per_shard: int, dim: int, clusters: int, workdir: Path) 
 
     from pipeline.executor import make_ray_map
     from stages.dedupe import DedupeConfig, run_dedupe
-    from stages.filter import FilterConfig, run_filter
-    from stages.filter.pool_table import build_pool_table
+    from stages.filter import FilterConfig
+    from stages.filter.pool_table import PoolSources
+    from stages.filter.sharded import run_sharded
     from stages.selection import write_kept_mask
 
     started = time.perf_counter()
@@ -195,7 +196,9 @@ def run_size(rows: int, per_shard: int, dim: int, clusters: int, workdir: Path) 
         dedupe = run_dedupe(paths["hashes"], DedupeConfig(), workdir / "dedupe")
         seconds["dedupe"] = time.perf_counter() - t
         t = time.perf_counter()
-        pool = build_pool_table(paths["shards"], paths["hashes"], Path(dedupe.outputs["decisions"]), paths["embed"])
+        sources = PoolSources(
+            str(paths["shards"]), str(paths["hashes"]), dedupe.outputs["decisions"], str(paths["embed"])
+        )
         strategy = [
             {"name": "dedupe"},
             {"name": "basic"},
@@ -203,8 +206,7 @@ def run_size(rows: int, per_shard: int, dim: int, clusters: int, workdir: Path) 
             {"name": "image_based", "targets": str(paths["targets"]), "n_clusters": clusters},
         ]
         config = FilterConfig.model_validate({"strategy": strategy, "examples": 0})
-        filtered, _ = run_filter(pool, config, workdir / "filter", make_ray_map())
-        del pool
+        filtered = run_sharded(sources, config.strategy, workdir / "filter", make_ray_map()).manifest
         seconds["filter"] = time.perf_counter() - t
         t = time.perf_counter()
         tars = [str(p.with_suffix(".tar")) for p in sorted(paths["shards"].glob("*.parquet"))]

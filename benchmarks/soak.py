@@ -347,11 +347,13 @@ def _comparable(manifest: dict) -> dict:
 def _uids(run_dir: Path) -> dict[str, list]:
     import pyarrow.parquet as pq
 
+    from stages.shards import read_decisions
+
     found = {}
     for stage in ("dedupe", "filter"):
-        if not (run_dir / stage / "decisions.parquet").exists():
+        if not (run_dir / stage / "decisions").exists():
             continue  # not in this chain
-        table = pq.read_table(run_dir / stage / "decisions.parquet", columns=["uid", "keep", "reason"])
+        table = read_decisions(run_dir / stage / "decisions", ["uid", "keep", "reason"])
         found[stage] = sorted(zip(*(table.column(c).to_pylist() for c in ("uid", "keep", "reason")), strict=True))
     shards = sorted((run_dir / "subset" / "shards").glob("*.parquet"))
     found["subset"] = sorted(u for p in shards for u in pq.read_table(p, columns=["uid"]).column("uid").to_pylist())

@@ -19,12 +19,28 @@ def unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(norms, 1e-12)
 
 
-def fit_centroids(embeddings: np.ndarray, n_clusters: int, seed: int, fit_sample: int = 500_000) -> np.ndarray:
+FIT_SAMPLE = 500_000
+
+
+def fit_rows(n_rows: int, seed: int, fit_sample: int | None = None) -> np.ndarray | None:
+    """Which rows of a pool of `n_rows` the centroids are fitted on, in the order they are fed (None:
+    all, in pool order). A pool read shard by shard gathers exactly these rows."""
+    fit_sample = fit_sample or FIT_SAMPLE
+    if n_rows <= fit_sample:
+        return None
+    return np.random.default_rng(seed).choice(n_rows, fit_sample, False)
+
+
+def fit_centroids(embeddings: np.ndarray, n_clusters: int, seed: int, fit_sample: int | None = None) -> np.ndarray:
     """Unit-norm centroids (spherical k-means via k-means on unit vectors)."""
+    rows = fit_rows(len(embeddings), seed, fit_sample)
+    return fit_on(embeddings if rows is None else embeddings[rows], n_clusters, seed)
+
+
+def fit_on(rows: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """Centroids of exactly these rows (already sampled)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    rng = np.random.default_rng(seed)
-    rows = embeddings if len(embeddings) <= fit_sample else embeddings[rng.choice(len(embeddings), fit_sample, False)]
     n_clusters = max(1, min(n_clusters, len(rows)))
     if len(rows) <= 50_000:
         model = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed)

@@ -9,6 +9,7 @@ text embeddings that the embed stage writes. Intersect with `clip_score` for Dat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -16,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from filters.base import FilterResult, embedding_matrix, from_mask
-from filters.clustering import default_clusters, fit_centroids, nearest_centroid, unit_rows
+from filters.clustering import default_clusters, fit_on, fit_rows, nearest_centroid, unit_rows
 from pipeline.mapping import MapFn, local_map
 from pipeline.models import StrictModel
 
@@ -49,21 +50,41 @@ def selected_centroids(targets: np.ndarray, centroids: np.ndarray, per_target: i
     return np.unique(np.argsort(-sims, axis=1)[:, :per_target])
 
 
-def apply(table: pa.Table, params: ImageBasedParams, map_fn: MapFn = local_map) -> FilterResult:
-    """k-means on a sample, then the assignment of every row, chunk by chunk through `map_fn`."""
+@dataclass(frozen=True)
+class PoolCentroids:
+    """What a shard needs to decide its rows: the pool's centroids and those near a target."""
+
+    centroids: np.ndarray
+    chosen: np.ndarray
+    targets: np.ndarray
+
+
+def fit(sample: np.ndarray, n_rows: int, params: ImageBasedParams) -> PoolCentroids:
+    """Centroids fitted on `sample` (the pool's rows `clustering.fit_rows` names, unit-normalised) of
+    a pool of `n_rows` usable rows; the cluster count follows the pool, not the sample."""
     if not params.targets:
         raise ValueError("image_based needs targets: an .npy of target embeddings, or the embed stage's classes")
     targets = load_targets(params.targets)
+    if len(sample) and targets.shape[1] != sample.shape[1]:
+        raise ValueError(f"image_based targets are {targets.shape[1]}-dim but image embeddings {sample.shape[1]}")
+    n_clusters = default_clusters(n_rows, params.n_clusters, params.min_cluster_size)
+    centroids = fit_on(sample, n_clusters, params.seed)
+    return PoolCentroids(centroids, selected_centroids(targets, centroids, params.centroids_per_target), targets)
+
+
+def apply(
+    table: pa.Table, params: ImageBasedParams, map_fn: MapFn = local_map, pool: PoolCentroids | None = None
+) -> FilterResult:
+    """k-means on a sample, then the assignment of every row, chunk by chunk through `map_fn`. A
+    shard passes its `pool`'s centroids; a whole table fits its own."""
     embeddings = unit_rows(embedding_matrix(table, "image_emb"))
-    if targets.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"image_based targets are {targets.shape[1]}-dim but image embeddings {embeddings.shape[1]}")
-    n_clusters = default_clusters(len(embeddings), params.n_clusters, params.min_cluster_size)
-    centroids = fit_centroids(embeddings, n_clusters, params.seed)
-    assignment, _ = nearest_centroid(embeddings, centroids, map_fn)
-    chosen = selected_centroids(targets, centroids, params.centroids_per_target)
-    keep = np.isin(assignment, chosen)
+    if pool is None:
+        rows = fit_rows(len(embeddings), params.seed)
+        pool = fit(embeddings if rows is None else embeddings[rows], len(embeddings), params)
+    assignment, _ = nearest_centroid(embeddings, pool.centroids, map_fn)
+    keep = np.isin(assignment, pool.chosen)
     # score: how close the sample's cluster is to its nearest target, for the report's histogram
-    scores = (centroids @ targets.T).max(axis=1)[assignment]
+    scores = (pool.centroids @ pool.targets.T).max(axis=1)[assignment]
     result = from_mask(table.column("uid").to_pylist(), keep, "image_based", scores=scores)
-    result.metrics.update({"clusters": float(len(centroids)), "clusters_kept": float(len(chosen))})
+    result.metrics.update({"clusters": float(len(pool.centroids)), "clusters_kept": float(len(pool.chosen))})
     return result

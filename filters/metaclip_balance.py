@@ -11,6 +11,7 @@ set for). Draws hash (seed, uid, entry), so the result is the same in any order 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -45,15 +46,51 @@ def effective_t(params: MetaclipBalanceParams, pool_size: int) -> float:
     return params.t * pool_size / params.t_pool if params.t_pool else params.t
 
 
-def apply(table: pa.Table, params: MetaclipBalanceParams) -> FilterResult:
+@dataclass(frozen=True)
+class EntryCounts:
+    """Captions matching each entry over the whole pool, and the pool's size: what a shard needs."""
+
+    counts: np.ndarray
+    pool_size: int
+
+    @staticmethod
+    def total(parts: list[EntryCounts]) -> EntryCounts:
+        if not parts:
+            return EntryCounts(np.zeros(0, np.int64), 0)
+        return EntryCounts(np.sum([p.counts for p in parts], axis=0), sum(p.pool_size for p in parts))
+
+
+def _terms(params: MetaclipBalanceParams) -> list[str]:
     terms = load_terms(params.words, params.vocabulary)
     if not terms:
         raise ValueError("metaclip_balance: the vocabulary is empty (set words or vocabulary)")
+    return terms
+
+
+def _matches(table: pa.Table, terms: list[str]) -> list[list[int]]:
     matcher = TermMatcher(terms)
+    return [matcher.matches(c or "") for c in table.column("caption").to_pylist()]
+
+
+def entry_counts(table: pa.Table, params: MetaclipBalanceParams) -> EntryCounts:
+    """This table's share of the pool's entry counts (shards' shares add up: `EntryCounts.total`)."""
+    terms = _terms(params)
+    return _count(_matches(table, terms), len(terms))
+
+
+def _count(matched: list[list[int]], n_terms: int) -> EntryCounts:
+    counts = np.bincount([e for entries in matched for e in entries], minlength=n_terms).astype(np.int64)
+    return EntryCounts(counts, len(matched))
+
+
+def apply(table: pa.Table, params: MetaclipBalanceParams, pool: EntryCounts | None = None) -> FilterResult:
+    """Balance against the `pool`'s entry counts (a shard's case), else this table's own."""
+    terms = _terms(params)
     uids = table.column("uid").to_pylist()
-    matched = [matcher.matches(c or "") for c in table.column("caption").to_pylist()]
-    counts = np.bincount([e for entries in matched for e in entries], minlength=len(terms))
-    t = effective_t(params, len(uids))
+    matched = _matches(table, terms)
+    pool = pool or _count(matched, len(terms))
+    counts = pool.counts
+    t = effective_t(params, pool.pool_size)
     keep_probability = np.minimum(1.0, t / np.maximum(counts, 1))
     keep = np.zeros(len(uids), bool)
     reason: list[str | None] = []

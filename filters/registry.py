@@ -34,6 +34,13 @@ class FilterSpec:
     apply: Callable[..., FilterResult]
     needs: Callable[[object], tuple[str, ...]]
     parallel: bool = False  # apply takes a map_fn too: its per-chunk work may fan out as Ray tasks
+    # a row's verdict needs a figure of the whole pool (a rank cutoff, centroids, counts): a shard's
+    # apply then takes it as `pool=` (see stages/filter/pool_figures.py for how each is found)
+    pooled: Callable[[object], bool] = lambda params: False
+
+
+def _always(params: object) -> bool:
+    return True
 
 
 def _static(columns: tuple[str, ...]) -> Callable[[object], tuple[str, ...]]:
@@ -43,13 +50,16 @@ def _static(columns: tuple[str, ...]) -> Callable[[object], tuple[str, ...]]:
 FILTERS: dict[str, FilterSpec] = {
     "dedupe": FilterSpec(dedupe.apply, _static(dedupe.NEEDS)),
     "basic": FilterSpec(basic.apply, _static(basic.NEEDS)),
-    **{name: FilterSpec(ranking.apply, ranking.needs) for name in ("rank", *ranking.NAMED_COLUMNS)},
+    **{
+        name: FilterSpec(ranking.apply, ranking.needs, pooled=ranking.pooled)
+        for name in ("rank", *ranking.NAMED_COLUMNS)
+    },
     "aesthetic": FilterSpec(aesthetic.apply, _static(aesthetic.NEEDS)),
     "nsfw": FilterSpec(nsfw.apply, nsfw.needs),
     "text_based": FilterSpec(text_based.apply, _static(text_based.NEEDS)),
-    "image_based": FilterSpec(image_based.apply, _static(image_based.NEEDS), parallel=True),
-    "semantic_dedupe": FilterSpec(semantic_dedupe.apply, _static(semantic_dedupe.NEEDS), parallel=True),
-    "metaclip_balance": FilterSpec(metaclip_balance.apply, _static(metaclip_balance.NEEDS)),
+    "image_based": FilterSpec(image_based.apply, _static(image_based.NEEDS), parallel=True, pooled=_always),
+    "semantic_dedupe": FilterSpec(semantic_dedupe.apply, _static(semantic_dedupe.NEEDS), parallel=True, pooled=_always),
+    "metaclip_balance": FilterSpec(metaclip_balance.apply, _static(metaclip_balance.NEEDS), pooled=_always),
     "uid_list": FilterSpec(uid_list.apply, _static(uid_list.NEEDS)),
 }
 

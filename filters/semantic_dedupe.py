@@ -71,8 +71,15 @@ def _batches(clusters: ClusterWork, target_rows: int) -> list[ClusterWork]:
     return batches
 
 
-def apply(table: pa.Table, params: SemanticDedupeParams, map_fn: MapFn = local_map) -> FilterResult:
-    """k-means, then the pairwise step of each cluster, batched through `map_fn`."""
+def apply(
+    table: pa.Table, params: SemanticDedupeParams, map_fn: MapFn = local_map, pool: FilterResult | None = None
+) -> FilterResult:
+    """k-means, then the pairwise step of each cluster, batched through `map_fn`. A shard passes its
+    rows' share of the whole pool's result as `pool` (the pairs it compares span the pool)."""
+    if pool is not None:
+        if pool.uids != table.column("uid").to_pylist():
+            raise ValueError("semantic_dedupe: the pool's verdicts are not this shard's rows")
+        return pool
     uids = table.column("uid").to_pylist()
     embeddings = unit_rows(embedding_matrix(table, "image_emb"))
     n = len(embeddings)

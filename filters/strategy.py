@@ -38,8 +38,12 @@ def missing_columns(table_columns: list[str], steps: list) -> list[tuple[str, st
     return [(p.name, c) for p in steps for c in FILTERS[p.name].needs(p) if c not in table_columns]
 
 
-def apply_strategy(table: pa.Table, steps: list, map_fn: MapFn = local_map) -> StrategyResult:
-    """`map_fn` runs the chunked work of parallel filters (k-means assignment, per-cluster dedupe)."""
+def apply_strategy(
+    table: pa.Table, steps: list, map_fn: MapFn = local_map, pools: list | None = None
+) -> StrategyResult:
+    """`map_fn` runs the chunked work of parallel filters (k-means assignment, per-cluster dedupe).
+    `pools` (one per step, None for a step that needs none) are the whole pool's figures when
+    `table` is one shard of it; without them each step takes its figures from `table` itself."""
     missing = missing_columns(table.column_names, steps)
     if missing:
         detail = ", ".join(f"'{name}' needs column '{column}'" for name, column in missing)
@@ -48,9 +52,10 @@ def apply_strategy(table: pa.Table, steps: list, map_fn: MapFn = local_map) -> S
     keep = np.ones(len(uids), bool)
     reason: list[str | None] = [None] * len(uids)
     results = []
-    for params in steps:
+    for params, pool in zip(steps, pools or [None] * len(steps), strict=True):
         spec = FILTERS[params.name]
-        result = spec.apply(table, params, map_fn) if spec.parallel else spec.apply(table, params)
+        extra = {"pool": pool} if pool is not None else {}
+        result = spec.apply(table, params, map_fn, **extra) if spec.parallel else spec.apply(table, params, **extra)
         for i in np.flatnonzero(keep & ~result.keep):
             reason[i] = result.reason[i]
         keep &= result.keep

@@ -51,7 +51,8 @@ class Shards(StageOutputs):
 
 
 class Decisions(StageOutputs):
-    """A keep/reason verdict per uid (`decisions.parquet`: uid, keep, reason) (dedupe, filter)."""
+    """A keep/reason verdict per uid (uid, keep, reason): a folder of one parquet per shard (dedupe,
+    filter) or one parquet (prefilter); `stages.shards.read_decisions` reads either."""
 
     decisions: str
 

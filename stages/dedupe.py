@@ -1,7 +1,8 @@
 """Dedupe stage: near-duplicate clusters over the whole pool's hash table, plus eval-set leakage.
 
 The matching is global (one index over every hash), so it runs once over the pyarrow table,
-not per shard. Its output is a decision per uid: `decisions.parquet` (uid, keep, reason).
+not per shard. Its output is a decision per uid, written per shard (`decisions/<shard>.parquet`:
+uid, keep, reason, phash), so a later stage reads one shard's decisions without the pool's.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from filters.phash_dedupe import PhashDedupeParams, phash_dedupe, reason_kind
-from pipeline.atomic import write_parquet
+from pipeline.atomic import atomic_path
 from pipeline.manifest import Manifest
 from pipeline.stage import Decisions, PlanRow, RunContext, SourceOutputs, Stage
 from stages.phash import Phash, PhashOutputs, decode_thumbnail, phash_pixels, read_hash_tables
@@ -47,7 +49,8 @@ def hash_eval_sets(paths: list[str]) -> tuple[list[str], np.ndarray]:
 
 def run_dedupe(hashes_dir: Path, config: DedupeConfig, stage_dir: Path) -> Manifest:
     started = time.perf_counter()
-    table = read_hash_tables(hashes_dir)
+    stems = [p.stem for p in sorted(hashes_dir.glob("*.parquet"))]
+    table = read_hash_tables(hashes_dir, with_shard=True)
     if config.scores_path:
         scores = pq.read_table(config.scores_path)
         table = table.join(scores, keys="uid", join_type="left outer").sort_by("uid")
@@ -55,8 +58,9 @@ def run_dedupe(hashes_dir: Path, config: DedupeConfig, stage_dir: Path) -> Manif
     params = PhashDedupeParams(**config.model_dump(include=set(PhashDedupeParams.model_fields)))
     result = phash_dedupe(table, params, eval_keys, eval_hashes)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    decisions = stage_dir / "decisions.parquet"
-    write_parquet(decisions, result.to_table(phash=table.column("phash")))
+    decisions = write_per_shard(
+        stage_dir / DECISIONS, stems, result.to_table(phash=table.column("phash")), table.column("shard")
+    )
     seconds = time.perf_counter() - started
     kept = int(result.keep.sum())
     return Manifest(
@@ -68,6 +72,21 @@ def run_dedupe(hashes_dir: Path, config: DedupeConfig, stage_dir: Path) -> Manif
         seconds=seconds,
         metrics={"eval_images": float(len(eval_keys)), "kept_fraction": kept / max(table.num_rows, 1)},
     )
+
+
+DECISIONS = "decisions"  # the folder of per-shard decisions
+
+
+def write_per_shard(folder: Path, stems: list[str], table: pa.Table, shard: pa.ChunkedArray) -> Path:
+    """Each shard's rows of `table` (`shard`: row -> index into `stems`) to `folder/<stem>.parquet`,
+    in table order; every stem gets a file, an empty one if it has no rows. The folder appears whole."""
+    index = shard.to_numpy()
+    order = np.argsort(index, kind="stable")
+    ends = np.cumsum(np.bincount(index, minlength=len(stems)))
+    with atomic_path(folder, folder=True) as tmp:
+        for stem, start, stop in zip(stems, np.r_[0, ends[:-1]], ends, strict=True):
+            pq.write_table(table.take(order[start:stop]), tmp / f"{stem}.parquet")
+    return folder
 
 
 POOL_COLUMNS = {"keep": "dedupe_keep", "reason": "dedupe_reason"}  # decisions column -> per-uid table column
@@ -98,7 +117,7 @@ class Dedupe(Stage):
         c = self.config
         evals = f"{len(c.eval_sets)} eval set(s) + the source's held-out set, if any"
         note = f"Hamming <= {c.max_distance}, keep {c.keep}, {evals}"
-        output = str(run_dir / self.name / "decisions.parquet")
+        output = str(run_dir / self.name / DECISIONS)
         return PlanRow(self.name, str(run_dir / Phash.name / "hashes"), output, rows, note, "driver, one index")
 
     def run(self, ctx: RunContext, inputs: DedupeInputs) -> tuple[DedupeOutputs, Manifest]:

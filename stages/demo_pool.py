@@ -30,6 +30,7 @@ from stages import demo_scenes as world
 from stages.dedupe import DedupeOutputs
 from stages.demo_truth import dedupe_quality, filter_quality
 from stages.filter import FilterOutputs
+from stages.shards import read_decisions
 from stages.uid import compute_uid
 
 CONNECTION_REFUSED_BASE = "http://127.0.0.1:9"  # the discard port: nothing listens on loopback
@@ -372,7 +373,7 @@ class DemoPoolOutputs(SourceOutputs):
         if not isinstance(outputs, DedupeOutputs | FilterOutputs):
             return {}
         truth = pq.read_table(self.ground_truth)
-        decisions = pq.read_table(outputs.decisions)
+        decisions = read_decisions(outputs.decisions)
         if isinstance(outputs, DedupeOutputs):
             return dedupe_quality(decisions, truth)
         labelled = set(pq.read_table(self.labels, columns=["uid"]).column("uid").to_pylist())

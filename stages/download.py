@@ -316,10 +316,17 @@ def _brace_pattern(shards_dir: Path, n: int) -> str:
     return str(shards_dir / f"{{{shard_name(0)}..{shard_name(n - 1)}}}.tar")
 
 
-def downloaded_rows(shards_dir: Path) -> pa.Table:
-    """uid, caption and original size of every successfully downloaded sample, then the metadata
-    columns the source table carried (LAION's `punsafe`, DataComp's `clip_l14_similarity_score`, ...)."""
-    table = successful_rows(sorted(Path(shards_dir).glob("*.parquet")))
+def downloaded_rows(shards_dir: Path, stems: list[str] | None = None) -> pa.Table:
+    """uid, caption and original size of every successfully downloaded sample (of the shards `stems`
+    names, default all), then the metadata columns the source table carried (LAION's `punsafe`,
+    DataComp's `clip_l14_similarity_score`, ...)."""
+    shards_dir = Path(shards_dir)
+    paths = sorted(shards_dir.glob("*.parquet")) if stems is None else [shards_dir / f"{s}.parquet" for s in stems]
+    if not paths:
+        return pa.table(
+            {name: pa.array([], pa.string() if name in POOL_COLUMNS[:2] else pa.int64()) for name in POOL_COLUMNS}
+        )
+    table = successful_rows(paths)
     for name in POOL_COLUMNS[2:]:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, pa.int64()))

@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline.atomic import write_parquet
@@ -35,9 +34,9 @@ from pipeline.models import StrictModel
 from pipeline.stage import MissingInput, PlanRow, Resources, RunContext, SourceOutputs, Stage, StageOutputs
 from stages import clip_models
 from stages.class_embeddings import write_class_embeddings
-from stages.download import Download, DownloadOutputs, downloaded_rows
+from stages.download import Download, DownloadOutputs
 from stages.embed_inputs import InputSpec, Preparer, as_reason, finish_pixels, model_inputs, prepare_batch
-from stages.embed_precomputed import MISSING, WIDTH, Features, convert, npz_files, uid_tables
+from stages.embed_precomputed import MISSING, WIDTH, Features, by_download_shard, convert, npz_files, uid_tables
 from stages.evaluate import eval_classnames
 from stages.seed_models import SeedModels, SeedModelsOutputs
 from stages.shards import expected_samples, image_bytes, read_parquet_folder, read_tar_samples
@@ -350,26 +349,25 @@ def run_embed_precomputed(shards_dir: Path, config: EmbedConfig, stage_dir: Path
     """DataComp's .npz embeddings as this stage's tables, one task per file; every downloaded
     sample is kept (its embedding was found) or failed (`no_precomputed_embedding`)."""
     started = time.perf_counter()
-    out_dir = stage_dir / EMBEDDINGS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, converted = stage_dir / EMBEDDINGS_DIR, stage_dir / "precomputed"
+    converted.mkdir(parents=True, exist_ok=True)
     npzs = npz_files(config.precomputed)
     parquets = uid_tables(npzs, config.precomputed_uids)
-    todo = [npz for npz in npzs if not (out_dir / f"{npz.stem}.parquet").exists()]
+    todo = [npz for npz in npzs if not (converted / f"{npz.stem}.parquet").exists()]
 
     def read_npz(npz: Path) -> int:  # named: Ray's dashboard shows tasks by function name
-        return convert(npz, parquets[npz.stem], out_dir / f"{npz.stem}.parquet", config.precomputed_features)
+        return convert(npz, parquets[npz.stem], converted / f"{npz.stem}.parquet", config.precomputed_features)
 
     rows = sum(map_fn(read_npz, todo, desc="embed", weight=lambda n: n)) if todo else 0
-    downloaded = downloaded_rows(shards_dir).column("uid")
-    embedded = read_embedding_tables(out_dir, columns=["uid"]).column("uid")
-    found = int(pc.sum(pc.is_in(downloaded, value_set=embedded)).as_py() or 0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    found, downloaded = by_download_shard(converted, shards_dir, out_dir, map_fn)
     seconds = time.perf_counter() - started
     model = f"DataComp {config.precomputed_features} features ({config.precomputed})"
     return Manifest(
         stage="embed",
-        **{"in": len(downloaded)},
+        **{"in": downloaded},
         kept=found,
-        failed={MISSING: len(downloaded) - found} if len(downloaded) > found else {},
+        failed={MISSING: downloaded - found} if downloaded > found else {},
         outputs=EmbedOutputs(embeddings_dir=str(out_dir), model=model, n_shards=str(len(npzs))).as_dict(),
         seconds=seconds,
         metrics={
@@ -379,9 +377,12 @@ def run_embed_precomputed(shards_dir: Path, config: EmbedConfig, stage_dir: Path
     )
 
 
-def read_embedding_tables(embeddings_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """Every shard's embedding table, concatenated in shard order."""
-    table = read_parquet_folder(embeddings_dir, columns)
+def read_embedding_tables(
+    embeddings_dir: Path, columns: list[str] | None = None, only_uids: pa.ChunkedArray | None = None
+) -> pa.Table:
+    """Every shard's embedding table, concatenated in shard order; with `only_uids`, just those
+    rows (each shard's file filtered as it is read, so memory follows them, not the pool)."""
+    table = read_parquet_folder(embeddings_dir, columns, only_uids=only_uids)
     if table is None:
         return pa.table({"uid": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
     return table

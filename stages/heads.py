@@ -42,7 +42,7 @@ def run_fit_heads(
     unknown = sorted(set(config.heads) - set(HEAD_TARGETS))
     if unknown:
         raise ValueError(f"heads: unknown head {unknown[0]} (available: {', '.join(HEAD_TARGETS)})")
-    embedded = read_embedding_tables(embeddings_dir)
+    embedded = read_embedding_tables(embeddings_dir, only_uids=labels.column("uid"))  # the labelled rows alone
     position = {u: i for i, u in enumerate(embedded.column("uid").to_pylist())}
     embed_reasons = embedded.column("reason").to_pylist()
     uids = labels.column("uid").to_pylist()

@@ -189,11 +189,13 @@ def run_hash(shards_dir: Path, config: HashConfig, stage_dir: Path, map_fn: MapF
     )
 
 
-def read_hash_tables(hashes_dir: Path, only_hashed: bool = True) -> pa.Table:
-    """All successfully hashed rows (every row, with `only_hashed=False`), in shard order."""
-    table = read_parquet_folder(hashes_dir, schema=SCHEMA)
+def read_hash_tables(hashes_dir: Path, only_hashed: bool = True, with_shard: bool = False) -> pa.Table:
+    """All successfully hashed rows (every row, with `only_hashed=False`), in shard order;
+    `with_shard` adds `shard`, each row's index in the sorted list of hash files."""
+    table = read_parquet_folder(hashes_dir, schema=SCHEMA, with_shard=with_shard)
     if table is None:
-        return SCHEMA.empty_table()
+        empty = SCHEMA.empty_table()
+        return empty.append_column("shard", pa.array([], pa.int32())) if with_shard else empty
     if not only_hashed:
         return table
     return table.filter(pc.is_valid(table.column("phash")))

@@ -28,6 +28,7 @@ from stages import clip_models
 from stages.dedupe import DedupeOutputs
 from stages.download import DownloadOutputs, downloaded_rows
 from stages.shard_copy import reshard
+from stages.shards import read_decisions
 from stages.train import TrainConfig, TrainOutputs, run_train
 
 SEED_TRAIN_DEFAULTS = TrainConfig(
@@ -163,7 +164,7 @@ class SeedModels(Stage):
     def run(self, ctx: RunContext, inputs: SeedModelsInputs) -> tuple[SeedModelsOutputs, Manifest]:
         labels = pq.read_table(self.config.labels or inputs.source.labels)
         if inputs.dedupe is not None:
-            decisions = pq.read_table(inputs.dedupe.decisions, columns=["uid", "keep"])
+            decisions = read_decisions(inputs.dedupe.decisions, ["uid", "keep"])
             usable = set(decisions.filter(decisions.column("keep")).column("uid").to_pylist())
         else:
             usable = set(downloaded_rows(Path(inputs.shards.shards_dir)).column("uid").to_pylist())

@@ -7,12 +7,15 @@ tar (img2dataset's writer appends to both together).
 
 Accounting: every sample of the shards' tables is kept, dropped under its decision's reason (per-uid
 dedupe reasons folded into their kind), or dropped under `undecided` when no decision covers it.
-Scale: this holds the uid, keep and reason columns of the shards' tables in one process (vectorised
-joins, no per-row Python); what it hands on is per shard.
+Scale: with decisions written per shard (dedupe's and filter's), the join runs shard by shard and
+one process holds one shard's uid, keep and reason columns at a time; with one decisions file (the
+prefilter's, older runs) it holds the pool's three columns (vectorised joins, no per-row Python).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +27,7 @@ import pyarrow.parquet as pq
 
 from filters.phash_dedupe import DUPLICATE, EVAL_DUPLICATE
 from pipeline.atomic import write_parquet
-from stages.shards import only_successes
+from stages.shards import only_successes, read_decisions
 
 MASK_DIR = "kept"  # the folder of per-shard kept-uid files, in the stage folder that writes them
 UNDECIDED = "not_hashed"  # downloaded samples no decision covers: the phash stage could not decode them
@@ -49,7 +52,7 @@ def mask_file(folder: str | Path, shard: str | Path) -> Path:
     return Path(folder) / f"{Path(shard).stem}.parquet"
 
 
-def _shard_rows(shards: list[str]) -> pa.Table:
+def shard_rows(shards: list[str]) -> pa.Table:
     """(uid, shard index, row within the shard) of every successful row of the shards' tables."""
     tables = []
     for index, shard in enumerate(shards):
@@ -97,7 +100,7 @@ def _with_verdicts(rows: pa.Table, decisions: str | Path | pa.Table | None, unde
         table = rows.append_column("keep", pa.array(np.ones(n, bool))).append_column("reason", pa.nulls(n, pa.string()))
     else:
         columns = ["uid", "keep", "reason"]
-        verdicts = decisions if isinstance(decisions, pa.Table) else pq.read_table(decisions, columns=columns)
+        verdicts = decisions if isinstance(decisions, pa.Table) else read_decisions(decisions, columns)
         verdicts = verdicts.select(columns)
         repeated = verdicts.num_rows - pc.count_distinct(verdicts.column("uid")).as_py()
         if repeated:
@@ -119,21 +122,37 @@ def write_kept_mask(
     stems = [Path(s).stem for s in shards]
     if len(set(stems)) < len(stems):
         raise ValueError("shards from different folders share file names: their kept-uid files would collide")
-    table = _with_verdicts(_shard_rows(shards), decisions, undecided)
-    keep = table.column("keep")
-    dropped = _reason_counts(_reason_kinds(pc.filter(table.column("reason"), pc.invert(keep))))
-    kept = table.filter(keep).select(["uid", "shard"])
     folder.mkdir(parents=True, exist_ok=True)
-    counts = pc.value_counts(kept.column("shard"))
-    per_shard = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True))
-    start, used, kept_counts = 0, [], []
-    for index in sorted(per_shard):
-        n = per_shard[index]
-        write_parquet(mask_file(folder, shards[index]), kept.slice(start, n).select(["uid"]))
-        used.append(shards[index])
-        kept_counts.append(n)
-        start += n
-    return KeptMask(used, kept_counts, str(folder), table.num_rows, dropped)
+    in_count, dropped, used, kept_counts = 0, Counter(), [], []
+    for table in _verdict_tables(shards, decisions, undecided):
+        keep = table.column("keep")
+        in_count += table.num_rows
+        dropped.update(_reason_counts(_reason_kinds(pc.filter(table.column("reason"), pc.invert(keep)))))
+        kept = table.filter(keep).select(["uid", "shard"])
+        counts = pc.value_counts(kept.column("shard"))
+        per_shard = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True))
+        start = 0
+        for index in sorted(per_shard):
+            n = per_shard[index]
+            write_parquet(mask_file(folder, shards[index]), kept.slice(start, n).select(["uid"]))
+            used.append(shards[index])
+            kept_counts.append(n)
+            start += n
+    return KeptMask(used, kept_counts, str(folder), in_count, dict(sorted(dropped.items())))
+
+
+def _verdict_tables(shards: list[str], decisions: str | Path | pa.Table | None, undecided: str) -> Iterator[pa.Table]:
+    """The shards' rows with their verdicts: one shard at a time when the decisions are a folder with
+    a file per shard (as dedupe and filter write them), so memory follows a shard, not the pool;
+    else all at once."""
+    per_shard = decisions if isinstance(decisions, str | Path) and Path(decisions).is_dir() else None
+    if per_shard is not None and all(mask_file(per_shard, s).exists() for s in shards):
+        for index, shard in enumerate(shards):
+            rows = shard_rows([shard])
+            rows = rows.set_column(1, "shard", pa.array(np.full(rows.num_rows, index, np.int32)))
+            yield _with_verdicts(rows, pq.read_table(mask_file(per_shard, shard)), undecided)
+    else:
+        yield _with_verdicts(shard_rows(shards), decisions, undecided)
 
 
 def kept_slice(folder: str | Path, shard: str | Path, start: int, stop: int) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,14 +28,41 @@ def shard_name(index: int) -> str:
 
 
 def read_parquet_folder(
-    folder: Path, columns: list[str] | None = None, schema: pa.Schema | None = None
+    folder: Path,
+    columns: list[str] | None = None,
+    schema: pa.Schema | None = None,
+    with_shard: bool = False,
+    only_uids: pa.ChunkedArray | None = None,
 ) -> pa.Table | None:
-    """Every per-shard parquet of `folder`, concatenated in shard order; None when there is none."""
+    """Every per-shard parquet of `folder`, concatenated in shard order; None when there is none.
+    `with_shard` adds `shard`: each row's file, as its index in the sorted list of files.
+    `only_uids` keeps just the rows of those uids, file by file."""
     paths = sorted(Path(folder).glob("*.parquet"))
     if not paths:
         return None
-    tables = [pq.read_table(p, columns=columns, schema=schema) for p in paths]
+
+    def read(path: Path) -> pa.Table:
+        table = pq.read_table(path, columns=columns, schema=schema)
+        return table if only_uids is None else table.filter(pc.is_in(table.column("uid"), value_set=only_uids))
+
+    tables = [read(p) for p in paths]
+    if with_shard:
+        tables = [t.append_column("shard", pa.array(np.full(t.num_rows, i, np.int32))) for i, t in enumerate(tables)]
     return pa.concat_tables(tables, promote_options="default")
+
+
+def read_decisions(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A stage's decisions: one parquet (the prefilter's, runs before 2026-12-01), or a folder of
+    one parquet per shard (dedupe's and filter's), concatenated in shard order."""
+    path = Path(path)
+    if not path.is_dir():
+        return pq.read_table(path, columns=columns)
+    table = read_parquet_folder(path, columns)
+    if table is None:
+        return pa.table(
+            {"uid": pa.array([], pa.string()), "keep": pa.array([], pa.bool_()), "reason": pa.array([], pa.string())}
+        )
+    return table
 
 
 def read_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:

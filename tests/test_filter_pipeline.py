@@ -20,6 +20,7 @@ from filters.heads import HeadInfo, save_head
 from pipeline.config import ConfigError, load_recipe
 from pipeline.manifest import Manifest
 from pipeline.orchestrator import plan, run_pipeline
+from stages.shards import read_decisions
 from tests.conftest import fast_filter_overrides, small_demo_overrides
 from tests.test_cli import assert_quiet, cli, start_in_background, status_states
 
@@ -107,7 +108,7 @@ def test_laion_a_on_the_demo_pool_gives_a_deduplicated_aesthetic_subset(ray_clus
     assert set(m["filter"].dropped) <= {"duplicate_of", "eval_duplicate_of", "aesthetic"}
     assert m["filter"].dropped["duplicate_of"] == m["dedupe"].dropped["duplicate_of"]
     assert m["subset"].kept == m["filter"].kept > 0
-    decisions = pq.read_table(m["filter"].outputs["decisions"]).to_pydict()
+    decisions = read_decisions(m["filter"].outputs["decisions"]).to_pydict()
     kept = {u for u, k in zip(decisions["uid"], decisions["keep"], strict=True) if k}
     scores = np.array(decisions["score_1_aesthetic"])
     assert (scores[np.array(decisions["keep"])] >= recipe.filter.strategy[1].threshold).all()

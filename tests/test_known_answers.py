@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -234,6 +235,19 @@ def test_kept_uids_per_shard_in_table_order_and_every_other_sample_under_its_fol
     twice = pa.concat_tables([decisions, decisions.slice(0, 1)])
     with pytest.raises(ValueError, match="1 uid\\(s\\) more than once"):
         write_kept_mask(shards, twice, tmp_path / "kept2")
+    # decisions written per shard, as dedupe and filter write them, are joined shard by shard
+    keep_f = decisions.set_column(1, "keep", pa.array([True, False, False, False, True, True, True, None]))
+    whole = write_kept_mask(shards, keep_f, tmp_path / "kept3", undecided="undecided")
+    per_shard = tmp_path / "decisions"
+    per_shard.mkdir()
+    for name, uids in [("00000", ["a", "b", "e", "x"]), ("00001", ["c", "d", "f", "g"])]:
+        pq.write_table(keep_f.filter(pc.is_in(keep_f.column("uid"), pa.array(uids))), per_shard / f"{name}.parquet")
+    again = write_kept_mask(shards, str(per_shard), tmp_path / "kept4", undecided="undecided")
+    assert whole.kept_per_shard == [2, 1] and whole.shards == shards
+    assert (again.in_count, again.shards, again.kept_per_shard, again.dropped) == (
+        whole.in_count, whole.shards, whole.kept_per_shard, whole.dropped,
+    )  # fmt: skip
+    assert [kept_slice(again.folder, s, 0, 9) for s in shards] == [["e", "a"], ["f"]]
 
 
 # --- filter: strategy inputs ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.shards import read_decisions
 from stages.source_table import SourceTableError, load_source, metadata_columns
 from stages.uid import compute_uid
 
@@ -298,7 +299,7 @@ def test_datacomp_precomputed_embeddings_feed_the_clip_filters_without_a_model(r
 
     cosine = dict(zip(first["uid"].to_pylist(), (unit(image) * unit(text)).sum(axis=1), strict=True))
     ranked = sorted((u for u in ok if u in covered), key=lambda u: (-cosine[u], u))
-    decisions = pq.read_table(m["filter"].outputs["decisions"])
+    decisions = read_decisions(m["filter"].outputs["decisions"])
     kept = {u for u, k in zip(decisions["uid"].to_pylist(), decisions["keep"].to_pylist(), strict=True) if k}
     assert m["filter"].failed == {"not_embedded": len([u for u in ok if u not in covered])}
     assert kept == set(ranked[: len(kept)]) and len(kept) == round(0.5 * len(ranked))

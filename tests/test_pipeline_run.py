@@ -14,6 +14,7 @@ from pipeline.config import ConfigError
 from pipeline.manifest import AccountingError, Manifest
 from pipeline.orchestrator import run_pipeline
 from stages.download import Download
+from stages.shards import read_decisions
 
 
 def _client(recipe) -> mlflow.MlflowClient:
@@ -251,7 +252,7 @@ def test_datacomp_recipe_runs_in_miniature_on_a_datacomp_shaped_metadata_folder(
     assert downloaded.column("clip_l14_similarity_score").to_pylist() == pytest.approx([expected[u] for u in uids])
     assert "source_sha256" in downloaded.column_names  # beside img2dataset's own sha256 of the bytes
 
-    decisions = pq.read_table(m["filter"].outputs["decisions"])
+    decisions = read_decisions(m["filter"].outputs["decisions"])
     kept = sorted(u for u, k in zip(decisions["uid"].to_pylist(), decisions["keep"].to_pylist(), strict=True) if k)
     listed = np.load(m["filter"].outputs["kept_uids"])
     assert listed.dtype == np.dtype("u8,u8") and len(listed) == len(kept) == m["filter"].kept

@@ -1,9 +1,11 @@
-"""filter stage: run a strategy (an intersection of named filters) over the per-uid pool table.
+"""filter stage: run a strategy (an intersection of named filters) over the pool, shard by shard.
 
 Input samples are the downloaded ones. Samples an earlier stage could not decode are failed
 with that stage's reason; every other sample is kept or dropped with the first filter that
-rejected it. `decisions.parquet` keeps the verdict of every step and every score, so a subset,
-a report or a later strategy can be explained sample by sample.
+rejected it. `decisions/<shard>.parquet` keeps the verdict of every step and every score, so a
+subset, a report or a later strategy can be explained sample by sample. A task per shard decides
+its rows (`sharded`); steps that rank or cluster the whole pool get its figures first
+(`pool_figures`), so the verdicts equal those over one table of the whole pool (`run_filter`).
 """
 
 from __future__ import annotations
@@ -12,20 +14,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from filters.registry import Strategy
 from filters.strategy import StrategyResult, apply_strategy
-from filters.uid_list import UidListError, to_datacomp
-from pipeline.atomic import write_parquet, write_with
-from pipeline.manifest import Manifest, count_reasons
+from pipeline.atomic import write_parquet
+from pipeline.manifest import Manifest
 from pipeline.mapping import MapFn, local_map
 from pipeline.models import StrictModel
 from pipeline.stage import (
-    Decisions,
     PlanRow,
     RunContext,
     SourceOutputs,
@@ -38,8 +36,11 @@ from stages.dedupe import DedupeOutputs
 from stages.download import DownloadOutputs
 from stages.embed import Embed, EmbedOutputs
 from stages.evaluate import eval_classnames
-from stages.filter.pool_table import build_pool_table, upstream_failure
+from stages.filter.decisions import KEPT_UIDS, FilterOutputs, decisions_table, write_kept_uids
+from stages.filter.pool_figures import usable_rows
+from stages.filter.pool_table import PoolSources
 from stages.filter.report import write_report
+from stages.filter.sharded import DECISIONS, filter_manifest, run_sharded, summarise
 from stages.filter.strategy_inputs import check_columns, check_files, check_heads, resolve_strategy
 from stages.heads import Heads, HeadsOutputs
 from stages.phash import PhashOutputs
@@ -50,81 +51,22 @@ class FilterConfig(StrictModel):
     examples: int = Field(6, ge=0, le=64, description="kept and dropped example images per filter in the report")
 
 
-KEPT_UIDS = "kept_uids.npy"
-
-
-def decisions_table(pool: pa.Table, failure: list[str | None], result: StrategyResult) -> pa.Table:
-    """One row per pool sample: final keep/reason plus each step's keep and score."""
-    n = pool.num_rows
-    ok_rows = np.flatnonzero([f is None for f in failure])
-    keep = np.zeros(n, bool)
-    keep[ok_rows] = result.keep
-    reason: list[str | None] = [f"failed:{f}" if f else None for f in failure]
-    for row, r in zip(ok_rows, result.reason, strict=True):
-        reason[row] = r
-    columns: dict[str, pa.Array] = {"uid": pool.column("uid"), "keep": pa.array(keep), "reason": pa.array(reason)}
-    for index, (_, step) in enumerate(result.steps):
-        label = result.step_label(index)
-        step_keep = np.zeros(n, bool)
-        step_keep[ok_rows] = step.keep
-        columns[f"keep_{label}"] = pa.array(step_keep)
-        if step.scores is not None:
-            scores = np.full(n, np.nan, np.float32)
-            scores[ok_rows] = step.scores
-            columns[f"score_{label}"] = pa.array(scores)
-    return pa.table(columns)
-
-
 def run_filter(
     pool: pa.Table, config: FilterConfig, stage_dir: Path, map_fn: MapFn = local_map, stage: str = "filter"
 ) -> tuple[Manifest, StrategyResult]:
-    """Apply the strategy to the pool table; write decisions.parquet and kept_uids.npy (DataComp's
-    uid-list format) to `stage_dir`. `stage` names the manifest (the prefilter runs this too)."""
+    """Apply the strategy to a table held whole (the prefilter's source table; tests' oracle for the
+    sharded stage); write decisions.parquet and kept_uids.npy (DataComp's uid-list format) to
+    `stage_dir`. `stage` names the manifest."""
     started = time.perf_counter()
-    failure = upstream_failure(pool)
-    usable = pool.filter(pa.array([f is None for f in failure]))
+    usable, failure = usable_rows(pool)
     result = apply_strategy(usable, config.strategy, map_fn)
     stage_dir.mkdir(parents=True, exist_ok=True)
     decisions = decisions_table(pool, failure, result)
-    path = stage_dir / "decisions.parquet"
-    write_parquet(path, decisions)
-    kept_uids = _write_kept_uids(stage_dir / KEPT_UIDS, decisions)
-    metrics: dict[str, float] = {"kept_fraction": float(result.keep.mean()) if len(result.keep) else 0.0}
-    for index, (_, step) in enumerate(result.steps):
-        label = result.step_label(index)
-        metrics[f"{label}.dropped"] = float((~step.keep).sum())
-        metrics[f"{label}.kept_fraction"] = float(step.keep.mean()) if len(step.keep) else 0.0
-        if step.threshold is not None and np.isfinite(step.threshold):
-            metrics[f"{label}.threshold"] = step.threshold
-        metrics.update({f"{label}.{key}": value for key, value in step.metrics.items()})
-    kept = int(pc.sum(decisions.column("keep")).as_py() or 0)
-    manifest = Manifest(
-        stage=stage,
-        **{"in": pool.num_rows},
-        kept=kept,
-        dropped=count_reasons([r for r, k in zip(result.reason, result.keep, strict=True) if not k]),
-        failed=count_reasons([f for f in failure if f]),
-        outputs=FilterOutputs(decisions=str(path), kept_uids=kept_uids).as_dict(),
-        seconds=time.perf_counter() - started,
-        metrics=metrics,
-    )
-    return manifest, result
-
-
-def _write_kept_uids(path: Path, decisions: pa.Table) -> str | None:
-    """The kept uids in DataComp's `.npy` format, for its resharder and evaluation (None when the
-    uids are not DataComp's 32-digit hex, e.g. a table's own uids of another shape)."""
-    kept = decisions.filter(decisions.column("keep")).column("uid")
-    try:
-        pairs = to_datacomp(kept)
-    except UidListError:
-        return None
-    write_with(path, lambda tmp: np.save(tmp.open("wb"), pairs))
-    return str(path)
-
-
-class FilterOutputs(Decisions):
-    kept_uids: str | None = None  # DataComp's uid-list format (filters.uid_list): feeds its resharder
+    path = write_parquet(stage_dir / "decisions.parquet", decisions)
+    summary = summarise(pool, usable, failure, result, decisions)
+    kept_uids = write_kept_uids(stage_dir / KEPT_UIDS, summary.kept_pairs)
+    seconds = time.perf_counter() - started
+    return filter_manifest([summary], config.strategy, path, kept_uids, seconds, stage), result
 
 
 @dataclass
@@ -172,27 +114,24 @@ class Filter(Stage):
 
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         steps = " ∩ ".join(_step_text(p) for p in self.config.strategy) or "(keep all)"
-        output = str(run_dir / self.name / "decisions.parquet")
-        return PlanRow(self.name, "per-uid pool table", output, rows, steps, "driver + Ray tasks for k-means")
+        output = str(run_dir / self.name / DECISIONS)
+        return PlanRow(self.name, "per-shard pool tables", output, rows, steps, "a Ray task per shard")
 
     def run(self, ctx: RunContext, inputs: FilterInputs) -> tuple[FilterOutputs, Manifest]:
-        shards_dir = Path(inputs.shards.shards_dir)
-        pool = build_pool_table(
-            shards_dir,
-            hashes_dir=Path(inputs.hashes.hashes_dir) if inputs.hashes else None,
-            decisions_path=Path(inputs.dedupe.decisions) if inputs.dedupe else None,
-            embeddings_dir=Path(inputs.embed.embeddings_dir) if inputs.embed else None,
+        sources = PoolSources(
+            inputs.shards.shards_dir,
+            hashes_dir=inputs.hashes.hashes_dir if inputs.hashes else None,
+            dedupe_decisions=inputs.dedupe.decisions if inputs.dedupe else None,
+            embeddings_dir=inputs.embed.embeddings_dir if inputs.embed else None,
         )
         heads = inputs.heads.model_dump(exclude={"artifacts"}) if inputs.heads else {}  # filter name -> head
         classnames = eval_classnames(self.recipe.evaluate.eval_dir, inputs.source)
         targets = inputs.embed.class_embeddings if inputs.embed else None
         steps = resolve_strategy(self.config.strategy, heads, classnames, targets)
-        config = self.config.model_copy(update={"strategy": steps})
         stage_dir = self.stage_dir(ctx)
-        manifest, result = run_filter(pool, config, stage_dir, ctx.map_fn)
-        captions = dict(zip(pool.column("uid").to_pylist(), pool.column("caption").to_pylist(), strict=True))
-        tars = sorted(shards_dir.glob("*.tar"))
-        report = write_report(result, captions, tars, config.examples, stage_dir / "report")
-        outputs = FilterOutputs.model_validate(manifest.outputs).model_copy(update={"artifacts": str(report)})
-        manifest.outputs = outputs.as_dict()
-        return outputs, manifest
+        done = run_sharded(sources, steps, stage_dir, ctx.map_fn, self.config.examples)
+        tars = sorted(Path(sources.shards_dir).glob("*.tar"))
+        report = write_report(done.pictures, done.captions, tars, self.config.examples, stage_dir / "report")
+        outputs = FilterOutputs.model_validate(done.manifest.outputs).model_copy(update={"artifacts": str(report)})
+        done.manifest.outputs = outputs.as_dict()
+        return outputs, done.manifest

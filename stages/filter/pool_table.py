@@ -8,6 +8,7 @@ hash join, because Arrow's join cannot carry the embeddings' fixed-size-list col
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,9 +17,8 @@ import pyarrow.parquet as pq
 
 from stages.dedupe import POOL_COLUMNS as DEDUPE_COLUMNS
 from stages.download import downloaded_rows
-from stages.embed import read_embedding_tables
 from stages.phash import POOL_COLUMNS as PHASH_COLUMNS
-from stages.phash import read_hash_tables
+from stages.phash import SCHEMA as PHASH_SCHEMA
 
 
 def attach(base: pa.Table, other: pa.Table, columns: dict[str, str]) -> pa.Table:
@@ -29,33 +29,83 @@ def attach(base: pa.Table, other: pa.Table, columns: dict[str, str]) -> pa.Table
     return base
 
 
+@dataclass(frozen=True)
+class PoolSources:
+    """Where the per-uid rows come from: each earlier stage's files, one per shard, by shard stem."""
+
+    shards_dir: str
+    hashes_dir: str | None = None
+    dedupe_decisions: str | None = None  # dedupe's folder of per-shard decisions (one file in older runs)
+    embeddings_dir: str | None = None
+
+    def stems(self) -> list[str]:
+        return [p.stem for p in sorted(Path(self.shards_dir).glob("*.parquet"))]
+
+
 def build_pool_table(
     shards_dir: Path,
     hashes_dir: Path | None = None,
     decisions_path: Path | None = None,
     embeddings_dir: Path | None = None,
 ) -> pa.Table:
-    table = downloaded_rows(shards_dir)
-    if hashes_dir is not None:
-        hashes = read_hash_tables(hashes_dir, only_hashed=False)
-        table = attach(table, hashes, PHASH_COLUMNS)
-        table = _missing_as(table, "phash_reason", "phash", "not_hashed")
-    if decisions_path is not None:
-        decisions = pq.read_table(decisions_path, columns=["uid", "keep", "reason"])
-        table = attach(table, decisions, DEDUPE_COLUMNS)
-    if embeddings_dir is not None:
-        embedded = read_embedding_tables(embeddings_dir)
+    """The whole pool's table, shard after shard (what the filter stage never builds: it reads
+    `shard_pool_table` per shard; tests and the prefilter's callers use this)."""
+    sources = PoolSources(
+        *(str(p) if p is not None else None for p in (shards_dir, hashes_dir, decisions_path, embeddings_dir))
+    )
+    tables = [shard_pool_table(sources, stem) for stem in sources.stems()]
+    if not tables:
+        return shard_pool_table(sources, None)
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def shard_pool_table(sources: PoolSources, stem: str | None, embed_columns: list[str] | None = None) -> pa.Table:
+    """One shard's per-uid table; `embed_columns` limits what is read of its embeddings (default all).
+    stem None: the empty table with every column."""
+    table = downloaded_rows(Path(sources.shards_dir), [stem] if stem else [])
+    if sources.hashes_dir is not None:
+        hashes = _shard_file(Path(sources.hashes_dir), stem, schema=PHASH_SCHEMA)
+        table = _missing_as(attach(table, hashes, PHASH_COLUMNS), hashes, "phash_reason", "not_hashed")
+    if sources.dedupe_decisions is not None:
+        decisions = Path(sources.dedupe_decisions)
+        columns = ["uid", "keep", "reason"]
+        verdicts = (
+            _shard_file(decisions, stem, columns) if decisions.is_dir() else pq.read_table(decisions, columns=columns)
+        )
+        table = attach(table, verdicts, DEDUPE_COLUMNS)
+    if sources.embeddings_dir is not None:
+        wanted = None if embed_columns is None else ["uid", "reason", *embed_columns]
+        embedded = _shard_file(Path(sources.embeddings_dir), stem, wanted)
         scores = [c for c in embedded.column_names if c not in ("uid", "reason")]
         table = attach(table, embedded, {**{c: c for c in scores}, "reason": "embed_reason"})
-        table = _missing_as(table, "embed_reason", "image_emb", "not_embedded")
+        table = _missing_as(table, embedded, "embed_reason", "not_embedded")
     return table
 
 
-def _missing_as(table: pa.Table, reason_column: str, value_column: str, reason: str) -> pa.Table:
-    """Rows the upstream stage never wrote (no value, no reason) get an explicit reason."""
-    reasons = table.column(reason_column)
-    absent = pc.and_(pc.is_null(reasons), pc.is_null(table.column(value_column)))
-    filled = pc.if_else(absent, pa.scalar(reason), reasons)
+def _shard_file(
+    folder: Path, stem: str | None, columns: list[str] | None = None, schema: pa.Schema | None = None
+) -> pa.Table:
+    """One shard's table of an earlier stage; a shard it wrote nothing for reads as an empty table
+    of the folder's schema, so every shard's pool table has the same columns."""
+    path = folder / f"{stem}.parquet"
+    if stem is not None and path.exists():
+        if columns is not None:
+            names = pq.read_schema(path).names
+            columns = [c for c in columns if c in names]  # a score column may come from the download
+        return pq.read_table(path, columns=columns, schema=schema)
+    if schema is None:
+        any_file = next(iter(sorted(folder.glob("*.parquet"))), None)
+        if any_file is None:
+            return pa.table({"uid": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+        schema = pq.read_schema(any_file)
+    names = columns or schema.names
+    return pa.schema([schema.field(n) for n in names if n in schema.names]).empty_table()
+
+
+def _missing_as(table: pa.Table, written: pa.Table, reason_column: str, reason: str) -> pa.Table:
+    """Rows the upstream stage never wrote (uid not in its table) get an explicit reason."""
+    absent = pc.invert(pc.is_in(table.column("uid"), value_set=written.column("uid")))
+    filled = pc.if_else(absent, pa.scalar(reason), table.column(reason_column))
     return table.set_column(table.column_names.index(reason_column), reason_column, filled)
 
 

@@ -5,11 +5,11 @@ kept and dropped example images, so a threshold can be judged by eye before a lo
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from filters.strategy import StrategyResult
 from pipeline.atomic import write_with
 from stages.shards import image_bytes, read_tar_samples
 
@@ -84,23 +84,36 @@ def example_grid(
     return path
 
 
+@dataclass
+class StepPicture:
+    """What the report shows of one step: scores and verdicts of a sample of rows (every row on a
+    small pool), the threshold, and candidate example uids from the first shards."""
+
+    label: str
+    threshold: float | None = None
+    scores: list[np.ndarray] = field(default_factory=list)
+    keep: list[np.ndarray] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
 def write_report(
-    result: StrategyResult, captions: dict[str, str], tars: list[Path], n_examples: int, out: Path
+    pictures: list[StepPicture], captions: dict[str, str], tars: list[Path], n_examples: int, out: Path
 ) -> Path:
     """Histograms and example grids for every step into `out`; returns `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    uids = np.asarray(result.uids, dtype=object)
     wanted: dict[str, list[str]] = {}
-    for index, (_, step) in enumerate(result.steps):
-        label = result.step_label(index)
-        if step.scores is not None:
-            histogram(step.scores, step.keep, step.threshold, f"{label}: score distribution", out / f"{label}_hist.png")
-        wanted[f"{label}:kept"] = list(uids[step.keep])
-        wanted[f"{label}:dropped"] = list(uids[~step.keep])
+    for picture in pictures:
+        label = picture.label
+        if picture.scores:
+            scores, keep = np.concatenate(picture.scores), np.concatenate(picture.keep)
+            histogram(scores, keep, picture.threshold, f"{label}: score distribution", out / f"{label}_hist.png")
+        wanted[f"{label}:kept"] = picture.kept
+        wanted[f"{label}:dropped"] = picture.dropped
     if n_examples and tars:
         examples = _collect_examples(tars, wanted, n_examples)
-        for index in range(len(result.steps)):
-            label = result.step_label(index)
+        for picture in pictures:
+            label = picture.label
             example_grid(
                 examples[f"{label}:kept"], examples[f"{label}:dropped"], captions, label, out / f"{label}_examples.png"
             )
