@@ -116,7 +116,9 @@ def by_download_shard(converted: Path, shards_dir: Path, out_dir: Path, map_fn: 
     """Rewrite the per-npz tables as one table per download shard (its rows in the shard's order;
     samples no npz covers are absent), as the model pass writes them, so each later per-shard task
     reads its own shard's embeddings. The driver holds (uid, file, row) of the pool: three
-    columns, joined vectorised. Returns (rows written, samples downloaded)."""
+    columns, joined vectorised. A task reads each npz table its shard draws from whole: cheap when
+    download shards follow the metadata's order, as parts cut from its files do. Returns (rows
+    written, samples downloaded)."""
     files = sorted(converted.glob("*.parquet"))
     index = pa.concat_tables(
         [
@@ -125,6 +127,8 @@ def by_download_shard(converted: Path, shards_dir: Path, out_dir: Path, map_fn: 
         ]
     )
     tars = [str(p.with_suffix(".tar")) for p in sorted(Path(shards_dir).glob("*.parquet"))]
+    first = pc.index_in(pc.unique(index.column("uid")), value_set=index.column("uid"))
+    index = index.take(first)  # a uid in two files: the first file's row, once
     downloaded = shard_rows(tars)
     joined = downloaded.join(index, "uid", join_type="inner")
     joined = joined.take(pc.sort_indices(joined, [("shard", "ascending"), ("row", "ascending")]))

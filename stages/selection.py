@@ -141,16 +141,22 @@ def write_kept_mask(
     return KeptMask(used, kept_counts, str(folder), in_count, dict(sorted(dropped.items())))
 
 
+_NO_VERDICTS = pa.table(
+    {"uid": pa.array([], pa.string()), "keep": pa.array([], pa.bool_()), "reason": pa.array([], pa.string())}
+)
+
+
 def _verdict_tables(shards: list[str], decisions: str | Path | pa.Table | None, undecided: str) -> Iterator[pa.Table]:
-    """The shards' rows with their verdicts: one shard at a time when the decisions are a folder with
-    a file per shard (as dedupe and filter write them), so memory follows a shard, not the pool;
-    else all at once."""
+    """The shards' rows with their verdicts: one shard at a time when the decisions are a folder of a
+    file per shard (as dedupe and filter write them; a shard without one is undecided), so memory
+    follows a shard, not the pool, and a uid named twice is caught within its shard; else all at once."""
     per_shard = decisions if isinstance(decisions, str | Path) and Path(decisions).is_dir() else None
-    if per_shard is not None and all(mask_file(per_shard, s).exists() for s in shards):
+    if per_shard is not None:
         for index, shard in enumerate(shards):
             rows = shard_rows([shard])
             rows = rows.set_column(1, "shard", pa.array(np.full(rows.num_rows, index, np.int32)))
-            yield _with_verdicts(rows, pq.read_table(mask_file(per_shard, shard)), undecided)
+            path = mask_file(per_shard, shard)
+            yield _with_verdicts(rows, pq.read_table(path) if path.exists() else _NO_VERDICTS, undecided)
     else:
         yield _with_verdicts(shard_rows(shards), decisions, undecided)
 

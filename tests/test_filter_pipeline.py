@@ -22,6 +22,7 @@ from pipeline.manifest import Manifest
 from pipeline.orchestrator import plan, run_pipeline
 from stages.shards import read_decisions
 from tests.conftest import fast_filter_overrides, small_demo_overrides
+from tests.oracles import assert_same_decisions
 from tests.test_cli import assert_quiet, cli, start_in_background, status_states
 
 FILTER_STAGES = "stages=[demo_pool, download, phash, dedupe, seed_models, embed, heads, filter, subset]"
@@ -243,12 +244,35 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
         assert f"filter/{key}" in filtered.data.metrics
     assert runs["dedupe"].data.metrics["dedupe/dedupe_precision"] >= 0.8  # ground truth scored and logged
 
-    # the filters whose defaults the run makes: eval class names (vocabulary), class embeddings (targets);
-    # run on the same pool table, with their chunked work as Ray tasks
+    # the stage decided shard by shard; one table of the whole pool, the strategy applied at once,
+    # gives the same verdicts, step by step (the demo's kept uids did not change with the sharding)
     from pipeline.executor import make_ray_map
     from stages.filter import run_filter
-    from stages.filter.pool_table import build_pool_table
+    from stages.filter.pool_table import PoolSources, build_pool_table
+    from stages.filter.sharded import run_sharded
     from stages.filter.strategy_inputs import resolve_strategy
+    from stages.heads import HeadsOutputs
+
+    classnames = json.loads((Path(m["demo_pool"].outputs["eval_dir"]) / "classnames.json").read_text())
+    targets = m["embed"].outputs["class_embeddings"]
+    heads = HeadsOutputs.model_validate(m["heads"].outputs).model_dump(exclude={"artifacts"})
+    steps = resolve_strategy(recipe.filter.strategy, heads, classnames, targets)
+    sources = PoolSources(
+        m["download"].outputs["shards_dir"],
+        m["phash"].outputs["hashes_dir"],
+        m["dedupe"].outputs["decisions"],
+        m["embed"].outputs["embeddings_dir"],
+    )
+    whole = build_pool_table(
+        *(Path(p) for p in (sources.shards_dir, sources.hashes_dir, sources.dedupe_decisions, sources.embeddings_dir))
+    )
+    at_once, _ = run_filter(whole, recipe.filter.model_copy(update={"strategy": steps}), tmp_path / "at-once")
+    stage_decisions = read_decisions(m["filter"].outputs["decisions"])
+    # a head scores a shard at once, or the pool: float32 products round differently, verdicts do not
+    assert_same_decisions(stage_decisions, read_decisions(at_once.outputs["decisions"]), score_rtol=1e-5)
+
+    # the filters whose defaults the run makes: eval class names (vocabulary), class embeddings (targets);
+    # run on the same pool table, with their chunked work as Ray tasks, and shard by shard
 
     later = load_recipe(
         "demo",
@@ -258,13 +282,19 @@ def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_lo
     pool = build_pool_table(
         Path(m["download"].outputs["shards_dir"]), embeddings_dir=Path(m["embed"].outputs["embeddings_dir"])
     )
-    classnames = json.loads((Path(m["demo_pool"].outputs["eval_dir"]) / "classnames.json").read_text())
-    targets = m["embed"].outputs["class_embeddings"]
     config = later.filter.model_copy(
         update={"strategy": resolve_strategy(later.filter.strategy, {}, classnames, targets)}
     )
     assert Path(config.strategy[1].targets) == Path(m["embed"].outputs["class_embeddings"])
     manifest, _ = run_filter(pool, config, tmp_path / "more", make_ray_map())
+    sharded = run_sharded(
+        PoolSources(sources.shards_dir, embeddings_dir=sources.embeddings_dir),
+        config.strategy,
+        tmp_path / "more-sharded",
+        make_ray_map(),
+    )
+    sharded_decisions = read_decisions(sharded.manifest.outputs["decisions"])
+    assert_same_decisions(sharded_decisions, read_decisions(manifest.outputs["decisions"]), score_rtol=1e-5)
     more = manifest.metrics
     assert more["0_text_based.vocabulary_size"] == 120  # the demo's eval classes
     assert 0 < more["1_image_based.clusters_kept"] < more["1_image_based.clusters"]

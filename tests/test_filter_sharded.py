@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from pydantic import TypeAdapter
@@ -26,6 +27,7 @@ from stages.filter.pool_table import PoolSources, build_pool_table
 from stages.filter.sharded import run_sharded
 from stages.phash import SCHEMA as HASH_SCHEMA
 from stages.shards import read_decisions
+from tests.oracles import assert_same_decisions
 
 STEP = TypeAdapter(FilterParams)
 WORDS = ["cat", "dog", "boat", "tree"]
@@ -126,17 +128,6 @@ def _strategy(root: Path) -> list:
     ]
 
 
-def _assert_same(got: pa.Table, expected: pa.Table) -> None:
-    """The same columns, rows and values (NaN scores equal to NaN)."""
-    assert got.column_names == expected.column_names
-    assert got.column("uid").to_pylist() == expected.column("uid").to_pylist()
-    for name in expected.column_names:
-        mine = got.column(name).to_numpy(zero_copy_only=False)
-        theirs = expected.column(name).to_numpy(zero_copy_only=False)
-        assert mine.dtype == theirs.dtype, name
-        assert np.array_equal(mine, theirs, equal_nan=mine.dtype.kind == "f"), name
-
-
 def _whole_table(sources: PoolSources, steps: list, out: Path) -> pa.Table:
     pool = build_pool_table(
         *(Path(p) for p in (sources.shards_dir, sources.hashes_dir, sources.dedupe_decisions, sources.embeddings_dir))
@@ -159,7 +150,7 @@ def test_sharded_verdicts_equal_the_whole_table_row_for_row(tmp_path, monkeypatc
     done = run_sharded(sources, steps, tmp_path / "sharded", examples=2)
     got = read_decisions(done.manifest.outputs["decisions"])
     assert len(list(Path(done.manifest.outputs["decisions"]).glob("*.parquet"))) == 5  # one per shard
-    _assert_same(got, expected)
+    assert_same_decisions(got, expected)
     sharded = done.manifest
     assert (sharded.in_count, sharded.kept, sharded.dropped, sharded.failed) == (
         whole.in_count, whole.kept, whole.dropped, whole.failed,
@@ -171,21 +162,47 @@ def test_sharded_verdicts_equal_the_whole_table_row_for_row(tmp_path, monkeypatc
 
 
 def test_the_pool_cutoff_found_in_passes_is_the_whole_tables(tmp_path, monkeypatch):
-    """Radix passes over shards (gathering at 1 row, so every pass runs) find the (score, uid) of
-    the last kept row for fractions from none to all, with heavy ties and NaNs."""
-    monkeypatch.setattr(figures, "GATHER_ROWS", 1)
+    """Radix passes over shards find the (score, uid) of the last kept row for fractions from none
+    to all, both directions, with heavy ties and NaNs. Gathering at 2 rows makes every pass run,
+    through the scores' 64 bits and on into the tied rows' uids: no pass gathers more than 2 rows,
+    even when a third of the pool shares the boundary score."""
+    monkeypatch.setattr(figures, "GATHER_ROWS", 2)
     sources = _write_pool(tmp_path / "pool", [40, 90, 1, 33], seed=5)
     reads = [ShardRead(sources, stem) for stem in sources.stems()]
-    pool = [r.usable() for r in reads]
-    table = pa.concat_tables(pool)
-    scores = table.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64)
+    table = pa.concat_tables([r.usable() for r in reads])
     uids = table.column("uid").to_pylist()
-    for fraction in (0.001, 0.1, 0.3, 0.97, 1.0):
-        for better in ("higher", "lower"):
-            params = STEP.validate_python({"name": "clip_score", "top_fraction": fraction, "better": better})
-            sign = 1.0 if better == "higher" else -1.0
-            expected = table_cutoff(sign * scores, uids, int(round(fraction * len(uids))))
-            assert pool_cutoff(params, reads, len(uids), lambda fn, items, **_: [fn(i) for i in items]) == expected
+    gathered: list[int] = []
+
+    def recording_map(fn, items, **_):
+        results = [fn(item) for item in items]
+        if items and getattr(items[0], "gather", False):
+            gathered.append(sum(len(keys) for keys, _ in results))
+        return results
+
+    raw = table.column("clip_score").to_numpy(zero_copy_only=False).astype(np.float64)
+    coarse = np.where(np.isnan(raw), np.nan, np.round(raw * 10) % 3)  # three values: large ties
+    for name, scores in (("fine", raw), ("coarse", coarse)):
+        scored = table.set_column(table.column_names.index("clip_score"), "clip_score", pa.array(scores, pa.float32()))
+        monkeypatch.setattr(ShardRead, "usable", _only(scored))
+        for fraction in (0.001, 0.1, 0.3, 0.97, 1.0):
+            for better in ("higher", "lower"):
+                params = STEP.validate_python({"name": "clip_score", "top_fraction": fraction, "better": better})
+                sign = 1.0 if better == "higher" else -1.0
+                signed = sign * scores.astype(np.float32).astype(np.float64)
+                expected = table_cutoff(signed, uids, int(round(fraction * len(uids))))
+                assert pool_cutoff(params, reads, len(uids), recording_map) == expected, (name, fraction, better)
+    assert gathered and max(gathered) <= 2
+
+
+def _only(scored: pa.Table):
+    """`ShardRead.usable` reading each shard's rows of `scored` (the same rows, other scores)."""
+    original = ShardRead.usable
+
+    def usable(read: ShardRead) -> pa.Table:
+        own = original(read).column("uid")
+        return scored.filter(pc.is_in(scored.column("uid"), value_set=own))
+
+    return usable
 
 
 def test_as_ray_tasks_the_verdicts_are_the_same(ray_cluster, tmp_path):
@@ -197,7 +214,28 @@ def test_as_ray_tasks_the_verdicts_are_the_same(ray_cluster, tmp_path):
     steps = _strategy(tmp_path / "pool")
     local = run_sharded(sources, steps, tmp_path / "local")
     remote = run_sharded(sources, steps, tmp_path / "ray", make_ray_map())
-    _assert_same(
+    assert_same_decisions(
         read_decisions(remote.manifest.outputs["decisions"]), read_decisions(local.manifest.outputs["decisions"])
     )
     assert remote.manifest.kept == local.manifest.kept and remote.manifest.dropped == local.manifest.dropped
+
+
+def test_precomputed_embeddings_regrouped_by_download_shard_once_per_uid(tmp_path):
+    """Per-npz tables become one table per download shard, in the shard's row order; a uid two npz
+    files hold is taken once (the first file's), so embedded <= downloaded always holds."""
+    from stages.embed_precomputed import by_download_shard
+
+    shards, converted, out = (tmp_path / n for n in ("shards", "converted", "out"))
+    for folder in (shards, converted, out):
+        folder.mkdir()
+    for stem, uids in [("00000", ["c", "a", "z"]), ("00001", ["b", "d"])]:
+        pq.write_table(pa.table({"uid": uids, "status": ["success"] * len(uids)}), shards / f"{stem}.parquet")
+    for stem, uids, score in [("p0", ["a", "b"], 0.1), ("p1", ["b", "c", "d"], 0.2)]:
+        table = pa.table({"uid": uids, "reason": pa.nulls(len(uids), pa.string()), "clip_score": [score] * len(uids)})
+        pq.write_table(table, converted / f"{stem}.parquet")
+    found, downloaded = by_download_shard(converted, shards, out, lambda fn, items, **_: [fn(i) for i in items])
+    assert (found, downloaded) == (4, 5)  # z has no embedding; b is written once
+    first = pq.read_table(out / "00000.parquet").to_pydict()
+    second = pq.read_table(out / "00001.parquet").to_pydict()
+    assert first["uid"] == ["c", "a"] and first["clip_score"] == [0.2, 0.1]
+    assert second["uid"] == ["b", "d"] and second["clip_score"] == [0.1, 0.2]

@@ -248,6 +248,9 @@ def test_kept_uids_per_shard_in_table_order_and_every_other_sample_under_its_fol
         whole.in_count, whole.shards, whole.kept_per_shard, whole.dropped,
     )  # fmt: skip
     assert [kept_slice(again.folder, s, 0, 9) for s in shards] == [["e", "a"], ["f"]]
+    (per_shard / "00001.parquet").unlink()  # a shard no decision file covers: its samples are undecided
+    partly = write_kept_mask(shards, str(per_shard), tmp_path / "kept5", undecided="undecided")
+    assert partly.kept_per_shard == [2] and partly.dropped["undecided"] == 5
 
 
 # --- filter: strategy inputs ---------------------------------------------------------------------

@@ -6,7 +6,8 @@ task per shard that return small results, so the driver never holds the pool's r
 
 - rank: an exact radix select over order keys of the scores, 16 bits a pass, until the rows that
   share the boundary's prefix are few enough to gather (`GATHER_ROWS`); then (score, uid) breaks
-  ties exactly as the whole-table ranking does.
+  ties exactly as the whole-table ranking does. Rows tied at exactly the boundary score are split
+  the same way on their uids' bytes, so a column of few distinct values gathers no more.
 - image_based: the rows `clustering.fit_rows` names (at most its fit sample) are gathered in the
   order the whole-table fit feeds them, so the centroids are the same.
 - metaclip_balance: per-shard entry counts, added up.
@@ -92,14 +93,23 @@ def pool_figures(steps: list, reads: list[ShardRead], usable: list[int], map_fn:
 
 @dataclass(frozen=True)
 class KeyPass:
-    """Count the next digit of the keys under `prefix` (the first `level` digits), or with
-    `gather`, return those keys and their uids."""
+    """Count the next digit of the rows under a prefix, or with `gather`, return their keys and uids.
+
+    The first `KEY_LEVELS` digits are the score key's (`prefix`, its first `level` digits); past
+    them, rows share one score and the digits are their uids' UTF-8 bytes, two at a time, after
+    `uid_prefix` (byte order is uid order), so that a tie as large as the pool is still split
+    exactly without gathering it."""
 
     read: ShardRead
     params: RankParams
     prefix: int
     level: int
     gather: bool
+    uid_prefix: bytes = b""
+
+
+KEY_LEVELS = KEY_BITS // DIGIT_BITS
+UID_BYTES_MAX = 1024  # uids equal for this many bytes are gathered as they are
 
 
 def _keys(read: ShardRead, params: RankParams) -> tuple[np.ndarray, np.ndarray]:
@@ -110,44 +120,65 @@ def _keys(read: ShardRead, params: RankParams) -> tuple[np.ndarray, np.ndarray]:
     return order_keys(scores[valid]), uids
 
 
+def _uid_bytes(uids: np.ndarray, width: int) -> np.ndarray:
+    """(rows, width) uint8: each uid's UTF-8 bytes, cut or zero-padded to `width`."""
+    encoded = np.array([u.encode() for u in uids], dtype=f"S{width}")
+    return encoded.view(np.uint8).reshape(len(uids), width)
+
+
 def key_pass(job: KeyPass) -> tuple[np.ndarray, np.ndarray]:
     keys, uids = _keys(job.read, job.params)
-    if job.level:
-        under = (keys >> np.uint64(KEY_BITS - DIGIT_BITS * job.level)) == np.uint64(job.prefix)
+    levels = min(job.level, KEY_LEVELS)
+    if levels:
+        under = (keys >> np.uint64(KEY_BITS - DIGIT_BITS * levels)) == np.uint64(job.prefix)
+        keys, uids = keys[under], uids[under]
+    known = len(job.uid_prefix)
+    if known:
+        under = (_uid_bytes(uids, known) == np.frombuffer(job.uid_prefix, np.uint8)).all(axis=1)
         keys, uids = keys[under], uids[under]
     if job.gather:
         return keys, uids
-    shift = np.uint64(KEY_BITS - DIGIT_BITS * (job.level + 1))
-    return np.unique((keys >> shift) & np.uint64((1 << DIGIT_BITS) - 1), return_counts=True)
+    if job.level < KEY_LEVELS:
+        shift = np.uint64(KEY_BITS - DIGIT_BITS * (job.level + 1))
+        return np.unique((keys >> shift) & np.uint64((1 << DIGIT_BITS) - 1), return_counts=True)
+    pair = _uid_bytes(uids, known + 2)[:, known:].astype(np.int64)
+    return np.unique(pair[:, 0] * 256 + pair[:, 1], return_counts=True)
 
 
 def pool_cutoff(params: RankParams, reads: list[ShardRead], n_usable: int, map_fn: MapFn) -> Cutoff:
     """The cutoff `filters.ranking.table_cutoff` would find on the whole pool, found shard by shard."""
     wanted = n_kept(params, n_usable)
     reads = [ShardRead(r.sources, r.stem, (params.score_column,)) for r in reads]
-    prefix, level, above, under_prefix = 0, 0, 0, n_usable
+    prefix, level, above, under_prefix, uid_prefix = 0, 0, 0, n_usable, b""
+    desc = f"filter: {params.name} cutoff"
     while wanted > 0:
-        if under_prefix <= GATHER_ROWS or level * DIGIT_BITS == KEY_BITS:
-            jobs = [KeyPass(r, params, prefix, level, True) for r in reads]
-            parts = map_fn(key_pass, jobs, desc=f"filter: {params.name} cutoff")
+        if under_prefix <= GATHER_ROWS or len(uid_prefix) >= UID_BYTES_MAX:
+            parts = map_fn(key_pass, [KeyPass(r, params, prefix, level, True, uid_prefix) for r in reads], desc=desc)
             keys = np.concatenate([k for k, _ in parts]) if parts else np.zeros(0, np.uint64)
             if len(keys) == 0:
                 return KEEP_NONE
             uids = np.concatenate([u for _, u in parts]).astype(str)
             last = ranked_order(keys, uids)[min(wanted - above, len(keys)) - 1]
             return Cutoff(int(keys[last]), str(uids[last]))
-        jobs = [KeyPass(r, params, prefix, level, False) for r in reads]
         counts = np.zeros(1 << DIGIT_BITS, np.int64)
-        for digits, n in map_fn(key_pass, jobs, desc=f"filter: {params.name} cutoff"):
+        jobs = [KeyPass(r, params, prefix, level, False, uid_prefix) for r in reads]
+        for digits, n in map_fn(key_pass, jobs, desc=desc):
             np.add.at(counts, digits.astype(np.int64), n)
         if level == 0:
             if counts.sum() == 0:
                 return KEEP_NONE
             wanted = min(wanted, int(counts.sum()))  # more than the scored rows: keep every scored row
-        from_top = np.cumsum(counts[::-1])  # rows whose digit is this one or higher
-        digit = (1 << DIGIT_BITS) - 1 - int(np.searchsorted(from_top, wanted - above))
-        above += int(from_top[(1 << DIGIT_BITS) - 2 - digit]) if digit < (1 << DIGIT_BITS) - 1 else 0
-        prefix, level, under_prefix = (prefix << DIGIT_BITS) | digit, level + 1, int(counts[digit])
+        if level < KEY_LEVELS:  # higher scores rank first
+            from_top = np.cumsum(counts[::-1])  # rows whose digit is this one or higher
+            digit = (1 << DIGIT_BITS) - 1 - int(np.searchsorted(from_top, wanted - above))
+            above += int(from_top[(1 << DIGIT_BITS) - 2 - digit]) if digit < (1 << DIGIT_BITS) - 1 else 0
+            prefix = (prefix << DIGIT_BITS) | digit
+        else:  # one score: lower uids rank first
+            upto = np.cumsum(counts)
+            digit = int(np.searchsorted(upto, wanted - above))
+            above += int(upto[digit - 1]) if digit else 0
+            uid_prefix += bytes([digit >> 8, digit & 0xFF])
+        level, under_prefix = level + 1, int(counts[digit])
     return KEEP_NONE
 
 

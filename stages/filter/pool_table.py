@@ -35,7 +35,7 @@ class PoolSources:
 
     shards_dir: str
     hashes_dir: str | None = None
-    dedupe_decisions: str | None = None  # dedupe's folder of per-shard decisions (one file in older runs)
+    dedupe_decisions: str | None = None  # per-shard decisions folder; older runs: one file, read whole per shard
     embeddings_dir: str | None = None
 
     def stems(self) -> list[str]:

@@ -8,7 +8,10 @@
    report's histograms, example candidates from the first shards and its kept uids as DataComp
    pairs; the driver adds these up.
 
-The result equals `apply_strategy` over the whole pool table, row for row (tests/test_filter_sharded.py).
+The result equals `apply_strategy` over the whole pool table, row for row (tests/test_filter_sharded.py,
+and the demo in tests/test_filter_pipeline.py). One caveat at scale: float32 products (k-means
+assignment, heads' scores) may round differently for a batch of another size, so a row at an exact
+near-tie could differ in its last bit between the two ways.
 Driver memory: per-shard counts and samples, the figures (at most `clustering.FIT_SAMPLE`
 embeddings for image_based), the kept uids as 16-byte pairs for `kept_uids.npy`, and for
 `semantic_dedupe` alone the pool's uids and embeddings.
@@ -26,6 +29,7 @@ import pyarrow as pa
 
 from filters.registry import FILTERS
 from filters.strategy import StrategyResult, apply_strategy
+from filters.uid_list import DATACOMP_DTYPE
 from pipeline.atomic import atomic_path, write_parquet
 from pipeline.manifest import Manifest, merge_reasons
 from pipeline.mapping import MapFn, local_map, resolved, shared
@@ -143,9 +147,10 @@ def run_sharded(
         ]
         summaries = map_fn(decide_shard, jobs, desc="filter", weight=lambda s: s.rows)
     pairs = [s.kept_pairs for s in summaries]
-    kept_uids = None
-    if summaries and all(p is not None for p in pairs):
-        kept_uids = write_kept_uids(stage_dir / KEPT_UIDS, np.unique(np.concatenate(pairs)))
+    readable = all(p is not None for p in pairs)  # DataComp-shaped uids only
+    kept = np.unique(np.concatenate(pairs)) if pairs and readable else np.zeros(0, DATACOMP_DTYPE)
+    (stage_dir / KEPT_UIDS).unlink(missing_ok=True)  # an earlier run's list must not outlive this one
+    kept_uids = write_kept_uids(stage_dir / KEPT_UIDS, kept if readable else None)
     return ShardedResult(
         filter_manifest(summaries, steps, stage_dir / DECISIONS, kept_uids, time.perf_counter() - started),
         _pictures(summaries, steps),
