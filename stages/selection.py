@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from filters.phash_dedupe import DUPLICATE, EVAL_DUPLICATE
 from pipeline.atomic import write_parquet
-from stages.shards import only_successes, read_decisions
+from stages.shards import NO_DECISIONS, only_successes, read_decisions
 
 MASK_DIR = "kept"  # the folder of per-shard kept-uid files, in the stage folder that writes them
 UNDECIDED = "not_hashed"  # downloaded samples no decision covers: the phash stage could not decode them
@@ -141,11 +141,6 @@ def write_kept_mask(
     return KeptMask(used, kept_counts, str(folder), in_count, dict(sorted(dropped.items())))
 
 
-_NO_VERDICTS = pa.table(
-    {"uid": pa.array([], pa.string()), "keep": pa.array([], pa.bool_()), "reason": pa.array([], pa.string())}
-)
-
-
 def _verdict_tables(shards: list[str], decisions: str | Path | pa.Table | None, undecided: str) -> Iterator[pa.Table]:
     """The shards' rows with their verdicts: one shard at a time when the decisions are a folder of a
     file per shard (as dedupe and filter write them; a shard without one is undecided), so memory
@@ -156,7 +151,7 @@ def _verdict_tables(shards: list[str], decisions: str | Path | pa.Table | None, 
             rows = shard_rows([shard])
             rows = rows.set_column(1, "shard", pa.array(np.full(rows.num_rows, index, np.int32)))
             path = mask_file(per_shard, shard)
-            yield _with_verdicts(rows, pq.read_table(path) if path.exists() else _NO_VERDICTS, undecided)
+            yield _with_verdicts(rows, pq.read_table(path) if path.exists() else NO_DECISIONS, undecided)
     else:
         yield _with_verdicts(shard_rows(shards), decisions, undecided)
 

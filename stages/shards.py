@@ -51,6 +51,11 @@ def read_parquet_folder(
     return pa.concat_tables(tables, promote_options="default")
 
 
+NO_DECISIONS = pa.table(
+    {"uid": pa.array([], pa.string()), "keep": pa.array([], pa.bool_()), "reason": pa.array([], pa.string())}
+)  # decisions that name no uid
+
+
 def read_decisions(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """A stage's decisions: one parquet (the prefilter's, runs before 2026-12-01), or a folder of
     one parquet per shard (dedupe's and filter's), concatenated in shard order."""
@@ -58,11 +63,7 @@ def read_decisions(path: str | Path, columns: list[str] | None = None) -> pa.Tab
     if not path.is_dir():
         return pq.read_table(path, columns=columns)
     table = read_parquet_folder(path, columns)
-    if table is None:
-        return pa.table(
-            {"uid": pa.array([], pa.string()), "keep": pa.array([], pa.bool_()), "reason": pa.array([], pa.string())}
-        )
-    return table
+    return NO_DECISIONS if table is None else table
 
 
 def read_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
