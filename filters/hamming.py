@@ -62,6 +62,20 @@ def band_layout(n: int, max_distance: int) -> BandLayout:
     return min(fits, key=lambda layout: layout.cost(max(n, 2)))
 
 
+def exact_bands(max_distance: int) -> BandLayout:
+    """max_distance + 1 bands: two hashes within max_distance bits then agree exactly on at least
+    one band (pigeonhole), so a partition by band value never separates a pair."""
+    if not 0 <= max_distance < BITS:
+        raise ValueError(f"max_distance must be between 0 and {BITS - 1}, got {max_distance}")
+    return _split(max_distance + 1, max_distance)
+
+
+def band_values(hashes: np.ndarray, layout: BandLayout, band: int) -> np.ndarray:
+    """Each uint64 hash's value in one band."""
+    mask = np.uint64((1 << layout.widths[band]) - 1)
+    return (np.asarray(hashes, np.uint64) >> np.uint64(layout.shifts[band])) & mask
+
+
 def _flip_masks(width: int, radius: int) -> np.ndarray:
     """Every band value XOR mask within `radius` bits (0 first)."""
     masks = [0]

@@ -13,11 +13,12 @@ from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BeforeValidator, Field
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from filters.base import FilterResult
+from filters.base import FilterResult, column_numpy
 from filters.hamming import near_pairs_unique, to_unsigned
 from pipeline.models import StrictModel
 
@@ -54,29 +55,39 @@ def _cluster_labels(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     return unique_labels[inverse]
 
 
-def _priority(table: pa.Table, params: PhashDedupeParams) -> np.ndarray:
-    """Lower is better: the kept sample of a cluster is its lowest-priority row.
+def priority_key(table: pa.Table, params: PhashDedupeParams) -> np.ndarray:
+    """Lower is better: a cluster keeps its row with the lowest key, ties to the lowest uid
+    (`cluster_keepers`). "lowest_uid" is all ties, so uid alone decides.
 
-    "lowest_uid" and every tie are decided by uid, never by row order: img2dataset writes a shard's
-    samples in the order its threads finish, so row order changes from one run to the next.
+    Never row order: img2dataset writes a shard's samples in the order its threads finish, so row
+    order changes from one run to the next.
     """
-    uids = np.asarray(table.column("uid").to_pylist(), dtype=str)
-    order = np.argsort(np.argsort(uids, kind="stable")).astype(np.float64)
     if params.keep == "lowest_uid":
-        return order
+        return np.zeros(table.num_rows)
     if params.keep == "largest":
         for width, height in (("original_width", "original_height"), ("width", "height")):
             if width in table.column_names and height in table.column_names:
-                area = table.column(width).to_numpy(zero_copy_only=False).astype(np.float64) * table.column(
-                    height
-                ).to_numpy(zero_copy_only=False).astype(np.float64)
-                return -np.nan_to_num(area, nan=0.0) + order / (table.num_rows + 1)
+                area = column_numpy(table, width) * column_numpy(table, height)
+                return -np.nan_to_num(area, nan=0.0)
         raise ValueError("keep=largest needs width/height columns in the hash table")
     column = params.score_column
     if not column or column not in table.column_names:
         raise ValueError(f"keep=highest_score needs score_column naming a column of the table (got {column!r})")
-    scores = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-    return -np.nan_to_num(scores, nan=-np.inf) + order / (table.num_rows + 1) * 1e-9
+    return -np.nan_to_num(column_numpy(table, column), nan=-np.inf)
+
+
+def cluster_keepers(labels: np.ndarray, uids: pa.Array, key: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Per row, the row its cluster keeps: the eligible row of its label with the lowest `key`, ties
+    to the lowest uid; -1 for a row that is not eligible (an eval copy neither represents nor joins
+    a cluster, though it may link two)."""
+    rows = np.flatnonzero(eligible)
+    candidates = pa.table({"label": labels[rows], "key": key[rows], "uid": pa.array(uids).take(rows)})
+    order = rows[pc.sort_indices(candidates, [("label", "ascending"), ("key", "ascending"), ("uid", "ascending")])]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = labels[order][1:] != labels[order][:-1]
+    keepers = np.full(len(labels), -1, dtype=np.int64)
+    keepers[order] = order[starts][np.cumsum(starts) - 1]
+    return keepers
 
 
 def phash_dedupe(
@@ -85,41 +96,40 @@ def phash_dedupe(
     eval_uids: list[str] | None = None,
     eval_hashes: np.ndarray | None = None,
 ) -> FilterResult:
-    """Keep one sample per near-duplicate cluster and none that copies an evaluation image."""
+    """Keep one sample per near-duplicate cluster and none that copies an evaluation image.
+
+    The whole table in one process: the filter form, and the oracle the sharded stage is tested on.
+    """
     uids = table.column("uid").to_pylist()
     hashes = to_unsigned(table.column("phash").to_numpy())
     reasons: list[str | None] = [None] * len(uids)
     keep = np.ones(len(uids), dtype=bool)
 
     if eval_hashes is not None and len(eval_hashes):
-        eval_rows = _eval_matches(hashes, np.asarray(eval_hashes, np.uint64), params)
+        eval_rows = eval_matches(hashes, np.asarray(eval_hashes, np.uint64), eval_distance(params))
         for row in np.flatnonzero(eval_rows >= 0).tolist():
             keep[row] = False
             reasons[row] = f"{EVAL_DUPLICATE}:{eval_uids[eval_rows[row]]}"
 
     labels = _cluster_labels(hashes, params.max_distance)
-    priority = _priority(table, params)
-    candidates = np.flatnonzero(keep)  # eval copies neither represent nor join a cluster
-    order = candidates[np.lexsort((priority[candidates], labels[candidates]))]
-    first_of_cluster = np.ones(len(order), dtype=bool)
-    first_of_cluster[1:] = labels[order][1:] != labels[order][:-1]
-    representative = {}
-    for row, is_first in zip(order.tolist(), first_of_cluster.tolist(), strict=True):
-        label = labels[row]
-        if is_first:
-            representative[label] = row
-        else:
+    keepers = cluster_keepers(labels, table.column("uid").combine_chunks(), priority_key(table, params), keep)
+    for row, keeper in enumerate(keepers.tolist()):
+        if keeper >= 0 and keeper != row:
             keep[row] = False
-            reasons[row] = f"{DUPLICATE}:{uids[representative[label]]}"
+            reasons[row] = f"{DUPLICATE}:{uids[keeper]}"
     return FilterResult(uids, keep, reasons)
 
 
-def _eval_matches(pool: np.ndarray, evals: np.ndarray, params: PhashDedupeParams) -> np.ndarray:
-    """Per pool row, the index of an evaluation image within eval_max_distance, or -1.
+def eval_distance(params: PhashDedupeParams) -> int:
+    return params.max_distance if params.eval_max_distance is None else params.eval_max_distance
 
-    Pool and eval hashes go into one index, so the search costs the same as the pool's own.
+
+def eval_matches(pool: np.ndarray, evals: np.ndarray, distance: int) -> np.ndarray:
+    """Per pool row (uint64 hashes), the index of an evaluation image within `distance` bits, or -1.
+
+    Pool and eval hashes go into one index. Which eval image a row names depends only on the hash
+    values, not on the other pool rows, so a shard's rows get the same answer as the whole pool's.
     """
-    distance = params.max_distance if params.eval_max_distance is None else params.eval_max_distance
     unique, inverse = np.unique(np.concatenate([pool, evals]), return_inverse=True)
     pool_value, eval_value = inverse[: len(pool)], inverse[len(pool) :]
     eval_row_of_value = np.full(len(unique), -1)

@@ -46,7 +46,7 @@ def greedy_keep(similarity: np.ndarray, thresholds: list[float]) -> list[np.ndar
 ClusterWork = list[tuple[np.ndarray, np.ndarray]]  # (row indices in visiting order, their embeddings)
 
 
-def _dedupe_clusters(item: tuple[ClusterWork, list[float]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def dedupe_clusters(item: tuple[ClusterWork, list[float]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per cluster: (rows, similarity to the nearest other member, one keep mask per threshold)."""
     clusters, thresholds = item
     out = []
@@ -83,7 +83,7 @@ def apply(
     uids = table.column("uid").to_pylist()
     embeddings = unit_rows(embedding_matrix(table, "image_emb"))
     n = len(embeddings)
-    epsilons = [params.epsilon, *(e for e in params.report_epsilons if e != params.epsilon)]
+    epsilons = all_epsilons(params)
     thresholds = [1 - e for e in epsilons]
     keeps = np.ones((len(epsilons), n), bool)
     nearest = np.full(n, np.nan, np.float32)
@@ -98,11 +98,31 @@ def apply(
             members = members[np.lexsort((uid_rank[members], typicality[members]))]  # least typical first
             clusters.append((members, embeddings[members]))
         work = [(batch, thresholds) for batch in _batches(clusters, target_rows=max(1_000, n // 64))]
-        for results in map_fn(_dedupe_clusters, work, desc="semantic_dedupe: clusters"):
+        for results in map_fn(dedupe_clusters, work, desc="semantic_dedupe: clusters"):
             for rows, cluster_nearest, masks in results:
                 nearest[rows] = cluster_nearest
                 keeps[:, rows] = masks
-    result = from_mask(uids, keeps[0], "semantic_dedupe", scores=nearest, threshold=thresholds[0])
-    for epsilon, keep in zip(epsilons, keeps, strict=True):
-        result.metrics[f"removed_fraction_eps_{epsilon:g}"] = float(1 - keep.mean()) if n else 0.0
+    removed = [int((~keep).sum()) for keep in keeps]
+    return verdicts(uids, keeps[0], nearest, params, removed, n)
+
+
+def all_epsilons(params: SemanticDedupeParams) -> list[float]:
+    """The epsilon that decides, then the others the report shows."""
+    return [params.epsilon, *(e for e in params.report_epsilons if e != params.epsilon)]
+
+
+def verdicts(
+    uids: list[str],
+    keep: np.ndarray,
+    nearest: np.ndarray,
+    params: SemanticDedupeParams,
+    removed: list[int],
+    pool_rows: int,
+) -> FilterResult:
+    """The result for `uids` (the pool's, or one shard's share of it); `removed` counts the pool's
+    rows dropped at each of `all_epsilons`, for the metrics."""
+    result = from_mask(uids, keep, "semantic_dedupe", scores=nearest, threshold=1 - params.epsilon)
+    for epsilon, count in zip(all_epsilons(params), removed, strict=True):
+        kept_fraction = (pool_rows - count) / pool_rows if pool_rows else 1.0
+        result.metrics[f"removed_fraction_eps_{epsilon:g}"] = float(1 - kept_fraction)
     return result

@@ -6,33 +6,39 @@ before a single download; DataComp's L/14 CLIP-score baseline needs only the poo
 source table's rows instead of on downloaded samples: `rank` on any metadata score (with
 `better: lower` for `punsafe`/`pwatermark`), `basic` on the caption and the sizes the metadata
 claims, `text_based`, `metaclip_balance`, `uid_list`. Only the kept rows go on to download, so
-`download.in == prefilter.kept`, and every dropped row has its reason in `decisions.parquet`.
+`download.in == prefilter.kept`, and every dropped row has its reason in `decisions/`.
 
-The driver holds the table's metadata columns (no images, no embeddings) for the global steps
-(top fractions, MetaCLIP counts): about 100 bytes a row for LAION's columns.
+No process holds the table: a task per chunk (a file, or up to 1M rows of a parquet's row groups)
+normalises it into a part; the filter stage's shard-by-shard machinery (`stages.filter.sharded`)
+decides the parts, finding the pool's figures (a top fraction's cutoff, MetaCLIP's counts) in
+passes that return small results; a task per part writes its kept rows. The driver holds a row
+per chunk and the kept uids as 16-byte pairs (`kept_uids.npy`).
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from filters.registry import Strategy
 from pipeline.atomic import atomic_path, write_parquet
 from pipeline.manifest import Manifest
+from pipeline.mapping import MapFn
 from pipeline.models import StrictModel
 from pipeline.stage import PlanRow, RunContext, SourceOutputs, Stage
-from stages.filter import FilterConfig, FilterOutputs, run_filter
+from stages.filter import FilterOutputs
+from stages.filter.pool_table import METADATA_SIZES, PoolSources
+from stages.filter.sharded import run_sharded
 from stages.filter.strategy_inputs import check_columns, check_files
-from stages.metadata_schema import NORMALISED, resolve
-from stages.source_table import first_file_columns, load_source
+from stages.metadata_schema import NORMALISED, MetadataSchema, resolve
+from stages.source_parts import Chunk, normalised_chunk, source_chunks
+from stages.source_table import SourceTableError, first_file_columns
 
-ROWS_PER_PART = 1_000_000  # rows per kept-table part: download reads the folder part by part
-SIZE_COLUMNS = {"source_width": "original_width", "source_height": "original_height"}  # for `basic`
+POOL = "pool"  # the normalised parts the strategy runs on; removed once the kept rows are written
 
 
 class PrefilterConfig(StrictModel):
@@ -51,13 +57,65 @@ class PrefilterInputs:
     source: SourceOutputs
 
 
-def pool_of(table: pa.Table) -> pa.Table:
-    """The normalised source table as a filter's pool: the metadata's sizes stand in for the
-    downloaded image's until there is one (so `basic`'s size rules apply before download)."""
-    for claimed, measured in SIZE_COLUMNS.items():
-        if claimed in table.column_names and measured not in table.column_names:
-            table = table.append_column(measured, table.column(claimed))
-    return table
+@dataclass(frozen=True)
+class PartJob:
+    chunk: Chunk
+    layout: MetadataSchema
+    out: str
+
+
+def write_pool_part(job: PartJob) -> tuple[int, str | None]:
+    """Read and normalise one chunk into a part: (rows, None), or (0, the one-line error) for a table
+    that cannot be used (not raised: a retry would not mend it)."""
+    try:
+        table = normalised_chunk(job.chunk, job.layout)
+    except SourceTableError as err:
+        return 0, str(err)
+    write_parquet(Path(job.out), table)
+    return table.num_rows, None
+
+
+@dataclass(frozen=True)
+class KeepJob:
+    part: str
+    decisions: str
+    out: str
+
+
+def write_kept_part(job: KeepJob) -> int:
+    """The part's kept rows (its decisions are in its row order)."""
+    keep = pq.read_table(job.decisions, columns=["keep"]).column("keep")
+    kept = pq.read_table(job.part).filter(keep)
+    write_parquet(Path(job.out), kept)
+    return kept.num_rows
+
+
+def prefilter_table(source: SourceOutputs, strategy: list, stage_dir: Path, map_fn: MapFn) -> Manifest:
+    """Decide every row of the source table part by part; write `decisions/`, `kept/` and
+    `kept_uids.npy` under `stage_dir`."""
+    try:
+        layout = resolve(first_file_columns(source.table), source.metadata, source.url_col, source.caption_col)
+    except ValueError as err:
+        raise (err if isinstance(err, SourceTableError) else SourceTableError(f"{source.table}: {err}")) from None
+    pool = stage_dir / POOL
+    shutil.rmtree(pool, ignore_errors=True)  # a stopped run's parts
+    try:
+        chunks = source_chunks(source.table)
+        pool.mkdir(parents=True)
+        jobs = [PartJob(c, layout, str(pool / f"{c.index:07d}.parquet")) for c in chunks]
+        read = map_fn(write_pool_part, jobs, desc="prefilter: read", weight=lambda r: r[0])
+        error = next((e for _, e in read if e), None)
+        if error or sum(n for n, _ in read) == 0:
+            raise SourceTableError(error or f"{source.table}: the table has no rows")
+        manifest = run_sharded(PoolSources(str(pool), table_parts=True), strategy, stage_dir, map_fn).manifest
+        decisions = Path(FilterOutputs.model_validate(manifest.outputs).decisions)
+        with atomic_path(stage_dir / "kept", folder=True) as kept:
+            parts = sorted(pool.glob("*.parquet"))
+            keeps = [KeepJob(str(p), str(decisions / p.name), str(kept / p.name)) for p in parts]
+            map_fn(write_kept_part, keeps, desc="prefilter: kept rows", weight=lambda n: n)
+    finally:
+        shutil.rmtree(pool, ignore_errors=True)
+    return manifest.model_copy(update={"stage": "prefilter"})
 
 
 class Prefilter(Stage):
@@ -77,7 +135,7 @@ class Prefilter(Stage):
             carried = resolve(names, source.metadata, source.url_col, source.caption_col).carried_names(names)
         except ValueError:
             return None  # a missing table is download's one-line error, or a dry-run's warning
-        sizes = tuple(SIZE_COLUMNS[c] for c in carried.values() if c in SIZE_COLUMNS)
+        sizes = tuple(METADATA_SIZES[c] for c in carried.values() if c in METADATA_SIZES)
         return ("uid", "url", "caption", *carried.values(), *sizes)
 
     def check(self, before: list[Stage]) -> None:
@@ -95,20 +153,15 @@ class Prefilter(Stage):
     def plan(self, run_dir: Path, rows: int | None) -> PlanRow:
         steps = " ∩ ".join(p.name for p in self.config.strategy) or "(keep all)"
         output = str(run_dir / self.name / "kept")
-        return PlanRow(self.name, "source table metadata", output, rows, steps, "driver")
+        return PlanRow(self.name, "source table metadata", output, rows, steps, "Ray tasks: a part per chunk")
 
     def run(self, ctx: RunContext, inputs: PrefilterInputs) -> tuple[PrefilterOutputs, Manifest]:
         source = inputs.source
-        table = load_source(source.table, source.metadata, source.url_col, source.caption_col)
         stage_dir = self.stage_dir(ctx)
-        manifest, _ = run_filter(
-            pool_of(table), FilterConfig(strategy=self.config.strategy), stage_dir, stage=self.name
-        )
+        manifest = prefilter_table(source, self.config.strategy, stage_dir, ctx.map_fn)
         written = FilterOutputs.model_validate(manifest.outputs)
-        keep = pq.read_table(written.decisions, columns=["keep"]).column("keep")  # in the table's row order
-        kept_dir = _write_parts(table.filter(keep), stage_dir / "kept")
         outputs = PrefilterOutputs(
-            table=str(kept_dir),
+            table=str(stage_dir / "kept"),
             metadata=NORMALISED.name,
             labels=source.labels,
             eval_dir=source.eval_dir,
@@ -117,11 +170,3 @@ class Prefilter(Stage):
         )
         manifest.outputs = outputs.as_dict()
         return outputs, manifest
-
-
-def _write_parts(table: pa.Table, folder: Path) -> Path:
-    """The kept rows as parquet parts, written as one folder that appears whole."""
-    with atomic_path(folder, folder=True) as tmp:
-        for index, start in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_PART)):
-            write_parquet(tmp / f"{index:05d}.parquet", table.slice(start, ROWS_PER_PART))
-    return folder

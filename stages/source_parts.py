@@ -115,7 +115,7 @@ def source_chunks(path: str, rows_per_chunk: int = ROWS_PER_CHUNK) -> list[Chunk
     return chunks
 
 
-def _read_chunk(chunk: Chunk) -> pa.Table:
+def read_chunk(chunk: Chunk) -> pa.Table:
     if chunk.row_groups is None:
         return read_table(chunk.path)
     try:
@@ -151,19 +151,27 @@ def _uids_file(work_dir: str | Path, chunk: int) -> Path:
     return Path(work_dir) / "uids" / f"{chunk:07d}.arrow"
 
 
+def normalised_chunk(chunk: Chunk, layout: MetadataSchema) -> pa.Table:
+    """One chunk read, checked and normalised; SourceTableError (one line) when it cannot be used."""
+    raw = read_chunk(chunk)
+    if layout.uid and layout.uid not in raw.column_names:
+        raise SourceTableError(f"{chunk.path}: missing column '{layout.uid}' (the first table has its uids)")
+    try:
+        return normalise_table(raw, layout, chunk.path)
+    except SourceTableError:
+        raise
+    except ValueError as err:
+        raise SourceTableError(f"{chunk.path}: {err}") from None
+
+
 def normalise_chunk(chunk: Chunk, spec: SourceSpec) -> ChunkResult:
     """Read, check and normalise one chunk; write it, and its (uid, row) sorted by bucket with the
     buckets' offsets. A table that cannot be used comes back as the one-line error, not raised: a
     retry would not mend it."""
     try:
-        raw = _read_chunk(chunk)
-        if spec.layout.uid and spec.layout.uid not in raw.column_names:
-            raise SourceTableError(f"{chunk.path}: missing column '{spec.layout.uid}' (the first table has its uids)")
-        table = normalise_table(raw, spec.layout, chunk.path)
+        table = normalised_chunk(chunk, spec.layout)
     except SourceTableError as err:
         return ChunkResult(chunk.index, 0, None, str(err))
-    except ValueError as err:
-        return ChunkResult(chunk.index, 0, None, f"{chunk.path}: {err}")
     write_arrow(table, _rows_file(spec.work_dir, chunk.index))
     uids = table.column("uid")
     buckets = _bucket_of(uids.to_pylist(), spec.n_buckets)

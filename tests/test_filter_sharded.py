@@ -20,7 +20,8 @@ from pydantic import TypeAdapter
 from filters import clustering
 from filters.ranking import table_cutoff
 from filters.registry import FilterParams
-from stages.filter import FilterConfig, run_filter
+from pipeline.mapping import local_map
+from stages.filter import FilterConfig, kept_uids, run_filter, semantic_shuffle
 from stages.filter import pool_figures as figures
 from stages.filter.pool_figures import ShardRead, pool_cutoff
 from stages.filter.pool_table import PoolSources, build_pool_table
@@ -139,11 +140,15 @@ def _whole_table(sources: PoolSources, steps: list, out: Path) -> pa.Table:
 @pytest.mark.parametrize("small", [False, True])
 def test_sharded_verdicts_equal_the_whole_table_row_for_row(tmp_path, monkeypatch, small):
     """Every step's keep and score column, the final keep and reason, the counts and the kept uid
-    list. `small`: the rank cutoffs go through radix passes instead of one gather, and k-means is
-    fitted on a sample of 50 rows gathered from the shards instead of on every row."""
+    list. `small`: the rank cutoffs go through radix passes instead of one gather, k-means is
+    fitted on a sample of 50 rows gathered from the shards instead of on every row, and
+    semantic_dedupe's clusters are shuffled into several partitions instead of one, and the kept
+    uids are merged in buckets of 7."""
     if small:
         monkeypatch.setattr(figures, "GATHER_ROWS", 3)
         monkeypatch.setattr(clustering, "FIT_SAMPLE", 50)
+        monkeypatch.setattr(semantic_shuffle, "ROWS_PER_PARTITION", 40)
+        monkeypatch.setattr(kept_uids, "BUCKET_ROWS", 7)
     sources = _write_pool(tmp_path / "pool", [120, 0, 7, 250, 60])
     steps = _strategy(tmp_path / "pool")
     expected, whole = _whole_table(sources, steps, tmp_path / "whole")
@@ -159,6 +164,8 @@ def test_sharded_verdicts_equal_the_whole_table_row_for_row(tmp_path, monkeypatc
     assert np.array_equal(np.load(sharded.outputs["kept_uids"]), np.load(whole.outputs["kept_uids"]))
     assert 0 < sharded.kept < sharded.in_count and sharded.failed  # the case is not trivial
     assert sharded.metrics["2_clip_score.dropped"] > 0 and sharded.metrics["5_image_based.dropped"] > 0
+    assert sharded.metrics["7_semantic_dedupe.dropped"] > 0
+    assert not (tmp_path / "sharded" / "shuffle").exists()  # the shuffle's files are gone
 
 
 def test_the_pool_cutoff_found_in_passes_is_the_whole_tables(tmp_path, monkeypatch):
@@ -239,3 +246,25 @@ def test_precomputed_embeddings_regrouped_by_download_shard_once_per_uid(tmp_pat
     second = pq.read_table(out / "00001.parquet").to_pydict()
     assert first["uid"] == ["c", "a"] and first["clip_score"] == [0.2, 0.1]
     assert second["uid"] == ["b", "d"] and second["clip_score"] == [0.1, 0.2]
+
+
+def test_kept_uids_merged_by_bucket_are_one_sorted_unique_list(tmp_path, monkeypatch):
+    """Sorted parts (one empty, uids repeated across parts, some at the extremes of 64 bits) merged
+    in buckets of 5 give exactly np.unique of them all, DataComp's format."""
+    from filters.uid_list import DATACOMP_DTYPE
+
+    monkeypatch.setattr(kept_uids, "BUCKET_ROWS", 5)
+    rng = np.random.default_rng(3)
+    every = np.zeros(60, DATACOMP_DTYPE)
+    every["f0"] = rng.integers(0, 2**64, 60, dtype=np.uint64)
+    every["f0"][:3] = [0, 2**64 - 1, 2**63]
+    every["f1"] = rng.integers(0, 2**64, 60, dtype=np.uint64)
+    parts = []
+    for index, rows in enumerate([every[:25], every[:0], every[20:60], every[::7]]):
+        path = tmp_path / f"{index}.npy"
+        np.save(path, np.unique(rows))
+        parts.append(str(path))
+    out = kept_uids.merge_kept_uids(parts, 25 + 40 + 9, tmp_path / "kept.npy", tmp_path / "work", local_map)
+    merged = np.load(out)
+    assert merged.dtype == DATACOMP_DTYPE and np.array_equal(merged, np.unique(every))
+    assert not (tmp_path / "work").exists()

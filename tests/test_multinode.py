@@ -105,6 +105,8 @@ def _overrides(output: Path) -> list[str]:
         "source.demo.defects.slow=0.2",
         "source.demo.slow_seconds=4",
         "download.timeout=10",
+        "dedupe.map_rows=100",  # the demo pool fits one map task, which runs in the driver: make it shuffle
+        "dedupe.partition_entries=200",
     ]
 
 
@@ -140,9 +142,9 @@ def test_shard_tasks_run_on_the_worker_nodes_and_count_as_on_one_node(cluster, o
     workers = set(_worker_node_ids(dashboard, home).values())
     assert len(workers) == 2
     ran_on = _task_nodes(dashboard, home)
-    # reading the table, finding duplicate rows, downloading, hashing, copying: all ran as tasks (on the
-    # worker nodes, the only ones with CPUs)
-    for stage in ("download/source/read", "download/source/duplicates", "download", "phash", "subset"):
+    # reading the table, finding duplicate rows, downloading, hashing, the dedupe shuffle, copying: all ran
+    # as tasks (on the worker nodes, the only ones with CPUs)
+    for stage in ("download/source/read", "download/source/duplicates", "download", "phash", "dedupe", "subset"):
         assert ran_on.get(stage), (stage, ran_on)
     assert ran_on["download"] == workers  # 4 parts of 4 s or more over two one-CPU nodes: both took some
     assert _counts(run_dir) == _counts(reference)

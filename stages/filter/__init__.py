@@ -54,8 +54,8 @@ class FilterConfig(StrictModel):
 def run_filter(
     pool: pa.Table, config: FilterConfig, stage_dir: Path, map_fn: MapFn = local_map, stage: str = "filter"
 ) -> tuple[Manifest, StrategyResult]:
-    """Apply the strategy to a table held whole (the prefilter's source table; tests' oracle for the
-    sharded stage); write decisions.parquet and kept_uids.npy (DataComp's uid-list format) to
+    """Apply the strategy to a table held whole (tests' oracle for the sharded filter and prefilter;
+    a small table at hand); write decisions.parquet and kept_uids.npy (DataComp's uid-list format) to
     `stage_dir`. `stage` names the manifest."""
     started = time.perf_counter()
     usable, failure = usable_rows(pool)

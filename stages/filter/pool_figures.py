@@ -11,25 +11,27 @@ task per shard that return small results, so the driver never holds the pool's r
 - image_based: the rows `clustering.fit_rows` names (at most its fit sample) are gathered in the
   order the whole-table fit feeds them, so the centroids are the same.
 - metaclip_balance: per-shard entry counts, added up.
-- semantic_dedupe: its clusters span shards, so the usable rows' uids and image embeddings are
-  gathered and the filter runs once; each shard is then handed its own rows' verdicts. This is the
-  one step whose driver memory grows with the pool (uid + embedding per row).
+- semantic_dedupe: its clusters span shards, so the rows are shuffled by k-means cluster and each
+  partition of clusters is deduplicated in a task (`semantic_shuffle`); a shard's decide task
+  reads its rows' verdicts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from filters import image_based, metaclip_balance, semantic_dedupe
-from filters.base import FilterResult, embedding_matrix
+from filters.base import embedding_matrix
 from filters.clustering import fit_rows, unit_rows
 from filters.ranking import KEEP_NONE, Cutoff, RankParams, n_kept, order_keys, ranked_order, signed_scores
 from filters.registry import FILTERS
 from pipeline.mapping import MapFn
 from stages.filter.pool_table import PoolSources, shard_pool_table, upstream_failure
+from stages.filter.semantic_shuffle import pool_semantic_pieces
 
 DIGIT_BITS = 16
 KEY_BITS = 64
@@ -69,8 +71,11 @@ def piece_for(figure: object, stem: str) -> object:
     return figure.pieces[stem] if isinstance(figure, PerShard) else figure
 
 
-def pool_figures(steps: list, reads: list[ShardRead], usable: list[int], map_fn: MapFn) -> list[object | None]:
-    """One figure per step (None for a step whose verdict depends on its row alone)."""
+def pool_figures(
+    steps: list, reads: list[ShardRead], usable: list[int], map_fn: MapFn, work: Path
+) -> list[object | None]:
+    """One figure per step (None for a step whose verdict depends on its row alone); a shuffle's
+    files go under `work`, for the caller to remove once the shards are decided."""
     figures: list[object | None] = []
     for params in steps:
         if not FILTERS[params.name].pooled(params):
@@ -82,7 +87,10 @@ def pool_figures(steps: list, reads: list[ShardRead], usable: list[int], map_fn:
         elif isinstance(params, metaclip_balance.MetaclipBalanceParams):
             figures.append(pool_entry_counts(params, reads, map_fn))
         elif isinstance(params, semantic_dedupe.SemanticDedupeParams):
-            figures.append(pool_semantic_verdicts(params, reads, map_fn))
+            embeddings = [ShardRead(r.sources, r.stem, ("image_emb",)) for r in reads]
+            scratch = work / f"semantic-{len(figures)}"
+            pieces = pool_semantic_pieces(params, embeddings, usable, scratch, map_fn, fit_sample)
+            figures.append(PerShard(pieces))
         else:
             raise NotImplementedError(f"filter '{params.name}' needs a figure of the pool that no pass finds")
     return figures
@@ -199,12 +207,16 @@ def unit_embeddings(job: RowsPass) -> np.ndarray:
 def pool_centroids(
     params: image_based.ImageBasedParams, reads: list[ShardRead], usable: list[int], map_fn: MapFn
 ) -> image_based.PoolCentroids:
-    n_rows = sum(usable)
-    rows = fit_rows(n_rows, params.seed)
+    sample = fit_sample(reads, usable, params.seed, map_fn, "filter: image_based sample")
+    return image_based.fit(sample, sum(usable), params)
+
+
+def fit_sample(reads: list[ShardRead], usable: list[int], seed: int, map_fn: MapFn, desc: str) -> np.ndarray:
+    """The unit image embeddings a one-table k-means fit is fed (`clustering.fit_rows`), in its order."""
+    rows = fit_rows(sum(usable), seed)
     reads = [ShardRead(r.sources, r.stem, ("image_emb",)) for r in reads]
     if rows is None:
-        parts = map_fn(unit_embeddings, [RowsPass(r, None) for r in reads], desc="filter: image_based sample")
-        return image_based.fit(_stack(parts), n_rows, params)
+        return _stack(map_fn(unit_embeddings, [RowsPass(r, None) for r in reads], desc=desc))
     starts = np.concatenate([[0], np.cumsum(usable)])
     shard_of = np.searchsorted(starts, rows, side="right") - 1
     jobs, slots = [], []
@@ -214,11 +226,11 @@ def pool_centroids(
             at = at[np.argsort(rows[at])]
             jobs.append(RowsPass(read, rows[at] - starts[index]))
             slots.append(at)
-    parts = map_fn(unit_embeddings, jobs, desc="filter: image_based sample")
+    parts = map_fn(unit_embeddings, jobs, desc=desc)
     sample = np.empty((len(rows), parts[0].shape[1]), np.float32)
     for at, part in zip(slots, parts, strict=True):
         sample[at] = part
-    return image_based.fit(sample, n_rows, params)
+    return sample
 
 
 def _stack(parts: list[np.ndarray]) -> np.ndarray:
@@ -244,37 +256,3 @@ def pool_entry_counts(
 ) -> metaclip_balance.EntryCounts:
     jobs = [CountPass(ShardRead(r.sources, r.stem, ()), params) for r in reads]
     return metaclip_balance.EntryCounts.total(map_fn(entry_counts, jobs, desc="filter: metaclip counts"))
-
-
-# ---- semantic_dedupe: the one gathered step -------------------------------------------------
-
-
-def uid_and_embedding(read: ShardRead) -> pa.Table:
-    return read.usable().select(["uid", "image_emb"])
-
-
-def pool_semantic_verdicts(
-    params: semantic_dedupe.SemanticDedupeParams, reads: list[ShardRead], map_fn: MapFn
-) -> PerShard:
-    reads = [ShardRead(r.sources, r.stem, ("image_emb",)) for r in reads]
-    tables = map_fn(uid_and_embedding, reads, desc="filter: semantic_dedupe gather")
-    pool = pa.concat_tables(tables) if tables else pa.table({"uid": pa.array([], pa.string())})
-    result = semantic_dedupe.apply(pool, params, map_fn)
-    pieces, start = {}, 0
-    for read, table in zip(reads, tables, strict=True):
-        stop = start + table.num_rows
-        pieces[read.stem] = _rows_of(result, start, stop)
-        start = stop
-    return PerShard(pieces)
-
-
-def _rows_of(result: FilterResult, start: int, stop: int) -> FilterResult:
-    scores = None if result.scores is None else result.scores[start:stop]
-    return FilterResult(
-        result.uids[start:stop],
-        result.keep[start:stop],
-        result.reason[start:stop],
-        scores=scores,
-        threshold=result.threshold,
-        metrics=result.metrics,
-    )

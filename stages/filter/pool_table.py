@@ -37,6 +37,7 @@ class PoolSources:
     hashes_dir: str | None = None
     dedupe_decisions: str | None = None  # per-shard decisions folder; older runs: one file, read whole per shard
     embeddings_dir: str | None = None
+    table_parts: bool = False  # shards_dir holds parts of a source table (the prefilter's pool), not downloads
 
     def stems(self) -> list[str]:
         return [p.stem for p in sorted(Path(self.shards_dir).glob("*.parquet"))]
@@ -62,6 +63,8 @@ def build_pool_table(
 def shard_pool_table(sources: PoolSources, stem: str | None, embed_columns: list[str] | None = None) -> pa.Table:
     """One shard's per-uid table; `embed_columns` limits what is read of its embeddings (default all).
     stem None: the empty table with every column."""
+    if sources.table_parts:
+        return metadata_pool(pq.read_table(Path(sources.shards_dir) / f"{stem}.parquet"))
     table = downloaded_rows(Path(sources.shards_dir), [stem] if stem else [])
     if sources.hashes_dir is not None:
         hashes = _shard_file(Path(sources.hashes_dir), stem, schema=PHASH_SCHEMA)
@@ -79,6 +82,18 @@ def shard_pool_table(sources: PoolSources, stem: str | None, embed_columns: list
         scores = [c for c in embedded.column_names if c not in ("uid", "reason")]
         table = attach(table, embedded, {**{c: c for c in scores}, "reason": "embed_reason"})
         table = _missing_as(table, embedded, "embed_reason", "not_embedded")
+    return table
+
+
+METADATA_SIZES = {"source_width": "original_width", "source_height": "original_height"}  # for `basic`
+
+
+def metadata_pool(table: pa.Table) -> pa.Table:
+    """A normalised source table as a filter's pool: the metadata's sizes stand in for the
+    downloaded image's until there is one (so `basic`'s size rules apply before download)."""
+    for claimed, measured in METADATA_SIZES.items():
+        if claimed in table.column_names and measured not in table.column_names:
+            table = table.append_column(measured, table.column(claimed))
     return table
 
 

@@ -5,20 +5,20 @@
    centroids, entry counts), in passes that return small results.
 3. A task per shard builds the shard's per-uid table, applies the strategy with those figures and
    writes `decisions/<shard>.parquet`. It returns counts, a bounded sample of scores for the
-   report's histograms, example candidates from the first shards and its kept uids as DataComp
-   pairs; the driver adds these up.
+   report's histograms and example candidates from the first shards; the driver adds these up.
+   Its kept uids go to a file, merged into `kept_uids.npy` by bucket tasks (`kept_uids`).
 
 The result equals `apply_strategy` over the whole pool table, row for row (tests/test_filter_sharded.py,
 and the demo in tests/test_filter_pipeline.py). One caveat at scale: float32 products (k-means
 assignment, heads' scores) may round differently for a batch of another size, so a row at an exact
 near-tie could differ in its last bit between the two ways.
 Driver memory: per-shard counts and samples, the figures (at most `clustering.FIT_SAMPLE`
-embeddings for image_based), the kept uids as 16-byte pairs for `kept_uids.npy`, and for
-`semantic_dedupe` alone the pool's uids and embeddings.
+embeddings for image_based and semantic_dedupe's fits) and a count per kept-uid bucket.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,16 +29,19 @@ import pyarrow as pa
 
 from filters.registry import FILTERS
 from filters.strategy import StrategyResult, apply_strategy
-from filters.uid_list import DATACOMP_DTYPE
 from pipeline.atomic import atomic_path, write_parquet
 from pipeline.manifest import Manifest, merge_reasons
 from pipeline.mapping import MapFn, local_map, resolved, shared
-from stages.filter.decisions import KEPT_UIDS, FilterOutputs, decisions_table, kept_pairs, write_kept_uids
+from stages.filter.decisions import KEPT_UIDS, FilterOutputs, decisions_table, kept_pairs
+from stages.filter.kept_uids import merge_kept_uids
 from stages.filter.pool_figures import PerShard, ShardRead, count_usable, piece_for, pool_figures, usable_rows
 from stages.filter.pool_table import PoolSources, shard_pool_table
 from stages.filter.report import MAX_TARS_SCANNED, StepPicture
+from stages.filter.semantic_shuffle import SemanticPiece
 
 DECISIONS = "decisions"  # the folder of per-shard decisions
+SHUFFLE = "shuffle"  # scratch: a shuffle's files (semantic_dedupe's), kept-uid parts; removed at the end
+KEPT_PARTS = "kept_uids"  # each shard's kept uids, under SHUFFLE
 REPORT_ROWS = 100_000  # scores the report's histograms are drawn from, spread over the shards
 
 
@@ -50,6 +53,7 @@ class ShardDecide:
     out: str
     examples: int  # example candidates per step and verdict (0: this shard is not scanned for examples)
     sample_rows: int  # rows whose scores go to the report
+    kept_part: str  # where its kept uids go, as DataComp's sorted pairs
 
 
 @dataclass
@@ -71,16 +75,24 @@ class ShardSummary:
     steps: list[StepCounts] = field(default_factory=list)
     pictures: list[StepPicture] = field(default_factory=list)
     captions: dict[str, str] = field(default_factory=dict)
-    kept_pairs: np.ndarray | None = None
+    kept_pairs: np.ndarray | None = None  # None: the uids are not DataComp's shape
+    kept_part: str | None = None  # the file a shard's task wrote its kept_pairs to (then not sent back)
 
 
 def decide_shard(job: ShardDecide) -> ShardSummary:
     table = shard_pool_table(job.read.sources, job.read.stem)
     usable, failure = usable_rows(table)
-    result = apply_strategy(usable, job.steps, local_map, [resolved(f) for f in job.figures])
+    figures = [resolved(f) for f in job.figures]
+    uids = usable.column("uid").to_pylist() if any(isinstance(f, SemanticPiece) for f in figures) else []
+    figures = [f.load(uids) if isinstance(f, SemanticPiece) else f for f in figures]
+    result = apply_strategy(usable, job.steps, local_map, figures)
     decisions = decisions_table(table, failure, result)
     write_parquet(Path(job.out), decisions)
-    return summarise(table, usable, failure, result, decisions, job.examples, job.sample_rows)
+    summary = summarise(table, usable, failure, result, decisions, job.examples, job.sample_rows)
+    if summary.kept_pairs is not None:
+        np.save(job.kept_part, summary.kept_pairs)
+        summary.kept_pairs, summary.kept_part = None, job.kept_part
+    return summary
 
 
 def summarise(
@@ -129,7 +141,9 @@ def run_sharded(
     stems = sources.stems()
     reads = [ShardRead(sources, stem, ()) for stem in stems]
     usable = map_fn(count_usable, reads, desc="filter: usable rows") if any(_pooled(steps)) else [0] * len(stems)
-    figures = pool_figures(steps, [ShardRead(sources, s) for s in stems], usable, map_fn)
+    scratch = stage_dir / SHUFFLE
+    shutil.rmtree(scratch, ignore_errors=True)  # a stopped run's
+    figures = pool_figures(steps, [ShardRead(sources, s) for s in stems], usable, map_fn, scratch)
     figures = [f if f is None or isinstance(f, PerShard) else shared(f) for f in figures]
     stage_dir.mkdir(parents=True, exist_ok=True)
     sample_rows = max(10, REPORT_ROWS // max(len(stems), 1))
@@ -142,15 +156,18 @@ def run_sharded(
                 str(folder / f"{stem}.parquet"),
                 examples if index < MAX_TARS_SCANNED else 0,
                 sample_rows,
+                str(scratch / KEPT_PARTS / f"{stem}.npy"),
             )
             for index, stem in enumerate(stems)
         ]
+        (scratch / KEPT_PARTS).mkdir(parents=True, exist_ok=True)
         summaries = map_fn(decide_shard, jobs, desc="filter", weight=lambda s: s.rows)
-    pairs = [s.kept_pairs for s in summaries]
-    readable = all(p is not None for p in pairs)  # DataComp-shaped uids only
-    kept = np.unique(np.concatenate(pairs)) if pairs and readable else np.zeros(0, DATACOMP_DTYPE)
     (stage_dir / KEPT_UIDS).unlink(missing_ok=True)  # an earlier run's list must not outlive this one
-    kept_uids = write_kept_uids(stage_dir / KEPT_UIDS, kept if readable else None)
+    kept_uids = None
+    if all(s.kept_part is not None for s in summaries):  # DataComp-shaped uids only
+        parts = [s.kept_part for s in summaries]
+        kept_uids = merge_kept_uids(parts, sum(s.kept for s in summaries), stage_dir / KEPT_UIDS, scratch, map_fn)
+    shutil.rmtree(scratch, ignore_errors=True)
     return ShardedResult(
         filter_manifest(summaries, steps, stage_dir / DECISIONS, kept_uids, time.perf_counter() - started),
         _pictures(summaries, steps),
