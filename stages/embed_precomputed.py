@@ -14,7 +14,6 @@ model pass writes it. Downloaded samples the files do not cover are counted as f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import write_parquet
 from pipeline.mapping import MapFn
-from stages.selection import shard_rows
+from stages.uid_join import regroup_by_shard
 
 Features = Literal["l14", "b32"]
 KEYS = {"l14": ("l14_img", "l14_txt"), "b32": ("b32_img", "b32_txt")}
@@ -94,53 +93,14 @@ def convert(npz: Path, uids_parquet: Path, out_path: Path, features: Features) -
     return table.num_rows
 
 
-@dataclass(frozen=True)
-class ShardPieces:
-    """One download shard's embeddings: rows of converted files, then the order of its own rows."""
-
-    out: str
-    files: list[str]
-    rows: list[np.ndarray]
-    order: np.ndarray
-    schema: pa.Schema
-
-
-def gather_shard(job: ShardPieces) -> int:
-    parts = [pq.read_table(f).take(rows) for f, rows in zip(job.files, job.rows, strict=True)]
-    table = pa.concat_tables(parts).take(job.order) if parts else job.schema.empty_table()
-    write_parquet(job.out, table)
-    return table.num_rows
-
-
 def by_download_shard(converted: Path, shards_dir: Path, out_dir: Path, map_fn: MapFn) -> tuple[int, int]:
     """Rewrite the per-npz tables as one table per download shard (its rows in the shard's order;
     samples no npz covers are absent), as the model pass writes them, so each later per-shard task
-    reads its own shard's embeddings. The driver holds (uid, file, row) of the pool: three
-    columns, joined vectorised. A task reads each npz table its shard draws from whole: cheap when
-    download shards follow the metadata's order, as parts cut from its files do. Returns (rows
-    written, samples downloaded)."""
+    reads its own shard's embeddings. A hash join by uid in tasks (`stages.uid_join`): the driver
+    holds file names and counts. Returns (rows written, samples downloaded)."""
     files = sorted(converted.glob("*.parquet"))
-    index = pa.concat_tables(
-        [
-            pa.table({"uid": uids, "file": np.full(len(uids), i, np.int32), "file_row": np.arange(len(uids))})
-            for i, uids in enumerate(pq.read_table(f, columns=["uid"]).column("uid") for f in files)
-        ]
-    )
     tars = [str(p.with_suffix(".tar")) for p in sorted(Path(shards_dir).glob("*.parquet"))]
-    first = pc.index_in(pc.unique(index.column("uid")), value_set=index.column("uid"))
-    index = index.take(first)  # a uid in two files: the first file's row, once
-    downloaded = shard_rows(tars)
-    joined = downloaded.join(index, "uid", join_type="inner")
-    joined = joined.take(pc.sort_indices(joined, [("shard", "ascending"), ("row", "ascending")]))
-    shard, file, file_row = (joined.column(c).to_numpy() for c in ("shard", "file", "file_row"))
-    ends = np.cumsum(np.bincount(shard, minlength=len(tars)))
-    schema = pq.read_schema(files[0])
-    jobs = []
-    for index_, (start, stop) in enumerate(zip(np.r_[0, ends[:-1]], ends, strict=True)):
-        used = np.unique(file[start:stop])
-        at = [np.flatnonzero(file[start:stop] == u) for u in used]
-        order = np.argsort(np.concatenate(at)) if at else np.zeros(0, np.int64)
-        pieces = [file_row[start:stop][a] for a in at]
-        out = str(out_dir / f"{Path(tars[index_]).stem}.parquet")
-        jobs.append(ShardPieces(out, [str(files[u]) for u in used], pieces, order, schema))
-    return sum(map_fn(gather_shard, jobs, desc="embed: by shard", weight=lambda n: n)), downloaded.num_rows
+    return regroup_by_shard(files, tars, out_dir, out_dir.parent / REGROUP, map_fn)
+
+
+REGROUP = "regroup"  # the join's scratch files, beside the embeddings; removed when it ends

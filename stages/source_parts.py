@@ -125,7 +125,7 @@ def read_chunk(chunk: Chunk) -> pa.Table:
         raise unreadable(chunk.path, err) from err
 
 
-def _bucket_of(uids: list[str], n_buckets: int) -> np.ndarray:
+def uid_buckets(uids: list[str], n_buckets: int) -> np.ndarray:
     """A bucket per uid from a hash of it (a table's own uids may be any plain name)."""
     digests = (hashlib.md5(u.encode(), usedforsecurity=False).digest()[:4] for u in uids)
     return np.fromiter((int.from_bytes(d, "little") % n_buckets for d in digests), np.int64, len(uids))
@@ -174,7 +174,7 @@ def normalise_chunk(chunk: Chunk, spec: SourceSpec) -> ChunkResult:
         return ChunkResult(chunk.index, 0, None, str(err))
     write_arrow(table, _rows_file(spec.work_dir, chunk.index))
     uids = table.column("uid")
-    buckets = _bucket_of(uids.to_pylist(), spec.n_buckets)
+    buckets = uid_buckets(uids.to_pylist(), spec.n_buckets)
     order = np.argsort(buckets, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(np.bincount(buckets, minlength=spec.n_buckets))])
     by_bucket = pa.table({"uid": uids.take(pa.array(order)), "row": order.astype(np.int64)})

@@ -227,15 +227,19 @@ def test_as_ray_tasks_the_verdicts_are_the_same(ray_cluster, tmp_path):
     assert remote.manifest.kept == local.manifest.kept and remote.manifest.dropped == local.manifest.dropped
 
 
-def test_precomputed_embeddings_regrouped_by_download_shard_once_per_uid(tmp_path):
+@pytest.mark.parametrize("bucket_rows", [2_000_000, 1])
+def test_precomputed_embeddings_regrouped_by_download_shard_once_per_uid(tmp_path, monkeypatch, bucket_rows):
     """Per-npz tables become one table per download shard, in the shard's row order; a uid two npz
-    files hold is taken once (the first file's), so embedded <= downloaded always holds."""
+    files hold is taken once (the first file's), so embedded <= downloaded always holds. The join
+    runs in one uid bucket, then in one bucket per row."""
+    from stages import uid_join
     from stages.embed_precomputed import by_download_shard
 
+    monkeypatch.setattr(uid_join, "ROWS_PER_BUCKET", bucket_rows)
     shards, converted, out = (tmp_path / n for n in ("shards", "converted", "out"))
     for folder in (shards, converted, out):
         folder.mkdir()
-    for stem, uids in [("00000", ["c", "a", "z"]), ("00001", ["b", "d"])]:
+    for stem, uids in [("00000", ["c", "a", "z"]), ("00001", ["b", "d"]), ("00002", [])]:
         pq.write_table(pa.table({"uid": uids, "status": ["success"] * len(uids)}), shards / f"{stem}.parquet")
     for stem, uids, score in [("p0", ["a", "b"], 0.1), ("p1", ["b", "c", "d"], 0.2)]:
         table = pa.table({"uid": uids, "reason": pa.nulls(len(uids), pa.string()), "clip_score": [score] * len(uids)})
@@ -246,6 +250,8 @@ def test_precomputed_embeddings_regrouped_by_download_shard_once_per_uid(tmp_pat
     second = pq.read_table(out / "00001.parquet").to_pydict()
     assert first["uid"] == ["c", "a"] and first["clip_score"] == [0.2, 0.1]
     assert second["uid"] == ["b", "d"] and second["clip_score"] == [0.1, 0.2]
+    assert pq.read_table(out / "00002.parquet").num_rows == 0
+    assert not (tmp_path / "regroup").exists()
 
 
 def test_kept_uids_merged_by_bucket_are_one_sorted_unique_list(tmp_path, monkeypatch):
