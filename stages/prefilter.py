@@ -12,7 +12,7 @@ No process holds the table: a task per chunk (a file, or up to 1M rows of a parq
 normalises it into a part; the filter stage's shard-by-shard machinery (`stages.filter.sharded`)
 decides the parts, finding the pool's figures (a top fraction's cutoff, MetaCLIP's counts) in
 passes that return small results; a task per part writes its kept rows. The driver holds a row
-per chunk and the kept uids as 16-byte pairs (`kept_uids.npy`).
+per chunk and per part.
 """
 
 from __future__ import annotations
