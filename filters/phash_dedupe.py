@@ -127,16 +127,22 @@ def eval_distance(params: PhashDedupeParams) -> int:
 def eval_matches(pool: np.ndarray, evals: np.ndarray, distance: int) -> np.ndarray:
     """Per pool row (uint64 hashes), the index of an evaluation image within `distance` bits, or -1.
 
-    Pool and eval hashes go into one index. Which eval image a row names depends only on the hash
-    values, not on the other pool rows, so a shard's rows get the same answer as the whole pool's.
+    Pool and eval hashes go into one index. A row equal to an eval hash names that hash's last eval
+    image; otherwise, among the eval hashes within `distance`, the largest above its own value, else
+    the largest below it. That depends only on the hash values, not on the other pool rows, so a
+    shard's rows get the same answer as the whole pool's.
     """
     unique, inverse = np.unique(np.concatenate([pool, evals]), return_inverse=True)
     pool_value, eval_value = inverse[: len(pool)], inverse[len(pool) :]
     eval_row_of_value = np.full(len(unique), -1)
-    eval_row_of_value[eval_value] = np.arange(len(evals))
+    np.maximum.at(eval_row_of_value, eval_value, np.arange(len(evals)))
     nearest_eval = eval_row_of_value.copy()  # equal values first, then near ones
-    i, j = near_pairs_unique(unique, distance)
+    i, j = near_pairs_unique(unique, distance)  # i < j: a value above, then one below
     for src, dst in ((i, j), (j, i)):
         hit = (eval_row_of_value[dst] >= 0) & (nearest_eval[src] < 0)
-        nearest_eval[src[hit]] = eval_row_of_value[dst[hit]]
+        src, dst = src[hit], dst[hit]
+        order = np.lexsort((dst, src))
+        src, dst = src[order], dst[order]
+        largest = np.append(src[1:] != src[:-1], True)[: len(src)]  # each row's largest eval value on this side
+        nearest_eval[src[largest]] = eval_row_of_value[dst[largest]]
     return nearest_eval[pool_value]

@@ -104,6 +104,13 @@ def regroup_by_shard(files: list[Path], tars: list[str], out_dir: Path, work: Pa
     table covers are absent). Returns (rows written, samples downloaded)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    try:
+        return _join_and_gather(files, tars, out_dir, work, map_fn)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _join_and_gather(files: list[Path], tars: list[str], out_dir: Path, work: Path, map_fn: MapFn) -> tuple[int, int]:
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     buckets = max(1, math.ceil(rows / ROWS_PER_BUCKET))
     features = [SideJob(str(f), i, buckets, str(work / f"features-{i:07d}.parquet")) for i, f in enumerate(files)]
@@ -123,5 +130,4 @@ def regroup_by_shard(files: list[Path], tars: list[str], out_dir: Path, work: Pa
         for i, t in enumerate(tars)
     ]
     found = sum(map_fn(gather_shard, gathers, desc="embed: by shard", weight=lambda n: n))
-    shutil.rmtree(work, ignore_errors=True)
     return found, downloaded

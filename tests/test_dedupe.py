@@ -119,3 +119,16 @@ def test_missing_eval_set_is_a_clear_error(demo_hashes, tmp_path):
     _, work, _, _ = demo_hashes
     with pytest.raises(FileNotFoundError, match="evaluation set not found"):
         run_dedupe(work / "phash" / "hashes", DedupeConfig(eval_sets=[str(tmp_path / "none*.tar")]), tmp_path)
+
+
+def test_which_eval_image_a_copy_names_is_fixed_by_hash_values():
+    """A row equal to an eval hash names that hash's last image; else the largest eval hash above its
+    own within the distance, else the largest below: never an accident of which other rows are there."""
+    from filters.phash_dedupe import eval_matches
+
+    evals = np.array([0b0000, 0b1001, 0b1100, 0b1100, 0b0001_0000_0000], np.uint64)
+    pool = np.array([0b1000, 0b1100, 0b1_0000_0001, 0b1111_0000_0000_0000], np.uint64)
+    assert eval_matches(pool, evals, 1).tolist() == [3, 3, 4, -1]
+    assert eval_matches(pool[:1], evals, 1).tolist() == [3]  # alone, the same answer
+    below = np.array([0b0000, 0b0001], np.uint64)
+    assert eval_matches(np.array([0b0011], np.uint64), below, 1).tolist() == [1]

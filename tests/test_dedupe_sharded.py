@@ -152,3 +152,24 @@ def test_as_ray_tasks_the_decisions_are_the_same(ray_cluster, tmp_path):
     remote = dedupe_pool(tmp_path / "hashes", config, tmp_path / "ray", make_ray_map(), keys, evals)
     assert _decided(remote) == _decided(local)
     assert remote.metrics["shuffle_partitions"] > 5
+
+
+@pytest.mark.parametrize("keep", KEEPS, ids=lambda k: k["keep"])
+def test_a_pool_without_near_duplicates_keeps_every_row_under_every_policy(tmp_path, keep):
+    """No pair, so no cluster: nothing to rank by size or score, and every hashed row is kept."""
+    folder = tmp_path / "hashes"
+    folder.mkdir()
+    hashes = [0x0000_0000_0000_0000, 0xFFFF_FFFF_0000_0000, 0x0000_FFFF_FFFF_0000]
+    for index, rows in enumerate([slice(0, 2), slice(2, 3)]):
+        n = len(hashes[rows])
+        table = {
+            "uid": [f"u{index}{i}" for i in range(n)],
+            "phash": to_signed(np.array(hashes[rows], np.uint64)),
+            **{c: pa.array([10] * n, pa.int32()) for c in ("width", "height", "original_width", "original_height")},
+            "reason": pa.nulls(n, pa.string()),
+        }
+        pq.write_table(pa.table(table, schema=SCHEMA), folder / f"{index:05d}.parquet")
+    pq.write_table(pa.table({"uid": ["u00"], "score": [0.5]}), tmp_path / "scores.parquet")
+    scores = {"scores_path": str(tmp_path / "scores.parquet")} if keep["keep"] == "highest_score" else {}
+    manifest = dedupe_pool(folder, DedupeConfig(max_distance=4, **keep, **scores), tmp_path / "out")
+    assert (manifest.in_count, manifest.kept, manifest.dropped) == (3, 3, {})

@@ -86,8 +86,10 @@ def dedupe_pool(
         map_fn = local_map  # at most map_rows rows: tasks would add only their start-up time
     scratch = stage_dir / SHUFFLE
     shutil.rmtree(scratch, ignore_errors=True)  # a stopped run's leftovers
-    edges = pool_edges(shards, shape, scratch, params.max_distance, map_fn)
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        edges = pool_edges(shards, shape, scratch, params.max_distance, map_fn)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     nodes, labels = components(edges)
     uids, keepers = node_keepers(shards, nodes, labels, params, config.scores_path, evals, map_fn)
     duplicate = (keepers >= 0) & (keepers != np.arange(len(nodes)))

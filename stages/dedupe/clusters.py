@@ -103,6 +103,8 @@ def node_keepers(
     map_fn: MapFn,
 ) -> tuple[pa.Array, np.ndarray]:
     """(uid, keeper position) of every node: the node its cluster keeps, -1 for an eval copy."""
+    if len(nodes) == 0:  # no near-duplicates: no cluster to choose in (nor sizes, nor scores to read)
+        return pa.array([], pa.string()), np.zeros(0, np.int64)
     positions = by_shard(nodes, len(shards))
     jobs = [
         FactsJob(shard, local_rows(nodes[at]), evals, params.keep == "largest")
@@ -110,7 +112,7 @@ def node_keepers(
         if len(at)
     ]
     facts = map_fn(node_facts, jobs, desc="dedupe: rows with near-duplicates")
-    table = pa.concat_tables(facts) if facts else pa.table({"uid": pa.array([], pa.string()), "eval_copy": []})
+    table = pa.concat_tables(facts)
     if params.keep == "highest_score":
         table = with_scores(table, scores_path, params.score_column)
     eligible = ~table.column("eval_copy").to_numpy(zero_copy_only=False).astype(bool)

@@ -11,7 +11,9 @@ least one band (pigeonhole): a partition by (band, band value) never separates a
    within k among its hashes with the one-process index (`filters.hamming`), equal hashes linked
    too. Every pair it returns is checked on all 64 bits, so the edges are exact; a pair found in
    several bands is returned several times, and `edges` keeps it once.
-No process holds more than one map group's or one partition's entries.
+No process holds more than one map group's or one partition's entries. A band has at most
+2^width values, so at a large radius (k = 8: 9 bands of 7-8 bits) a partition holds at least
+1/2^width of the pool whatever `partition_entries` asks: the price of an exact search that wide.
 """
 
 from __future__ import annotations

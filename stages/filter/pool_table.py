@@ -50,7 +50,7 @@ def build_pool_table(
     embeddings_dir: Path | None = None,
 ) -> pa.Table:
     """The whole pool's table, shard after shard (what the filter stage never builds: it reads
-    `shard_pool_table` per shard; tests and the prefilter's callers use this)."""
+    `shard_pool_table` per shard; tests use this as the one-table oracle)."""
     sources = PoolSources(
         *(str(p) if p is not None else None for p in (shards_dir, hashes_dir, decisions_path, embeddings_dir))
     )

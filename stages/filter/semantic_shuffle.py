@@ -75,7 +75,7 @@ def dedupe_partition(job: ClusterJob) -> np.ndarray:
     removed at each threshold."""
     rows = gather_partition(job.maps, job.part)
     if rows is None:  # no cluster of this partition has a row: an empty file, still read by shards
-        rows = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("cluster", pa.int64())]).empty_table()
+        rows = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("uid", pa.string())]).empty_table()
         empty = np.ones((len(job.thresholds), 0), bool)
         write_partitioned(_verdict_table(rows, np.zeros(0, np.float32), empty), np.zeros(0, np.int64), job.out)
         return np.zeros(len(job.thresholds), np.int64)
@@ -98,7 +98,7 @@ def dedupe_partition(job: ClusterJob) -> np.ndarray:
 
 
 def _verdict_table(rows: pa.Table, nearest: np.ndarray, keeps: np.ndarray) -> pa.Table:
-    columns = {"row": rows.column("row"), "nearest": pa.array(nearest, pa.float32())}
+    columns = {"row": rows.column("row"), "uid": rows.column("uid"), "nearest": pa.array(nearest, pa.float32())}
     columns.update({f"keep_{i}": pa.array(keep) for i, keep in enumerate(keeps)})
     return pa.table(columns)
 
@@ -122,6 +122,8 @@ class SemanticPiece:
         if len(rows) != len(uids) or len(np.unique(rows)) != len(uids):
             raise ValueError(f"semantic_dedupe: shard {self.shard} has {len(rows)} verdicts for {len(uids)} rows")
         if table is not None:
+            if pa.array(uids, pa.string()).take(rows).to_pylist() != table.column("uid").to_pylist():
+                raise ValueError(f"semantic_dedupe: shard {self.shard}'s verdicts name other uids than its rows")
             keep[rows] = table.column("keep_0").to_numpy(zero_copy_only=False)
             nearest[rows] = table.column("nearest").to_numpy(zero_copy_only=False)
         return verdicts(uids, keep, nearest, self.params, list(self.removed), self.pool_rows)

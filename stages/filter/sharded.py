@@ -143,31 +143,33 @@ def run_sharded(
     usable = map_fn(count_usable, reads, desc="filter: usable rows") if any(_pooled(steps)) else [0] * len(stems)
     scratch = stage_dir / SHUFFLE
     shutil.rmtree(scratch, ignore_errors=True)  # a stopped run's
-    figures = pool_figures(steps, [ShardRead(sources, s) for s in stems], usable, map_fn, scratch)
-    figures = [f if f is None or isinstance(f, PerShard) else shared(f) for f in figures]
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    sample_rows = max(10, REPORT_ROWS // max(len(stems), 1))
-    with atomic_path(stage_dir / DECISIONS, folder=True) as folder:
-        jobs = [
-            ShardDecide(
-                ShardRead(sources, stem),
-                steps,
-                [piece_for(f, stem) for f in figures],  # a per-shard figure goes to its shard only
-                str(folder / f"{stem}.parquet"),
-                examples if index < MAX_TARS_SCANNED else 0,
-                sample_rows,
-                str(scratch / KEPT_PARTS / f"{stem}.npy"),
-            )
-            for index, stem in enumerate(stems)
-        ]
-        (scratch / KEPT_PARTS).mkdir(parents=True, exist_ok=True)
-        summaries = map_fn(decide_shard, jobs, desc="filter", weight=lambda s: s.rows)
-    (stage_dir / KEPT_UIDS).unlink(missing_ok=True)  # an earlier run's list must not outlive this one
-    kept_uids = None
-    if all(s.kept_part is not None for s in summaries):  # DataComp-shaped uids only
-        parts = [s.kept_part for s in summaries]
-        kept_uids = merge_kept_uids(parts, sum(s.kept for s in summaries), stage_dir / KEPT_UIDS, scratch, map_fn)
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        figures = pool_figures(steps, [ShardRead(sources, s) for s in stems], usable, map_fn, scratch)
+        figures = [f if f is None or isinstance(f, PerShard) else shared(f) for f in figures]
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        sample_rows = max(10, REPORT_ROWS // max(len(stems), 1))
+        with atomic_path(stage_dir / DECISIONS, folder=True) as folder:
+            jobs = [
+                ShardDecide(
+                    ShardRead(sources, stem),
+                    steps,
+                    [piece_for(f, stem) for f in figures],  # a per-shard figure goes to its shard only
+                    str(folder / f"{stem}.parquet"),
+                    examples if index < MAX_TARS_SCANNED else 0,
+                    sample_rows,
+                    str(scratch / KEPT_PARTS / f"{stem}.npy"),
+                )
+                for index, stem in enumerate(stems)
+            ]
+            (scratch / KEPT_PARTS).mkdir(parents=True, exist_ok=True)
+            summaries = map_fn(decide_shard, jobs, desc="filter", weight=lambda s: s.rows)
+        (stage_dir / KEPT_UIDS).unlink(missing_ok=True)  # an earlier run's list must not outlive this one
+        kept_uids = None
+        if all(s.kept_part is not None for s in summaries):  # DataComp-shaped uids only
+            parts = [s.kept_part for s in summaries]
+            kept_uids = merge_kept_uids(parts, sum(s.kept for s in summaries), stage_dir / KEPT_UIDS, scratch, map_fn)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return ShardedResult(
         filter_manifest(summaries, steps, stage_dir / DECISIONS, kept_uids, time.perf_counter() - started),
         _pictures(summaries, steps),
