@@ -7,6 +7,7 @@ in chunks, so memory stays bounded by the chunk, not by the pool.
 from __future__ import annotations
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline.mapping import MapFn, local_map
 
@@ -42,18 +43,38 @@ def fit_on(rows: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     n_clusters = max(1, min(n_clusters, len(rows)))
-    if len(rows) <= 50_000:
-        model = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed)
-    else:
+    if len(rows) > 50_000:
         model = MiniBatchKMeans(n_clusters=n_clusters, n_init=1, random_state=seed, batch_size=4096)
-    model.fit(rows)
+        return unit_rows(model.fit(rows).cluster_centers_)
+    # Lloyd's threads add their partial sums in the order they finish: with three or more the
+    # centroids vary from fit to fit, and a pool filtered twice (shard by shard, or resumed) would
+    # be clustered differently. One thread makes the fit a function of the rows and the seed.
+    with threadpool_limits(limits=1):
+        model = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed).fit(rows)
     return unit_rows(model.cluster_centers_)
+
+
+TYPICALITY_BLOCK = 4_096
+
+
+def row_typicality(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Each row's cosine similarity to its own centroid, as a function of that row alone.
+
+    A BLAS product rounds a row differently with the matrix around it (gemv for one row, small-
+    matrix kernels, edge tiles), so a shard's rows would rank differently than in the whole pool and
+    SemDeDup would keep the other one of two near-identical images. Products of float32 values are
+    exact in float64 and each row is summed on its own, so the float32 result does not move."""
+    out = np.empty(len(embeddings), np.float32)
+    for start in range(0, len(embeddings), TYPICALITY_BLOCK):
+        rows = embeddings[start : start + TYPICALITY_BLOCK].astype(np.float64)
+        out[start : start + len(rows)] = (rows * centroids[start : start + len(rows)]).sum(axis=1)
+    return out
 
 
 def _nearest(chunk: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     embeddings, centroids = chunk
-    sims = embeddings @ centroids.T
-    return sims.argmax(axis=1), sims.max(axis=1).astype(np.float32)
+    assignment = (embeddings @ centroids.T).argmax(axis=1)
+    return assignment, row_typicality(embeddings, centroids[assignment])
 
 
 def nearest_centroid(

@@ -99,6 +99,40 @@ def test_semantic_dedupe_drops_near_copies_of_kept_samples_only():
     assert _kept(shuffled) == _kept(result)
 
 
+def test_a_rows_typicality_is_the_same_alone_in_a_shard_or_in_the_pool():
+    """SemDeDup visits a cluster least typical first, uid breaking ties: two copies of an image in
+    different shards must tie exactly, so a row's similarity to its centroid may not depend on the
+    rows it is computed with (a BLAS product of one row, or of a small shard, rounds differently)."""
+    from filters.clustering import nearest_centroid, unit_rows
+
+    rng = np.random.default_rng(3)
+    pool = unit_rows(rng.normal(size=(700, 512)))
+    centroids = unit_rows(rng.normal(size=(5, 512)))
+    whole_cluster, whole_typicality = nearest_centroid(pool, centroids)
+    for start, stop in ((0, 1), (1, 8), (8, 101), (101, 700)):
+        cluster, typicality = nearest_centroid(pool[start:stop], centroids)
+        assert np.array_equal(cluster, whole_cluster[start:stop])
+        assert np.array_equal(typicality, whole_typicality[start:stop]), (start, stop)
+    exact = (pool.astype(np.float64) * centroids[whole_cluster].astype(np.float64)).sum(axis=1)
+    assert np.allclose(whole_typicality, exact, atol=1e-6)
+
+
+def test_k_means_gives_the_same_centroids_every_fit_however_many_threads(monkeypatch):
+    """A pool filtered twice (shard by shard and at once, or again after a resume) is clustered
+    twice: Lloyd's threads summing in the order they finish would move the centroids (CI once kept
+    a different copy of an image that way, on a machine with more cores than this one)."""
+    from threadpoolctl import threadpool_limits
+
+    from filters.clustering import fit_on, unit_rows
+
+    rows = unit_rows(np.random.default_rng(4).normal(size=(1_000, 64)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # else scikit-learn uses no more threads than cores
+    with threadpool_limits(limits=8, user_api="openmp"):
+        fits = [fit_on(rows, 5, seed=0) for _ in range(8)]
+    assert all(np.array_equal(fit, fits[0]) for fit in fits[1:])
+    assert not np.array_equal(fit_on(rows, 5, seed=1), fits[0])  # the seed still matters
+
+
 def test_semantic_dedupe_compares_with_kept_samples_not_dropped_ones():
     """Visiting a, b, c with a~b, b~c but a not ~ c: b goes (near kept a), c stays (only near dropped b)."""
     similarity = np.array([[1.0, 0.97, 0.90], [0.97, 1.0, 0.97], [0.90, 0.97, 1.0]])

@@ -41,8 +41,10 @@ def _uid(i: int) -> str:
 
 def _write_pool(root: Path, sizes: list[int], seed: int = 0) -> PoolSources:
     """Shards of the given sizes; some rows fail to download, hash or embed; clip scores are
-    rounded so that many tie (within and across shards), a few are NaN."""
+    rounded so that many tie (within and across shards), a few are NaN; later shards repeat four of
+    the first shard's images."""
     rng = np.random.default_rng(seed)
+    first_images = np.zeros((0, DIM), np.float32)
     dirs = {name: root / name for name in ("shards", "hashes", "dedupe", "embed")}
     for folder in dirs.values():
         folder.mkdir(parents=True)
@@ -98,6 +100,10 @@ def _write_pool(root: Path, sizes: list[int], seed: int = 0) -> PoolSources:
         scores = rng.normal(0.25, 0.05, len(embedded)).round(2)  # ties
         scores[rng.random(len(embedded)) < 0.05] = np.nan
         vectors = rng.normal(size=(len(embedded), DIM)).astype(np.float32)
+        if index == 0:
+            first_images = vectors[:4]
+        elif len(vectors) > 4:  # the same images again in a later shard: their typicality ties
+            vectors[:4] = first_images
         pq.write_table(
             pa.table(
                 {
