@@ -312,22 +312,47 @@ def _near_duplicate(payload: bytes, i: int, rng: np.random.Generator) -> tuple[s
     return kind, world.encode_jpeg(image, quality=90)
 
 
-def _write_labels(rows: list[PoolRow], path: Path, rng: np.random.Generator) -> None:
-    """What a labelling team would hand over for the labelled slice: ratings, flags, good pairs.
+RATERS = 3  # each labelled item is rated by three people
+RATER_ERROR = 0.1  # the chance one rater gets a yes/no question wrong
+RATER_SPREAD = 1.0  # one rater's offset from the item's quality, in rating points (std)
 
-    Ratings are on LAION's 1-10 aesthetic scale: degraded images get 1.5-3.5, others 5.5-8.5.
+
+def _write_labels(rows: list[PoolRow], path: Path, rng: np.random.Generator) -> None:
+    """What a labelling team would hand over for the labelled slice: three raters per item, who
+    disagree as people do, and the table their votes make.
+
+    - `rating` (LAION's 1-10 aesthetic scale): the item's quality (degraded images 1.5-3.5, others
+      5.5-8.5) plus each rater's offset (normal, `RATER_SPREAD`), rounded to whole points and
+      clipped to 1-10, then averaged; `rating_std` is the raters' spread.
+    - `unsafe`, `good_pair`: each rater answers wrongly with probability `RATER_ERROR`; the
+      majority decides (about 3% of items flipped); `agreement` is the share of raters who agree
+      with the majority, on both questions together.
+    The filters are scored against the planted truth (`ground_truth.parquet`), never these labels.
     """
     labelled = [r for r in rows if r.labelled]
-    low = np.array([r.defect == "low_quality" for r in labelled])
-    ratings = np.where(low, rng.uniform(1.5, 3.5, len(labelled)), rng.uniform(5.5, 8.5, len(labelled)))
+    n = len(labelled)
+    low = np.array([r.defect == "low_quality" for r in labelled], bool)
+    quality = np.where(low, rng.uniform(1.5, 3.5, n), rng.uniform(5.5, 8.5, n))
+    votes = np.clip(np.round(quality[:, None] + rng.normal(0, RATER_SPREAD, (n, RATERS))), 1, 10)
+    truths = {
+        "unsafe": np.array([r.unsafe for r in labelled], bool),
+        "good_pair": np.array([r.defect in GOOD_PAIR_DEFECTS for r in labelled], bool),
+    }
+    answers, agreement = {}, np.zeros(n)
+    for name, truth in truths.items():
+        said = truth[:, None] ^ (rng.random((n, RATERS)) < RATER_ERROR)
+        answers[name] = said.sum(axis=1) * 2 > RATERS
+        agreement += (said == answers[name][:, None]).mean(axis=1) / len(truths)
     write_parquet(
         path,
         pa.table(
             {
-                "uid": [r.uid for r in labelled],
-                "rating": ratings.astype(np.float32),
-                "unsafe": [r.unsafe for r in labelled],
-                "good_pair": [r.defect in GOOD_PAIR_DEFECTS for r in labelled],
+                "uid": pa.array([r.uid for r in labelled], pa.string()),
+                "rating": pa.array(votes.mean(axis=1), pa.float32()),
+                "rating_std": pa.array(votes.std(axis=1), pa.float32()),
+                "unsafe": pa.array(answers["unsafe"], pa.bool_()),
+                "good_pair": pa.array(answers["good_pair"], pa.bool_()),
+                "agreement": pa.array(agreement, pa.float32()),
             }
         ),
     )

@@ -97,3 +97,18 @@ def test_the_scale_benchmark_runs_the_stages_on_its_synthetic_pool(tmp_path):
     assert extra["driver_peak_rss_mib"] >= extra["driver_rss_after_writing_mib"] > 0
     assert extra["largest_worker_peak_rss_mib"] > 0  # the filter's k-means ran as Ray tasks
     assert 0 < extra["kept"] < extra["dedupe_kept"] < 3000  # 1% planted near-duplicates went first
+
+
+def test_the_readmes_demo_tables_are_what_the_report_renders_from_its_saved_results():
+    """Each table row and console line the README shows for the demo is benchmarks/report.py's
+    rendering of the results it saved: a figure edited by hand, or a table left over from an older
+    run, fails here."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    report = load_benchmark("report")
+    saved = json.loads((root / "benchmarks" / "results" / "2026-12-01-demo-report.json").read_text())
+    readme = (root / "README.md").read_text().splitlines()
+    shown = [line for line in report.render(saved).splitlines() if line.startswith(("|", "[", "Produced by"))]
+    assert len(shown) > 40
+    assert [line for line in shown if line not in readme] == []

@@ -1,0 +1,296 @@
+"""The README's demo tables, regenerated: the demo at several seeds, tabulated with their spread.
+
+    .venv/bin/python benchmarks/report.py --seeds 0 1 2 --out report.md --json report.json
+    .venv/bin/python benchmarks/report.py --render report.json        # the markdown again, from the JSON
+
+Each scoring seed S runs `python -m pipeline run demo` in a process of its own, with S seeding the
+pool (`source.demo.seed`), the reference CLIP and filtering network (`seed_models.train.seed`) and
+the trained model (`train.seed`); a run already finished under `--dir` is reused, one cut short
+resumed. The tuning seed (`--tune-seed`, a pool none of the scoring seeds make) runs the demo up
+to `phash`: the dedupe radius is chosen there and only reported on the scoring pools.
+
+The markdown holds: the command, date, commit and machine; the first scoring run's console lines
+(rebuilt from its manifests: the `[stage] in= kept= ...` line each stage prints when it ends);
+then, over the scoring runs, mean ± sample std (min-max) of each stage's counts, the filters'
+precision and recall against the planted defects on the split no model or head was fitted on,
+the dedupe radius sweep, and the evaluation. About 5 minutes a seed on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmark_result import machine  # noqa: E402
+
+from pipeline.manifest import Manifest  # noqa: E402
+
+DEMO_STAGES = ["demo_pool", "download", "phash", "dedupe", "seed_models", "embed", "heads", "filter", "subset",
+               "train", "evaluate"]  # fmt: skip
+TUNE_STAGES = DEMO_STAGES[:3]
+RADII = (0, 2, 4, 6, 8)
+EVAL_KEYS = {
+    "zeroshot_top1": "zero-shot top-1",
+    "zeroshot_top5": "zero-shot top-5",
+    "zeroshot_chance": "zero-shot chance",
+    "image_to_text_recall_at_1": "image→text R@1",
+    "image_to_text_recall_at_10": "image→text R@10",
+    "text_to_image_recall_at_1": "text→image R@1",
+    "retrieval_chance_recall_at_1": "retrieval chance R@1",
+}
+DEDUPE_KEYS = {
+    "dedupe_precision": "precision",
+    "dedupe_recall": "recall",
+    "dedupe_recall_exact": "exact",
+    "dedupe_recall_resized": "resized",
+    "dedupe_recall_reencoded": "re-encoded",
+    "dedupe_recall_cropped": "cropped",
+    "eval_leak_precision": "eval-leak P",
+    "eval_leak_recall": "eval-leak R",
+}
+
+
+# ---- running ------------------------------------------------------------------------------
+
+
+def seed_settings(seed: int) -> list[str]:
+    """Everything random in a demo run follows `seed`."""
+    return [f"source.demo.seed={seed}", f"seed_models.train.seed={seed}", f"train.seed={seed}"]
+
+
+def run_command(name: str, root: Path, settings: list[str], resume: bool) -> list[str]:
+    command = [sys.executable, "-m", "pipeline", "run", "demo", "--run-name", name]
+    for setting in [f"output_dir={root}", *settings]:
+        command += ["--set", setting]
+    return command + (["--resume"] if resume else [])
+
+
+def ensure_run(name: str, root: Path, settings: list[str], last_stage: str) -> Path:
+    """The run `root/name`, made (or finished) by the CLI unless its last stage already ended."""
+    run_dir = root / name
+    if Manifest.read(run_dir / last_stage) is not None:
+        print(f"{name}: finished earlier, reused", flush=True)
+        return run_dir
+    command = run_command(name, root, settings, resume=(run_dir / "run.json").exists())
+    print(f"{name}: {shlex.join(command[1:])}", flush=True)
+    console = root / f"{name}.console.txt"
+    with console.open("w") as out:
+        code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+    if code:
+        tail = console.read_text().splitlines()[-15:]
+        raise SystemExit(f"{name}: the run failed (exit {code}); its console is {console}:\n" + "\n".join(tail))
+    return run_dir
+
+
+# ---- reading a run --------------------------------------------------------------------------
+
+
+def read_run(run_dir: Path, stages: list[str]) -> dict:
+    """The manifests of a run's finished stages, as plain dicts, in stage order."""
+    manifests = {}
+    for stage in stages:
+        manifest = Manifest.read(run_dir / stage)
+        if manifest is not None:
+            manifests[stage] = manifest.model_dump(by_alias=True)
+    return {"run_dir": str(run_dir), "manifests": manifests}
+
+
+def radius_sweep(run_dir: Path, radii=RADII) -> dict[str, dict[str, float]]:
+    """Dedupe quality against the planted copies at each radius, on a run's hashes (in this process)."""
+    import pyarrow.parquet as pq
+
+    from stages.dedupe import DedupeConfig, run_dedupe
+    from stages.demo_truth import dedupe_quality
+    from stages.shards import read_decisions
+
+    pool = Manifest.read(run_dir / "demo_pool").outputs
+    hashes = Path(Manifest.read(run_dir / "phash").outputs["hashes_dir"])
+    truth = pq.read_table(pool["ground_truth"])
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="radius-") as scratch:
+        for k in radii:
+            config = DedupeConfig(max_distance=k, keep="lowest_uid", eval_sets=[str(Path(pool["eval_dir"]) / "*.tar")])
+            manifest = run_dedupe(hashes, config, Path(scratch) / f"k{k}")
+            out[str(k)] = dedupe_quality(read_decisions(manifest.outputs["decisions"]), truth)
+    return out
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """mean ± sample std (min-max); one value, or the same in every run, as it is."""
+    v = np.asarray([x for x in values if x is not None], float)
+    if len(v) == 0:
+        return "–"
+    if len(v) == 1 or v.min() == v.max():
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f} ({v.min():.{digits}f}–{v.max():.{digits}f})"
+
+
+def transcript(run: dict) -> list[str]:
+    return [f"[{stage}] {Manifest.model_validate(m).summary()}" for stage, m in run["manifests"].items()]
+
+
+def counts_table(runs: list[dict]) -> list[str]:
+    """Per stage: in, kept and every dropped or failed reason, over the runs (a reason a run did not
+    have counts 0 there); and its seconds."""
+    lines = ["| stage | in | kept | dropped / failed (reason: count) | seconds |", "|---|---|---|---|---|"]
+    for stage in runs[0]["manifests"]:
+        ms = [r["manifests"][stage] for r in runs if stage in r["manifests"]]
+        reasons = sorted({f"{kind}:{reason}" for m in ms for kind in ("dropped", "failed") for reason in m[kind]})
+        detail = "; ".join(
+            f"{key.split(':', 1)[1]}: {spread([m[key.split(':', 1)[0]].get(key.split(':', 1)[1], 0) for m in ms], 0)}"
+            for key in reasons
+        )
+        lines.append(
+            f"| {stage} | {spread([m['in'] for m in ms], 0)} | {spread([m['kept'] for m in ms], 0)} | {detail or '–'} "
+            f"| {spread([m['seconds'] for m in ms], 0)} |"
+        )
+    return lines
+
+
+def filter_table(runs: list[dict]) -> list[str]:
+    from stages.demo_truth import FILTER_TARGETS
+
+    metrics = [r["manifests"]["filter"]["metrics"] for r in runs]
+    steps = sorted(
+        {k.rsplit(".", 1)[0] for k in metrics[0] if k.endswith(".precision")}, key=lambda s: int(s.split("_")[0])
+    )
+    lines = [
+        "| step | catches (planted) | targets | precision | chance precision | recall |",
+        "|---|---|---|---|---|---|",
+    ]
+    for step in steps:
+        name = step.split("_", 1)[1]
+        row = [spread([m[f"{step}.{key}"] for m in metrics], 0 if key == "targets" else 2)
+               for key in ("targets", "precision", "prevalence", "recall")]  # fmt: skip
+        lines.append(f"| `{name}` | {', '.join(sorted(FILTER_TARGETS[name]))} | " + " | ".join(row) + " |")
+    return lines
+
+
+def sweep_table(tune: dict, scoring: list[dict]) -> list[str]:
+    lines = [
+        "| k | pool | " + " | ".join(DEDUPE_KEYS.values()) + " |",
+        "|---|---|" + "---|" * len(DEDUPE_KEYS),
+    ]
+    for k in tune["radius_sweep"]:
+        for label, runs in (("tuning", [tune]), ("scoring", scoring)):
+            cells = [spread([r["radius_sweep"][k].get(key) for r in runs]) for key in DEDUPE_KEYS]
+            lines.append(f"| {k} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def chosen_radius(tune: dict, min_precision: float = 0.9) -> int:
+    """The largest radius whose precision on the tuning pool is at least `min_precision`: as many
+    copies as can be caught while nine drops in ten are real copies."""
+    ok = [int(k) for k, q in tune["radius_sweep"].items() if q["dedupe_precision"] >= min_precision]
+    return max(ok) if ok else min(int(k) for k in tune["radius_sweep"])
+
+
+def eval_table(runs: list[dict]) -> list[str]:
+    metrics = [r["manifests"]["evaluate"]["metrics"] for r in runs]
+    lines = ["| metric | value |", "|---|---|"]
+    for key, label in EVAL_KEYS.items():
+        if key in metrics[0]:
+            lines.append(f"| {label} | {spread([m[key] for m in metrics], 3)} |")
+    return lines
+
+
+def render(report: dict) -> str:
+    runs, tune = report["runs"], report.get("tune")
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    info = report["machine"]
+    gpu = info["gpu"] or "no GPU"
+    out = [
+        f"Produced by `{report['command']}` on {info['cores']} cores ({info['cpu']}, {gpu}), "
+        f"{info['date'][:10]}, commit {report['commit']}: {len(runs)} demo run(s), seeds {seeds}. "
+        "Cells: mean ± sample std (min–max) over the runs.",
+        "",
+        f"Console of the run at seed {runs[0]['seed']} (each stage's closing line):",
+        "",
+        "```",
+        *transcript(runs[0]),
+        "```",
+        "",
+        "Counts per stage:",
+        "",
+        *counts_table(runs),
+    ]
+    if "filter" in runs[0]["manifests"]:
+        out += ["", "Filters against the planted defects, on the pool's unlabelled 70% (no model or head saw it):", ""]
+        out += filter_table(runs)
+    if tune is not None:
+        out += [
+            "",
+            f"Dedupe radius: chosen on the tuning pool (seed {tune['seed']}) as the largest k with precision ≥ 0.9 "
+            f"(k = {chosen_radius(tune)}), reported on the scoring pools:",
+            "",
+            *sweep_table(tune, runs),
+        ]
+    if "evaluate" in runs[0]["manifests"]:
+        out += ["", "The model trained on the filtered subset, on the held-out set:", "", *eval_table(runs)]
+    return "\n".join(out) + "\n"
+
+
+def commit() -> str:
+    """The commit the runs were made at; `-dirty` when the tree had changes not committed."""
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def build(seeds: list[int], tune_seed: int | None, root: Path, extra: list[str]) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in seeds:
+        run_dir = ensure_run(f"seed-{seed}", root, [*seed_settings(seed), *extra], DEMO_STAGES[-1])
+        run = {"seed": seed, **read_run(run_dir, DEMO_STAGES)}
+        run["radius_sweep"] = radius_sweep(run_dir)
+        runs.append(run)
+    report = {"command": "", "commit": commit(), "machine": machine(), "runs": runs, "tune": None}
+    if tune_seed is not None:
+        settings = [*seed_settings(tune_seed), f"stages=[{', '.join(TUNE_STAGES)}]"]
+        run_dir = ensure_run(f"tune-{tune_seed}", root, settings, TUNE_STAGES[-1])
+        report["tune"] = {"seed": tune_seed, **read_run(run_dir, TUNE_STAGES), "radius_sweep": radius_sweep(run_dir)}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="scoring pools (and model seeds)")
+    parser.add_argument("--tune-seed", type=int, default=100, help="the pool the dedupe radius is chosen on")
+    parser.add_argument("--dir", default="runs/report", help="where the runs go (finished ones are reused)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], help="extra recipe setting")
+    parser.add_argument("--out", default=None, help="write the markdown here (else print it)")
+    parser.add_argument("--json", default=None, help="write the per-run figures here")
+    parser.add_argument("--render", default=None, help="only render the markdown of a JSON written before")
+    args = parser.parse_args()
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+    else:
+        report = build(args.seeds, args.tune_seed, Path(args.dir).resolve(), args.settings)
+        report["command"] = shlex.join(["benchmarks/report.py", *sys.argv[1:]])
+    markdown = render(report)
+    if args.json and not args.render:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.out:
+        Path(args.out).write_text(markdown)
+        print(f"report: {args.out}")
+    else:
+        sys.stdout.write(markdown)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    main()
