@@ -4,16 +4,18 @@
     .venv/bin/python benchmarks/report.py --render report.json        # the markdown again, from the JSON
 
 Each scoring seed S runs `python -m pipeline run demo` in a process of its own, with S seeding the
-pool (`source.demo.seed`), the reference CLIP and filtering network (`seed_models.train.seed`) and
-the trained model (`train.seed`); a run already finished under `--dir` is reused, one cut short
-resumed. The tuning seed (`--tune-seed`, a pool none of the scoring seeds make) runs the demo up
-to `phash`: the dedupe radius is chosen there and only reported on the scoring pools.
+pool (`source.demo.seed`), the reference CLIP and filtering network (`seed_models.train.seed`), the
+heads (`heads.seed`) and the trained model (`train.seed`). A run already under `--dir` is resumed
+(the CLI refuses one whose recipe differs, and skips the stages it finished). The tuning seed
+(`--tune-seed`, a pool none of the scoring seeds make) runs the demo up to `phash`: the dedupe
+radius rule is applied there, and the radius only reported on the scoring pools.
 
-The markdown holds: the command, date, commit and machine; the first scoring run's console lines
-(rebuilt from its manifests: the `[stage] in= kept= ...` line each stage prints when it ends);
-then, over the scoring runs, mean ± sample std (min-max) of each stage's counts, the filters'
-precision and recall against the planted defects on the split no model or head was fitted on,
-the dedupe radius sweep, and the evaluation. About 5 minutes a seed on 2 CPU cores.
+The markdown holds: the command, date, the commit the runs were started at and the machine; the
+first scoring run's console lines (rebuilt from its manifests: the `[stage] in= kept= ...` line
+each stage prints when it ends); then, over the scoring runs, mean ± sample std (min-max) of each
+stage's counts, the filters' precision and recall against the planted defects on the split no
+seed model or head was fitted on, the dedupe radius sweep, and the evaluation. About 7 minutes a
+seed on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ DEDUPE_KEYS = {
 
 
 def seed_settings(seed: int) -> list[str]:
-    """Everything random in a demo run follows `seed`."""
-    return [f"source.demo.seed={seed}", f"seed_models.train.seed={seed}", f"train.seed={seed}"]
+    """Every seed a demo run has follows `seed` (multi-threaded CPU training is still not
+    bit-reproducible: the same seed twice differs a little)."""
+    keys = ("source.demo.seed", "seed_models.train.seed", "heads.seed", "train.seed")
+    return [f"{key}={seed}" for key in keys]
 
 
 def run_command(name: str, root: Path, settings: list[str], resume: bool) -> list[str]:
@@ -76,34 +80,37 @@ def run_command(name: str, root: Path, settings: list[str], resume: bool) -> lis
     return command + (["--resume"] if resume else [])
 
 
-def ensure_run(name: str, root: Path, settings: list[str], last_stage: str) -> Path:
-    """The run `root/name`, made (or finished) by the CLI unless its last stage already ended."""
-    run_dir = root / name
-    if Manifest.read(run_dir / last_stage) is not None:
-        print(f"{name}: finished earlier, reused", flush=True)
-        return run_dir
-    command = run_command(name, root, settings, resume=(run_dir / "run.json").exists())
+def ensure_run(name: str, root: Path, settings: list[str], last_stage: str) -> tuple[Path, str]:
+    """The run `root/name` made by the CLI, or an earlier one resumed (the CLI refuses it if its
+    recipe differs, and skips the stages it finished); with the commit it was started at."""
+    run_dir, stamp = root / name, root / f"{name}.commit"
+    resume = (run_dir / "run.json").exists()
+    if not resume or not stamp.exists():
+        stamp.write_text(commit())
+    command = run_command(name, root, settings, resume)
     print(f"{name}: {shlex.join(command[1:])}", flush=True)
     console = root / f"{name}.console.txt"
     with console.open("w") as out:
         code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
-    if code:
+    if code or Manifest.read(run_dir / last_stage) is None:
         tail = console.read_text().splitlines()[-15:]
         raise SystemExit(f"{name}: the run failed (exit {code}); its console is {console}:\n" + "\n".join(tail))
-    return run_dir
+    return run_dir, stamp.read_text().strip()
 
 
 # ---- reading a run --------------------------------------------------------------------------
 
 
 def read_run(run_dir: Path, stages: list[str]) -> dict:
-    """The manifests of a run's finished stages, as plain dicts, in stage order."""
+    """The counts, seconds and metrics of a run's finished stages, in stage order (not their
+    output paths: the saved results name no folder of this machine), and its dedupe radius."""
     manifests = {}
     for stage in stages:
         manifest = Manifest.read(run_dir / stage)
         if manifest is not None:
-            manifests[stage] = manifest.model_dump(by_alias=True)
-    return {"run_dir": str(run_dir), "manifests": manifests}
+            manifests[stage] = manifest.model_dump(by_alias=True, exclude={"outputs"})
+    radius = json.loads((run_dir / "run.json").read_text())["recipe"]["dedupe"]["max_distance"]
+    return {"run": run_dir.name, "manifests": manifests, "dedupe_k": radius}
 
 
 def radius_sweep(run_dir: Path, radii=RADII) -> dict[str, dict[str, float]]:
@@ -117,10 +124,12 @@ def radius_sweep(run_dir: Path, radii=RADII) -> dict[str, dict[str, float]]:
     pool = Manifest.read(run_dir / "demo_pool").outputs
     hashes = Path(Manifest.read(run_dir / "phash").outputs["hashes_dir"])
     truth = pq.read_table(pool["ground_truth"])
+    recipe = json.loads((run_dir / "run.json").read_text())["recipe"]["dedupe"]
+    eval_sets = [*recipe.get("eval_sets", []), str(Path(pool["eval_dir"]) / "*.tar")]  # as the stage adds it
     out = {}
     with tempfile.TemporaryDirectory(prefix="radius-") as scratch:
         for k in radii:
-            config = DedupeConfig(max_distance=k, keep="lowest_uid", eval_sets=[str(Path(pool["eval_dir"]) / "*.tar")])
+            config = DedupeConfig.model_validate({**recipe, "max_distance": k, "eval_sets": eval_sets})
             manifest = run_dedupe(hashes, config, Path(scratch) / f"k{k}")
             out[str(k)] = dedupe_quality(read_decisions(manifest.outputs["decisions"]), truth)
     return out
@@ -149,10 +158,9 @@ def counts_table(runs: list[dict]) -> list[str]:
     lines = ["| stage | in | kept | dropped / failed (reason: count) | seconds |", "|---|---|---|---|---|"]
     for stage in runs[0]["manifests"]:
         ms = [r["manifests"][stage] for r in runs if stage in r["manifests"]]
-        reasons = sorted({f"{kind}:{reason}" for m in ms for kind in ("dropped", "failed") for reason in m[kind]})
+        reasons = sorted({(kind, reason) for m in ms for kind in ("dropped", "failed") for reason in m[kind]})
         detail = "; ".join(
-            f"{key.split(':', 1)[1]}: {spread([m[key.split(':', 1)[0]].get(key.split(':', 1)[1], 0) for m in ms], 0)}"
-            for key in reasons
+            f"{kind} {reason}: {spread([m[kind].get(reason, 0) for m in ms], 0)}" for kind, reason in reasons
         )
         lines.append(
             f"| {stage} | {spread([m['in'] for m in ms], 0)} | {spread([m['kept'] for m in ms], 0)} | {detail or '–'} "
@@ -164,7 +172,7 @@ def counts_table(runs: list[dict]) -> list[str]:
 def filter_table(runs: list[dict]) -> list[str]:
     from stages.demo_truth import FILTER_TARGETS
 
-    metrics = [r["manifests"]["filter"]["metrics"] for r in runs]
+    metrics = [r["manifests"]["filter"]["metrics"] for r in runs if "filter" in r["manifests"]]
     steps = sorted(
         {k.rsplit(".", 1)[0] for k in metrics[0] if k.endswith(".precision")}, key=lambda s: int(s.split("_")[0])
     )
@@ -192,15 +200,24 @@ def sweep_table(tune: dict, scoring: list[dict]) -> list[str]:
     return lines
 
 
-def chosen_radius(tune: dict, min_precision: float = 0.9) -> int:
+def chosen_radius(tune: dict, min_precision: float = 0.9) -> int | None:
     """The largest radius whose precision on the tuning pool is at least `min_precision`: as many
-    copies as can be caught while nine drops in ten are real copies."""
+    copies as can be caught while nine drops in ten are real copies (None: no radius is)."""
     ok = [int(k) for k, q in tune["radius_sweep"].items() if q["dedupe_precision"] >= min_precision]
-    return max(ok) if ok else min(int(k) for k in tune["radius_sweep"])
+    return max(ok) if ok else None
+
+
+def radius_line(tune: dict, runs: list[dict]) -> str:
+    chosen, used = chosen_radius(tune), runs[0]["dedupe_k"]
+    verdict = "the same" if chosen == used else "NOT the one the runs used"
+    return (
+        f"Dedupe radius: on the tuning pool (seed {tune['seed']}), the largest k with precision ≥ 0.9 is "
+        f"{chosen}; the recipe's k, which the scoring runs used, is {used}: {verdict}. The sweep on both:"
+    )
 
 
 def eval_table(runs: list[dict]) -> list[str]:
-    metrics = [r["manifests"]["evaluate"]["metrics"] for r in runs]
+    metrics = [r["manifests"]["evaluate"]["metrics"] for r in runs if "evaluate" in r["manifests"]]
     lines = ["| metric | value |", "|---|---|"]
     for key, label in EVAL_KEYS.items():
         if key in metrics[0]:
@@ -213,9 +230,10 @@ def render(report: dict) -> str:
     seeds = ", ".join(str(r["seed"]) for r in runs)
     info = report["machine"]
     gpu = info["gpu"] or "no GPU"
+    commits = ", ".join(sorted({r["commit"] for r in runs}))
     out = [
         f"Produced by `{report['command']}` on {info['cores']} cores ({info['cpu']}, {gpu}), "
-        f"{info['date'][:10]}, commit {report['commit']}: {len(runs)} demo run(s), seeds {seeds}. "
+        f"{info['date'][:10]}, runs started at commit {commits}: {len(runs)} demo run(s), seeds {seeds}. "
         "Cells: mean ± sample std (min–max) over the runs.",
         "",
         f"Console of the run at seed {runs[0]['seed']} (each stage's closing line):",
@@ -229,16 +247,10 @@ def render(report: dict) -> str:
         *counts_table(runs),
     ]
     if "filter" in runs[0]["manifests"]:
-        out += ["", "Filters against the planted defects, on the pool's unlabelled 70% (no model or head saw it):", ""]
+        out += ["", "Filters against the planted defects, on the unlabelled 70% (no seed model or head saw it):", ""]
         out += filter_table(runs)
     if tune is not None:
-        out += [
-            "",
-            f"Dedupe radius: chosen on the tuning pool (seed {tune['seed']}) as the largest k with precision ≥ 0.9 "
-            f"(k = {chosen_radius(tune)}), reported on the scoring pools:",
-            "",
-            *sweep_table(tune, runs),
-        ]
+        out += ["", radius_line(tune, runs), "", *sweep_table(tune, runs)]
     if "evaluate" in runs[0]["manifests"]:
         out += ["", "The model trained on the filtered subset, on the held-out set:", "", *eval_table(runs)]
     return "\n".join(out) + "\n"
@@ -251,18 +263,20 @@ def commit() -> str:
 
 
 def build(seeds: list[int], tune_seed: int | None, root: Path, extra: list[str]) -> dict:
+    if tune_seed is not None and tune_seed in seeds:
+        raise SystemExit(f"--tune-seed {tune_seed} is also a scoring seed: tune on a pool that is not scored")
     root.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in seeds:
-        run_dir = ensure_run(f"seed-{seed}", root, [*seed_settings(seed), *extra], DEMO_STAGES[-1])
-        run = {"seed": seed, **read_run(run_dir, DEMO_STAGES)}
-        run["radius_sweep"] = radius_sweep(run_dir)
-        runs.append(run)
-    report = {"command": "", "commit": commit(), "machine": machine(), "runs": runs, "tune": None}
+        run_dir, made_at = ensure_run(f"seed-{seed}", root, [*seed_settings(seed), *extra], DEMO_STAGES[-1])
+        runs.append({"seed": seed, "commit": made_at, **read_run(run_dir, DEMO_STAGES)})
+        runs[-1]["radius_sweep"] = radius_sweep(run_dir)
+    report = {"command": "", "machine": machine(), "runs": runs, "tune": None}
     if tune_seed is not None:
-        settings = [*seed_settings(tune_seed), f"stages=[{', '.join(TUNE_STAGES)}]"]
-        run_dir = ensure_run(f"tune-{tune_seed}", root, settings, TUNE_STAGES[-1])
-        report["tune"] = {"seed": tune_seed, **read_run(run_dir, TUNE_STAGES), "radius_sweep": radius_sweep(run_dir)}
+        settings = [*seed_settings(tune_seed), *extra, f"stages=[{', '.join(TUNE_STAGES)}]"]
+        run_dir, made_at = ensure_run(f"tune-{tune_seed}", root, settings, TUNE_STAGES[-1])
+        tune = {"seed": tune_seed, "commit": made_at, **read_run(run_dir, TUNE_STAGES)}
+        report["tune"] = {**tune, "radius_sweep": radius_sweep(run_dir)}
     return report
 
 

@@ -43,7 +43,7 @@ def fit_on(rows: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     n_clusters = max(1, min(n_clusters, len(rows)))
-    if len(rows) > 50_000:
+    if len(rows) > 50_000:  # its updates go cluster by cluster: the same centroids on any number of threads
         model = MiniBatchKMeans(n_clusters=n_clusters, n_init=1, random_state=seed, batch_size=4096)
         return unit_rows(model.fit(rows).cluster_centers_)
     # Lloyd's threads add their partial sums in the order they finish: with three or more the
@@ -57,8 +57,9 @@ def fit_on(rows: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
 TYPICALITY_BLOCK = 4_096
 
 
-def row_typicality(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Each row's cosine similarity to its own centroid, as a function of that row alone.
+def row_typicality(embeddings: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """Each row's cosine similarity to its own centroid (`centroids[assignment]`), as a function of
+    that row alone.
 
     A BLAS product rounds a row differently with the matrix around it (gemv for one row, small-
     matrix kernels, edge tiles), so a shard's rows would rank differently than in the whole pool and
@@ -66,15 +67,16 @@ def row_typicality(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     exact in float64 and each row is summed on its own, so the float32 result does not move."""
     out = np.empty(len(embeddings), np.float32)
     for start in range(0, len(embeddings), TYPICALITY_BLOCK):
-        rows = embeddings[start : start + TYPICALITY_BLOCK].astype(np.float64)
-        out[start : start + len(rows)] = (rows * centroids[start : start + len(rows)]).sum(axis=1)
+        stop = start + TYPICALITY_BLOCK
+        own = centroids[assignment[start:stop]].astype(np.float64)
+        out[start:stop] = (embeddings[start:stop].astype(np.float64) * own).sum(axis=1)
     return out
 
 
 def _nearest(chunk: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     embeddings, centroids = chunk
-    assignment = (embeddings @ centroids.T).argmax(axis=1)
-    return assignment, row_typicality(embeddings, centroids[assignment])
+    assignment = (embeddings @ centroids.T).argmax(axis=1)  # a row within a rounding of two centroids is rare
+    return assignment, row_typicality(embeddings, centroids, assignment)
 
 
 def nearest_centroid(

@@ -126,12 +126,15 @@ def test_laion_a_on_the_demo_pool_gives_a_deduplicated_aesthetic_subset(ray_clus
 # by that factor. Measured on 2026-11-24 (seeded demo; multi-threaded CPU training is not
 # bit-reproducible, hence the spread), precision / recall over three runs with the default 6,400
 # seed-training samples this test uses: basic 1.00 / 1.00 every time; nsfw head 1.00 / 1.00 every
-# time; clip_score top 80% 0.48-0.49 / 0.83-0.89 (lift >= 4.2); dfn >= 0.2 0.53-0.83 / 0.58-0.67
+# time (before the labels had rater noise, below); clip_score top 80% 0.48-0.49 / 0.83-0.89
+# (lift >= 4.2); dfn >= 0.2 0.53-0.83 / 0.58-0.67
 # (lift >= 4.7); aesthetic >= 5 0.55-0.92 / 0.15-0.28 (lift >= 8.9). Half that seed budget
 # (3,200) gave aesthetic recall 0.10-0.13 in two runs, too close to its floor, so the test keeps
 # the default. So:
 # - basic and nsfw catch defects planted to be unambiguous (file-name, two-word and non-English
-#   captions; a visually distinct "unsafe" class): they must stay near perfect;
+#   captions; a visually distinct "unsafe" class): basic must stay near perfect; nsfw's head learns
+#   from labels whose raters' majority is wrong on ~3% of items, and since 2026-12-01 from a reference
+#   CLIP trained on the labelled 30% only: precision 0.85 and 0.88 in two runs of this test, so 0.75;
 # - clip_score and dfn read a tiny CLIP trained for two minutes: they must rank mismatched
 #   captions well above chance (lift 2.5) and find most of them; a top-80% cut drops 20% of a
 #   pool with 11% defects, so its precision cannot exceed ~0.55 and is not floored directly;
@@ -147,7 +150,7 @@ QUALITY_FLOORS = {  # step label: (min precision, min lift over prevalence, min 
     "2_clip_score": (0.0, 2.5, 0.6),
     "3_dfn": (0.0, 2.5, 0.3),
     "4_aesthetic": (0.0, 3.0, 0.05),  # recall 0.077 (3 of 39) in one run of 2026-11-29: 0.08 was inside the spread
-    "5_nsfw": (0.75, 5.0, 0.9),  # 0.83-0.91 over 3 seeds (README, benchmarks/report.py): the raters' flips
+    "5_nsfw": (0.75, 5.0, 0.9),
 }
 
 
@@ -166,27 +169,27 @@ def _status_while_training(run, run_dir: Path, train_dir: Path):
     return cli("status", run_dir.name, "--output-dir", str(run_dir.parent))
 
 
-@pytest.mark.slow
 def _the_report_tabulates_this_run(run_dir: Path, m: dict) -> None:
     """benchmarks/report.py on a finished run (its generator at a tiny setting: one run, no new one):
     the radius sweep at the recipe's radius gives the dedupe stage's own scores, and the tables
     carry the run's figures."""
     report = load_benchmark("report")
-    run = {"seed": 0, **report.read_run(run_dir, report.DEMO_STAGES)}
+    run = {"seed": 0, "commit": "abc", **report.read_run(run_dir, report.DEMO_STAGES)}
     run["radius_sweep"] = report.radius_sweep(run_dir, radii=(0, 4))
     for key, value in run["radius_sweep"]["4"].items():  # the demo recipe: k = 4, keep lowest_uid
         assert value == pytest.approx(m["dedupe"].metrics[key]), key
     assert run["radius_sweep"]["0"]["dedupe_recall"] < run["radius_sweep"]["4"]["dedupe_recall"]
     tune = {**run, "seed": 100}
     info = {"cores": 2, "cpu": "cpu", "gpu": None, "date": "2026-12-01T00:00:00"}
-    markdown = report.render({"command": "report.py", "commit": "abc", "machine": info, "runs": [run], "tune": tune})
+    markdown = report.render({"command": "report.py", "machine": info, "runs": [run], "tune": tune})
     assert f"[filter] {m['filter'].summary()}" in markdown  # the line the console printed
     dfn = {key: m["filter"].metrics[f"3_dfn.{key}"] for key in ("targets", "precision")}
     assert f"| `dfn` | bad_caption, mismatched_caption | {dfn['targets']:.0f} | {dfn['precision']:.2f} |" in markdown
     assert f"| zero-shot top-1 | {m['evaluate'].metrics['zeroshot_top1']:.3f} |" in markdown
-    assert "(k = " in markdown and "| 4 | scoring |" in markdown
+    assert "the recipe's k, which the scoring runs used, is 4" in markdown and "| 4 | scoring |" in markdown
 
 
+@pytest.mark.slow
 def test_full_demo_chain_filters_above_their_floors_then_trains_evaluates_and_logs_everything(ray_cluster, tmp_path):
     """The demo recipe end to end on its full pool: one run serves the floors, the chain and the MLflow record."""
     overrides = [

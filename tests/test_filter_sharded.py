@@ -103,7 +103,7 @@ def _write_pool(root: Path, sizes: list[int], seed: int = 0) -> PoolSources:
         if index == 0:
             first_images = vectors[:4]
         elif len(vectors) > 4:  # the same images again in a later shard: their typicality ties
-            vectors[:4] = first_images
+            vectors[: len(first_images)] = first_images
         pq.write_table(
             pa.table(
                 {
