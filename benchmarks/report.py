@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from benchmark_result import machine  # noqa: E402
 
 from pipeline.manifest import Manifest  # noqa: E402
+from pipeline.mapping import local_map  # noqa: E402
 
 DEMO_STAGES = ["demo_pool", "download", "phash", "dedupe", "seed_models", "embed", "heads", "filter", "subset",
                "train", "evaluate"]  # fmt: skip
@@ -117,7 +118,7 @@ def radius_sweep(run_dir: Path, radii=RADII) -> dict[str, dict[str, float]]:
     """Dedupe quality against the planted copies at each radius, on a run's hashes (in this process)."""
     import pyarrow.parquet as pq
 
-    from stages.dedupe import DedupeConfig, run_dedupe
+    from stages.dedupe import DedupeConfig, dedupe_pool, hash_eval_sets
     from stages.demo_truth import dedupe_quality
     from stages.shards import read_decisions
 
@@ -126,11 +127,12 @@ def radius_sweep(run_dir: Path, radii=RADII) -> dict[str, dict[str, float]]:
     truth = pq.read_table(pool["ground_truth"])
     recipe = json.loads((run_dir / "run.json").read_text())["recipe"]["dedupe"]
     eval_sets = [*recipe.get("eval_sets", []), str(Path(pool["eval_dir"]) / "*.tar")]  # as the stage adds it
+    eval_keys, eval_hashes = hash_eval_sets(eval_sets)  # once, not once per radius
     out = {}
     with tempfile.TemporaryDirectory(prefix="radius-") as scratch:
         for k in radii:
             config = DedupeConfig.model_validate({**recipe, "max_distance": k, "eval_sets": eval_sets})
-            manifest = run_dedupe(hashes, config, Path(scratch) / f"k{k}")
+            manifest = dedupe_pool(hashes, config, Path(scratch) / f"k{k}", local_map, eval_keys, eval_hashes)
             out[str(k)] = dedupe_quality(read_decisions(manifest.outputs["decisions"]), truth)
     return out
 
