@@ -7,14 +7,15 @@ Each scoring seed S runs `python -m pipeline run demo` in a process of its own, 
 pool (`source.demo.seed`), the reference CLIP and filtering network (`seed_models.train.seed`), the
 heads (`heads.seed`) and the trained model (`train.seed`). A run already under `--dir` is resumed
 (the CLI refuses one whose recipe differs, and skips the stages it finished). The tuning seed
-(`--tune-seed`, a pool none of the scoring seeds make) runs the demo up to `phash`: the dedupe
-radius rule is applied there, and the radius only reported on the scoring pools.
+(`--tune-seed`, a pool none of the scoring seeds make) runs the demo up to `filter`: the dedupe
+radius rule and the filter-threshold rule (highest F1 against the planted defects) are applied
+there, and the radius and thresholds only reported on the scoring pools.
 
 The markdown holds: the command, date, the commit the runs were started at and the machine; the
 first scoring run's console lines (rebuilt from its manifests: the `[stage] in= kept= ...` line
 each stage prints when it ends); then, over the scoring runs, mean ± sample std (min-max) of each
 stage's counts, the filters' precision and recall against the planted defects on the split no
-seed model or head was fitted on, the dedupe radius sweep, and the evaluation. About 7 minutes a
+seed model or head was fitted on, the dedupe radius and filter threshold sweeps, and the evaluation. About 7 minutes a
 seed on 2 CPU cores.
 """
 
@@ -41,8 +42,14 @@ from pipeline.mapping import local_map  # noqa: E402
 
 DEMO_STAGES = ["demo_pool", "download", "phash", "dedupe", "seed_models", "embed", "heads", "filter", "subset",
                "train", "evaluate"]  # fmt: skip
-TUNE_STAGES = DEMO_STAGES[:3]
+TUNE_STAGES = DEMO_STAGES[: DEMO_STAGES.index("filter") + 1]  # no subset, training or evaluation
 RADII = (0, 2, 4, 6, 8)
+THRESHOLDS = {  # the candidates for each thresholded filter of the demo's strategy: wide enough for an inner best
+    "dfn": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5),
+    "aesthetic": (3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0),
+    "nsfw": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+}
+KEEPS_BELOW = {"nsfw"}  # drops scores at or above its threshold; the others keep scores at or above theirs
 EVAL_KEYS = {
     "zeroshot_top1": "zero-shot top-1",
     "zeroshot_top5": "zero-shot top-5",
@@ -137,17 +144,63 @@ def radius_sweep(run_dir: Path, radii=RADII) -> dict[str, dict[str, float]]:
     return out
 
 
+def threshold_keep(name: str, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """What a thresholded filter keeps at `threshold` (a sample without a score is dropped, as the
+    filters do)."""
+    with np.errstate(invalid="ignore"):
+        keep = scores < threshold if name in KEEPS_BELOW else scores >= threshold
+    return keep & ~np.isnan(scores)
+
+
+def threshold_sweep(run_dir: Path, candidates: dict = THRESHOLDS) -> dict[str, dict]:
+    """Each thresholded filter's precision, recall and F1 against the planted defects at each
+    candidate threshold, from the scores the run's filter stage recorded, on the split it scores
+    (in this process). At the run's own threshold the keeps must be the stage's: checked."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.demo_truth import filter_quality
+    from stages.shards import read_decisions
+
+    pool = Manifest.read(run_dir / "demo_pool").outputs
+    truth = pq.read_table(pool["ground_truth"])
+    labelled = set(pq.read_table(pool["labels"], columns=["uid"]).column("uid").to_pylist())
+    decisions = read_decisions(Manifest.read(run_dir / "filter").outputs["decisions"])
+    strategy = json.loads((run_dir / "run.json").read_text())["recipe"]["filter"]["strategy"]
+    out = {}
+    for column in decisions.column_names:
+        label = column.removeprefix("score_")
+        index, name = label.split("_", 1) if column.startswith("score_") else ("", "")
+        if name not in candidates:
+            continue
+        scores, kept = decisions.column(column).to_numpy(zero_copy_only=False).astype(float), f"keep_{label}"
+        used = float(strategy[int(index)]["threshold"])
+        if not np.array_equal(threshold_keep(name, scores, used), decisions.column(kept).to_numpy()):
+            raise SystemExit(f"{run_dir.name}: {label} at its threshold {used} does not keep what the stage kept")
+        rows = {}
+        for threshold in sorted({*candidates[name], used}):
+            keep = pa.array(threshold_keep(name, scores, threshold))
+            table = pa.table({"uid": decisions.column("uid"), "reason": decisions.column("reason"), kept: keep})
+            q = filter_quality(table, truth, exclude=labelled)
+            p, r = q[f"{label}.precision"], q[f"{label}.recall"]
+            rows[str(threshold)] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+        out[name] = {"used": used, "sweep": rows}
+    return out
+
+
 # ---- tables ----------------------------------------------------------------------------------
 
 
 def spread(values: list[float], digits: int = 2) -> str:
-    """mean ± sample std (min-max); one value, or the same in every run, as it is."""
+    """mean ± sample std (min-max); one value, or the same in every run, as it is; `[n of N]` when
+    only n of the N runs have the figure."""
     v = np.asarray([x for x in values if x is not None], float)
     if len(v) == 0:
         return "–"
+    some = f" [{len(v)} of {len(values)}]" if len(v) < len(values) else ""
     if len(v) == 1 or v.min() == v.max():
-        return f"{v[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f} ({v.min():.{digits}f}–{v.max():.{digits}f})"
+        return f"{v[0]:.{digits}f}{some}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f} ({v.min():.{digits}f}–{v.max():.{digits}f}){some}"
 
 
 def transcript(run: dict) -> list[str]:
@@ -218,6 +271,39 @@ def radius_line(tune: dict, runs: list[dict]) -> str:
     )
 
 
+def chosen_threshold(tune: dict, name: str) -> float:
+    """The threshold with the highest F1 on the tuning pool (a tie goes to the one nearest the
+    recipe's): precision and recall weighed alike."""
+    entry = tune["threshold_sweep"][name]
+    return max(
+        (float(t) for t in entry["sweep"]), key=lambda t: (entry["sweep"][str(t)]["f1"], -abs(t - entry["used"]))
+    )
+
+
+def threshold_lines(tune: dict, runs: list[dict]) -> list[str]:
+    """Per thresholded filter: the rule's verdict, then its sweep on the tuning pool and the scoring pools."""
+    lines = []
+    for name in tune["threshold_sweep"]:
+        chosen, used = chosen_threshold(tune, name), runs[0]["threshold_sweep"][name]["used"]
+        verdict = "the same" if chosen == used else "NOT the one the runs used"
+        lines.append(
+            f"- `{name}`: the highest F1 on the tuning pool is at {chosen:g}; the recipe's threshold, which the "
+            f"scoring runs used, is {used:g}: {verdict}."
+        )
+    lines += [
+        "",
+        "| filter | threshold | pool | precision | recall | F1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in tune["threshold_sweep"].items():
+        for t in entry["sweep"]:
+            for label, pools in (("tuning", [tune]), ("scoring", runs)):
+                cells = [spread([r["threshold_sweep"][name]["sweep"].get(t, {}).get(k) for r in pools]) for k in
+                         ("precision", "recall", "f1")]  # fmt: skip
+                lines.append(f"| `{name}` | {float(t):g} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def eval_table(runs: list[dict]) -> list[str]:
     metrics = [r["manifests"]["evaluate"]["metrics"] for r in runs if "evaluate" in r["manifests"]]
     lines = ["| metric | value |", "|---|---|"]
@@ -253,6 +339,9 @@ def render(report: dict) -> str:
         out += filter_table(runs)
     if tune is not None:
         out += ["", radius_line(tune, runs), "", *sweep_table(tune, runs)]
+    if tune is not None and tune.get("threshold_sweep"):
+        out += ["", "Filter thresholds, chosen on the tuning pool by the highest F1 against its planted defects:", ""]
+        out += threshold_lines(tune, runs)
     if "evaluate" in runs[0]["manifests"]:
         out += ["", "The model trained on the filtered subset, on the held-out set:", "", *eval_table(runs)]
     return "\n".join(out) + "\n"
@@ -273,19 +362,20 @@ def build(seeds: list[int], tune_seed: int | None, root: Path, extra: list[str])
         run_dir, made_at = ensure_run(f"seed-{seed}", root, [*seed_settings(seed), *extra], DEMO_STAGES[-1])
         runs.append({"seed": seed, "commit": made_at, **read_run(run_dir, DEMO_STAGES)})
         runs[-1]["radius_sweep"] = radius_sweep(run_dir)
+        runs[-1]["threshold_sweep"] = threshold_sweep(run_dir)
     report = {"command": "", "machine": machine(), "runs": runs, "tune": None}
     if tune_seed is not None:
         settings = [*seed_settings(tune_seed), *extra, f"stages=[{', '.join(TUNE_STAGES)}]"]
         run_dir, made_at = ensure_run(f"tune-{tune_seed}", root, settings, TUNE_STAGES[-1])
         tune = {"seed": tune_seed, "commit": made_at, **read_run(run_dir, TUNE_STAGES)}
-        report["tune"] = {**tune, "radius_sweep": radius_sweep(run_dir)}
+        report["tune"] = {**tune, "radius_sweep": radius_sweep(run_dir), "threshold_sweep": threshold_sweep(run_dir)}
     return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="scoring pools (and model seeds)")
-    parser.add_argument("--tune-seed", type=int, default=100, help="the pool the dedupe radius is chosen on")
+    parser.add_argument("--tune-seed", type=int, default=100, help="the pool the radius and thresholds are chosen on")
     parser.add_argument("--dir", default="runs/report", help="where the runs go (finished ones are reused)")
     parser.add_argument("--set", dest="settings", action="append", default=[], help="extra recipe setting")
     parser.add_argument("--out", default=None, help="write the markdown here (else print it)")

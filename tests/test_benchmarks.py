@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from tests.benchmark_modules import load_benchmark
 
 
@@ -109,3 +111,15 @@ def test_the_readmes_demo_tables_are_what_the_report_renders_from_its_saved_resu
     rendered = report.render(saved)
     assert rendered.count("\n| ") > 30 and "NOT the one" not in rendered  # the rule picks the recipe's radius
     assert rendered in (root / "README.md").read_text()
+
+
+def test_the_threshold_rule_takes_the_highest_f1_and_keeps_as_the_filters_do():
+    """benchmarks/report.py's threshold rule on made-up sweeps (no run): the highest F1 wins, a tie
+    goes to the threshold nearest the recipe's; a sample without a score is dropped, nsfw keeps below."""
+    report = load_benchmark("report")
+    sweep = {"0.1": {"f1": 0.5}, "0.2": {"f1": 0.7}, "0.3": {"f1": 0.7}, "0.4": {"f1": 0.6}}
+    assert report.chosen_threshold({"threshold_sweep": {"dfn": {"used": 0.3, "sweep": sweep}}}, "dfn") == 0.3
+    assert report.chosen_threshold({"threshold_sweep": {"dfn": {"used": 0.1, "sweep": sweep}}}, "dfn") == 0.2
+    scores = np.array([0.1, 0.5, np.nan, 0.9])
+    assert report.threshold_keep("aesthetic", scores, 0.5).tolist() == [False, True, False, True]
+    assert report.threshold_keep("nsfw", scores, 0.5).tolist() == [True, False, False, False]

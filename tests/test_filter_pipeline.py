@@ -179,6 +179,15 @@ def _the_report_tabulates_this_run(run_dir: Path, m: dict) -> None:
     for key, value in run["radius_sweep"]["4"].items():  # the demo recipe: k = 4, keep lowest_uid
         assert value == pytest.approx(m["dedupe"].metrics[key]), key
     assert run["radius_sweep"]["0"]["dedupe_recall"] < run["radius_sweep"]["4"]["dedupe_recall"]
+    run["threshold_sweep"] = report.threshold_sweep(run_dir)  # checks its keeps at the run's thresholds
+    assert set(run["threshold_sweep"]) == {"dfn", "aesthetic", "nsfw"}
+    for label in ("3_dfn", "4_aesthetic", "5_nsfw"):  # at the run's threshold: the stage's own scores
+        name = label.split("_", 1)[1]
+        at_used = run["threshold_sweep"][name]["sweep"][str(run["threshold_sweep"][name]["used"])]
+        assert at_used["precision"] == pytest.approx(m["filter"].metrics[f"{label}.precision"]), label
+        assert at_used["recall"] == pytest.approx(m["filter"].metrics[f"{label}.recall"]), label
+    dfn_recall = [run["threshold_sweep"]["dfn"]["sweep"][t]["recall"] for t in ("0.1", "0.2", "0.3")]
+    assert dfn_recall == sorted(dfn_recall)  # a higher bar drops more: recall cannot fall
     tune = {**run, "seed": 100}
     info = {"cores": 2, "cpu": "cpu", "gpu": None, "date": "2026-12-01T00:00:00"}
     markdown = report.render({"command": "report.py", "machine": info, "runs": [run], "tune": tune})
@@ -187,6 +196,8 @@ def _the_report_tabulates_this_run(run_dir: Path, m: dict) -> None:
     assert f"| `dfn` | bad_caption, mismatched_caption | {dfn['targets']:.0f} | {dfn['precision']:.2f} |" in markdown
     assert f"| zero-shot top-1 | {m['evaluate'].metrics['zeroshot_top1']:.3f} |" in markdown
     assert "the recipe's k, which the scoring runs used, is 4" in markdown and "| 4 | scoring |" in markdown
+    assert "the recipe's threshold, which the scoring runs used, is 0.2" in markdown  # dfn's, in FLOOR_STRATEGY
+    assert "| `nsfw` | 0.5 | scoring |" in markdown
 
 
 @pytest.mark.slow
