@@ -109,7 +109,8 @@ def test_the_readmes_demo_tables_are_what_the_report_renders_from_its_saved_resu
     report = load_benchmark("report")
     saved = json.loads((root / "benchmarks" / "results" / "2026-12-01-demo-report.json").read_text())
     rendered = report.render(saved)
-    assert rendered.count("\n| ") > 30 and "NOT the one" not in rendered  # the rule picks the recipe's radius
+    assert rendered.count("\n| ") > 30 and "is 4: the same" in rendered  # the rule picks the recipe's radius
+    assert rendered.count("the highest F1 on the tuning pool") == 3  # dfn, aesthetic, nsfw
     assert rendered in (root / "README.md").read_text()
 
 
