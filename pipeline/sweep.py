@@ -139,7 +139,7 @@ def run_sweep(
 
     sweep, overrides = apply_sweep_overrides(sweep, overrides or [])
     shared, per_strategy = sweep_recipes(sweep, overrides)
-    root = Path(shared.output_dir)
+    root = Path(shared.output_dir).absolute()  # the trials run in Ray workers, whose working directory may differ
     sweep_dir = latest_sweep_dir(root, sweep.name) if resume else None
     if resume and sweep_dir is None:
         raise ConfigError(f"cannot resume: no earlier sweep '{sweep.name}' under '{root}'")

@@ -273,7 +273,8 @@ class Evaluate(Stage):
         """One Ray task on a worker with the resources asked (a GPU with `use_gpu`), not the driver."""
         from pipeline.executor import run_one
 
-        eval_dir = Path(held_out_dir(self.config.eval_dir, inputs.source))
-        need, args = self.resources(), (Path(inputs.model.model), eval_dir, self.config, self.stage_dir(ctx).absolute())
+        # absolute: the task's worker may not share this process's working directory (a joined cluster)
+        eval_dir, model = Path(held_out_dir(self.config.eval_dir, inputs.source)).absolute(), Path(inputs.model.model)
+        need, args = self.resources(), (model.absolute(), eval_dir, self.config, self.stage_dir(ctx).absolute())
         manifest = run_one(run_evaluate, *args, name=f"{self.name}:0", num_cpus=need.cpus, num_gpus=need.gpus)
         return self.finished(manifest)

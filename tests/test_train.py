@@ -182,11 +182,13 @@ def test_evaluation_tasks_in_clip_benchmark_layout_and_at_another_resolution(tin
 
 
 def test_a_trial_behind_the_others_at_a_checkpoint_stops_there_on_every_worker(
-    ray_cluster, shards, served_pool, tmp_path
+    ray_cluster, shards, served_pool, tmp_path, monkeypatch
 ):
     """The sweep's early stopping inside a real fit on 2 workers: another trial already scored 1.0 at
     step 2 on the board, so this one (an untrained model) is behind it there and both workers stop at
-    step 2; the stage finishes with that checkpoint and says why; a rerun trains nothing more."""
+    step 2; the stage finishes with that checkpoint and says why; a rerun trains nothing more. The
+    evaluation set is named relative to the working directory, as a run under `output_dir: runs`
+    names it: the workers, which Ray Train starts in a folder of their own, still find it."""
     from stages.train.early_stop import EarlyStopConfig, decide
 
     pool_dir, _ = served_pool
@@ -194,9 +196,8 @@ def test_a_trial_behind_the_others_at_a_checkpoint_stops_there_on_every_worker(
     leader = EarlyStopConfig(board=str(board), trial="leader", reduction_factor=2)
     assert decide(leader, 2, 1.0) is None  # first at rung 1 (steps 2-3 with rf 2): nothing to compare with
     stop = EarlyStopConfig(board=str(board), trial="behind", reduction_factor=2)
-    config = CONFIG.model_copy(
-        update={"zeroshot_frequency": 1, "zeroshot_eval_dir": str(pool_dir / "eval"), "early_stop": stop}
-    )
+    monkeypatch.chdir(pool_dir)
+    config = CONFIG.model_copy(update={"zeroshot_frequency": 1, "zeroshot_eval_dir": "eval", "early_stop": stop})
     lines: list[str] = []
     manifest = run_train(*shards, config, tmp_path / "train", log=lines.append)
     assert manifest.metrics["steps"] == 2 and manifest.metrics["stopped_early_at_step"] == 2

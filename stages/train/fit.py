@@ -133,7 +133,7 @@ def _fit(
     os.environ.setdefault(HEALTH_CHECK, job_env.get(HEALTH_CHECK, "1"))
     _InterruptAwareTrainer = _interrupt_aware_trainer()  # noqa: N806 (a class)
     loop_config = {
-        "train": config.model_dump(),
+        "train": _absolute_paths(config).model_dump(),
         "shards": [str(Path(s).absolute()) for s in shards],
         "mask": {"folder": str(Path(mask.folder).absolute())} if mask else None,
         "resume_path": str(resume) if resume else None,
@@ -173,6 +173,14 @@ def _fit(
     if reached < last_step(stage_dir, stop) or trainer.interrupted:  # Ctrl-C near the end still stops the run
         raise KeyboardInterrupt(f"train: interrupted at step {reached} of {stop}")
     return final
+
+
+def _absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The config's local paths made absolute here: Ray Train starts its workers in a folder of its
+    own, where a path relative to the run's working directory (`output_dir: runs`) names nothing."""
+    paths = {key: getattr(config, key) for key in ("pretrained", "zeroshot_eval_dir")}
+    update = {key: str(Path(value).absolute()) for key, value in paths.items() if value and Path(value).exists()}
+    return config.model_copy(update=update)
 
 
 def _interrupt_aware_trainer():
