@@ -114,6 +114,27 @@ def test_the_readmes_demo_tables_are_what_the_report_renders_from_its_saved_resu
     assert rendered in (root / "README.md").read_text()
 
 
+def test_the_readmes_three_pool_sweep_table_is_the_one_the_sweep_wrote():
+    """The README prints demo_sweep's results.md over three pools as the sweep wrote it, and the saved
+    per-trial rows give its means: a figure edited by hand, or a table of another run, fails here."""
+    import csv
+    import statistics
+
+    root = Path(__file__).parents[1]
+    results = root / "benchmarks" / "results"
+    table = (results / "2026-12-01-demo-sweep-3-pools.md").read_text().strip()
+    assert table in (root / "README.md").read_text()
+    with (results / "2026-12-01-demo-sweep-3-pools.csv").open() as handle:
+        trials = list(csv.DictReader(handle))
+    strategies = ["none", "dedupe", "clip_score_top70", "dfn_top70", "all_filters"]
+    expected = sorted((strategy, str(seed)) for strategy in strategies for seed in range(3))
+    assert sorted((t["strategy"], t["seed"]) for t in trials) == expected
+    for strategy in strategies:
+        top1 = [float(t["zeroshot_top1"]) for t in trials if t["strategy"] == strategy]
+        cell = f"{statistics.mean(top1):.3f} ± {statistics.stdev(top1):.3f}"
+        assert f"| {strategy} | 3 | " in table and cell in table.split(f"| {strategy} | 3 | ")[1].split("\n")[0]
+
+
 def test_the_threshold_rule_takes_the_highest_f1_and_keeps_as_the_filters_do():
     """benchmarks/report.py's threshold rule on made-up sweeps (no run): the highest F1 wins, a tie
     goes to the threshold nearest the recipe's; a sample without a score is dropped, nsfw keeps below."""
