@@ -22,6 +22,10 @@ import time
 DAEMONS = ("gcs_server", "raylet", "dashboard/agent.py", "runtime_env/agent", "log_monitor", "dashboard.py")
 # in this order: a `-m pipeline` run a test starts names a pytest temp folder on its command line
 NAMED = ("-m pipeline", "pytest", "mlflow", "postgres", "chromium", "default_worker.py")
+# A Ray worker, until it takes a task or an actor and renames itself `ray::...`, runs
+# default_worker.py with the raylet's socket and the GCS address among its arguments: it is named
+# by what it runs, before any daemon its arguments mention.
+STARTING_WORKER = "default_worker.py"
 
 
 def kind_of(pid: int) -> str | None:
@@ -32,9 +36,22 @@ def kind_of(pid: int) -> str | None:
             comm = handle.read().strip()
     except OSError:
         return None
+    return kind_of_command(command, comm)
+
+
+def kind_of_command(command: str, comm: str = "") -> str:
+    """A process's kind from its command line (`comm` names a process without one, e.g. a kernel thread)."""
     if command.startswith("ray::"):
         return "ray::" + re.split(r"[.(:\s]", command[5:], maxsplit=1)[0]
-    for name in (*DAEMONS, *NAMED):
+    words = command.split()
+    script = [word for word in words[1:] if not word.startswith("-")][:1]  # past the interpreter's options
+    program = " ".join(words[:1] + script)  # what runs, not the arguments it is given
+    if STARTING_WORKER in program:
+        return STARTING_WORKER + " (a Ray worker starting)"
+    for name in DAEMONS:
+        if name in program:
+            return name
+    for name in NAMED:
         if name in command:
             return name
     return command[:60] or f"[{comm}]"

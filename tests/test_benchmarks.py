@@ -145,3 +145,21 @@ def test_the_threshold_rule_takes_the_highest_f1_and_keeps_as_the_filters_do():
     scores = np.array([0.1, 0.5, np.nan, 0.9])
     assert report.threshold_keep("aesthetic", scores, 0.5).tolist() == [False, True, False, True]
     assert report.threshold_keep("nsfw", scores, 0.5).tolist() == [True, False, False, False]
+
+
+def test_cpu_by_process_names_a_starting_ray_worker_by_what_it_runs_not_by_the_raylet_it_names():
+    """A Ray worker's command line mentions the raylet's socket: counting it as the raylet put the
+    start-up of every worker process under "raylet" (until 2026-12-01)."""
+    kind = load_benchmark("cpu_by_process").kind_of_command
+    venv = "/w/.venv/lib/python3.11/site-packages/ray"
+    worker = (
+        f"/w/.venv/bin/python -u {venv}/_private/workers/default_worker.py --node-ip-address=127.0.0.1"
+        " --raylet-name=/tmp/ray/session_1/sockets/raylet --gcs-address=127.0.0.1:6379 --worker-type=WORKER"
+    )
+    assert kind(worker) == "default_worker.py (a Ray worker starting)"
+    assert kind(f"{venv}/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/ray/s/sockets/raylet") == "raylet"
+    assert kind(f"{venv}/core/src/ray/gcs/gcs_server --log_dir=/tmp/ray/s/logs") == "gcs_server"
+    assert kind(f"/w/.venv/bin/python -u {venv}/_private/log_monitor.py --session-dir=/tmp/raylet") == "log_monitor"
+    assert kind("ray::RayTrainWorker.run_train_fn") == "ray::RayTrainWorker"
+    assert kind("/w/.venv/bin/python -m pipeline run demo --set output_dir=/tmp/pytest/raylet") == "-m pipeline"
+    assert kind("", "kworker/0:1") == "[kworker/0:1]"
