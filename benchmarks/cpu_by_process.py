@@ -21,7 +21,7 @@ import time
 
 DAEMONS = ("gcs_server", "raylet", "dashboard/agent.py", "runtime_env/agent", "log_monitor", "dashboard.py")
 # in this order: a `-m pipeline` run a test starts names a pytest temp folder on its command line
-NAMED = ("-m pipeline", "pytest", "mlflow", "postgres", "chromium", "default_worker.py")
+NAMED = ("-m pipeline", "pytest", "mlflow", "postgres", "chromium")
 # A Ray worker, until it takes a task or an actor and renames itself `ray::...`, runs
 # default_worker.py with the raylet's socket and the GCS address among its arguments: it is named
 # by what it runs, before any daemon its arguments mention.
