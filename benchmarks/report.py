@@ -6,17 +6,18 @@
 Each scoring seed S runs `python -m pipeline run demo` in a process of its own, with S seeding the
 pool (`source.demo.seed`), the reference CLIP and filtering network (`seed_models.train.seed`), the
 heads (`heads.seed`) and the trained model (`train.seed`). A run already under `--dir` is resumed
-(the CLI refuses one whose recipe differs, and skips the stages it finished). The tuning seed
-(`--tune-seed`, a pool none of the scoring seeds make) runs the demo up to `filter`: the dedupe
-radius rule and the filter-threshold rule (highest F1 against the planted defects) are applied
-there, and the radius and thresholds only reported on the scoring pools.
+(the CLI refuses one whose recipe differs, and skips the stages it finished). The tuning seeds
+(`--tune-seeds`, pools none of the scoring seeds make) run first, the demo up to `filter` each: the
+dedupe radius rule (the largest radius with mean precision >= 0.9) and the filter-threshold rule
+(the highest mean F1 against the planted defects) are applied over them, and the scoring runs then
+use the radius and thresholds chosen (`--keep-recipe`: the recipe's own, only compared).
 
 The markdown holds: the command, date, the commit the runs were started at and the machine; the
 first scoring run's console lines (rebuilt from its manifests: the `[stage] in= kept= ...` line
 each stage prints when it ends); then, over the scoring runs, mean ± sample std (min-max) of each
 stage's counts, the filters' precision and recall against the planted defects on the split no
-seed model or head was fitted on, the dedupe radius and filter threshold sweeps, and the evaluation. About 7 minutes a
-seed on 2 CPU cores.
+seed model or head was fitted on, the dedupe radius and filter threshold sweeps, and the evaluation. About 11
+minutes a scoring seed and 5 a tuning pool on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def threshold_sweep(run_dir: Path, candidates: dict = THRESHOLDS) -> dict[str, d
             q = filter_quality(table, truth, exclude=labelled)
             p, r = q[f"{label}.precision"], q[f"{label}.recall"]
             rows[str(threshold)] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
-        out[name] = {"used": used, "sweep": rows}
+        out[name] = {"used": used, "index": int(index), "sweep": rows}
     return out
 
 
@@ -243,61 +244,91 @@ def filter_table(runs: list[dict]) -> list[str]:
     return lines
 
 
-def sweep_table(tune: dict, scoring: list[dict]) -> list[str]:
+def tuning_runs(report: dict) -> list[dict]:
+    """The tuning pools' runs (a report saved before 2026-12-01's second run had one, as `tune`)."""
+    if report.get("tunes"):
+        return report["tunes"]
+    return [report["tune"]] if report.get("tune") else []
+
+
+def pools_named(tunes: list[dict]) -> str:
+    seeds = ", ".join(str(t["seed"]) for t in tunes)
+    return f"the tuning pool (seed {seeds})" if len(tunes) == 1 else f"the {len(tunes)} tuning pools (seeds {seeds})"
+
+
+def sweep_table(tunes: list[dict], scoring: list[dict]) -> list[str]:
     lines = [
         "| k | pool | " + " | ".join(DEDUPE_KEYS.values()) + " |",
         "|---|---|" + "---|" * len(DEDUPE_KEYS),
     ]
-    for k in tune["radius_sweep"]:
-        for label, runs in (("tuning", [tune]), ("scoring", scoring)):
+    for k in tunes[0]["radius_sweep"]:
+        for label, runs in (("tuning", tunes), ("scoring", scoring)):
             cells = [spread([r["radius_sweep"][k].get(key) for r in runs]) for key in DEDUPE_KEYS]
             lines.append(f"| {k} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def chosen_radius(tune: dict, min_precision: float = 0.9) -> int | None:
-    """The largest radius whose precision on the tuning pool is at least `min_precision`: as many
-    copies as can be caught while nine drops in ten are real copies (None: no radius is)."""
-    ok = [int(k) for k, q in tune["radius_sweep"].items() if q["dedupe_precision"] >= min_precision]
+def chosen_radius(tunes: list[dict], min_precision: float = 0.9) -> int | None:
+    """The largest radius whose precision, averaged over the tuning pools, is at least
+    `min_precision`: as many copies as can be caught while nine drops in ten are real copies (None:
+    no radius is)."""
+    radii = tunes[0]["radius_sweep"]
+    precision = {k: np.mean([t["radius_sweep"][k]["dedupe_precision"] for t in tunes]) for k in radii}
+    ok = [int(k) for k, p in precision.items() if p >= min_precision]
     return max(ok) if ok else None
 
 
-def radius_line(tune: dict, runs: list[dict]) -> str:
-    chosen, used = chosen_radius(tune), runs[0]["dedupe_k"]
-    verdict = "the same" if chosen == used else "NOT the one the runs used"
+def verdict(chosen: float | None, used: float) -> str:
+    return "the same" if chosen == used else "NOT the one the runs used"
+
+
+def radius_line(tunes: list[dict], runs: list[dict]) -> str:
+    chosen, used = chosen_radius(tunes), runs[0]["dedupe_k"]
+    mean = "mean precision over them" if len(tunes) > 1 else "precision"
     return (
-        f"Dedupe radius: on the tuning pool (seed {tune['seed']}), the largest k with precision ≥ 0.9 is "
-        f"{chosen}; the recipe's k, which the scoring runs used, is {used}: {verdict}. The sweep on both:"
+        f"Dedupe radius: on {pools_named(tunes)}, the largest k with {mean} ≥ 0.9 is "
+        f"{chosen}; the scoring runs used k = {used}: {verdict(chosen, used)}. The sweep on both:"
     )
 
 
-def chosen_threshold(tune: dict, name: str) -> float:
-    """The threshold with the highest F1 on the tuning pool (a tie goes to the one nearest the
-    recipe's): precision and recall weighed alike."""
-    entry = tune["threshold_sweep"][name]
-    return max(
-        (float(t) for t in entry["sweep"]), key=lambda t: (entry["sweep"][str(t)]["f1"], -abs(t - entry["used"]))
-    )
+def chosen_threshold(tunes: list[dict], name: str) -> float:
+    """The threshold with the highest F1, averaged over the tuning pools (a tie goes to the one
+    nearest the recipe's): precision and recall weighed alike, and one pool's noise damped."""
+    used = tunes[0]["threshold_sweep"][name]["used"]
+    f1 = {float(t): np.mean([r["threshold_sweep"][name]["sweep"][t]["f1"] for r in tunes])
+          for t in tunes[0]["threshold_sweep"][name]["sweep"]}  # fmt: skip
+    return max(f1, key=lambda t: (f1[t], -abs(t - used)))
 
 
-def threshold_lines(tune: dict, runs: list[dict]) -> list[str]:
-    """Per thresholded filter: the rule's verdict, then its sweep on the tuning pool and the scoring pools."""
+def chosen_settings(tunes: list[dict]) -> list[str]:
+    """The recipe settings that make a run use the radius and thresholds the rules chose."""
+    radius = chosen_radius(tunes)
+    if radius is None:
+        raise SystemExit(f"no dedupe radius has precision >= 0.9 on {pools_named(tunes)}: none to score with")
+    settings = [f"dedupe.max_distance={radius}"]
+    for name, entry in tunes[0]["threshold_sweep"].items():
+        settings.append(f"filter.strategy.{entry['index']}.threshold={chosen_threshold(tunes, name):g}")
+    return settings
+
+
+def threshold_lines(tunes: list[dict], runs: list[dict]) -> list[str]:
+    """Per thresholded filter: the rule's verdict, then its sweep on the tuning pools and the scoring pools."""
     lines = []
-    for name in tune["threshold_sweep"]:
-        chosen, used = chosen_threshold(tune, name), runs[0]["threshold_sweep"][name]["used"]
-        verdict = "the same" if chosen == used else "NOT the one the runs used"
+    best = "the highest mean F1 over them" if len(tunes) > 1 else "the highest F1"
+    for name in tunes[0]["threshold_sweep"]:
+        chosen, used = chosen_threshold(tunes, name), runs[0]["threshold_sweep"][name]["used"]
         lines.append(
-            f"- `{name}`: the highest F1 on the tuning pool is at {chosen:g}; the recipe's threshold, which the "
-            f"scoring runs used, is {used:g}: {verdict}."
+            f"- `{name}`: on {pools_named(tunes)}, {best} is at {chosen:g}; the scoring runs used "
+            f"{used:g}: {verdict(chosen, used)}."
         )
     lines += [
         "",
         "| filter | threshold | pool | precision | recall | F1 |",
         "|---|---|---|---|---|---|",
     ]
-    for name, entry in tune["threshold_sweep"].items():
+    for name, entry in tunes[0]["threshold_sweep"].items():
         for t in entry["sweep"]:
-            for label, pools in (("tuning", [tune]), ("scoring", runs)):
+            for label, pools in (("tuning", tunes), ("scoring", runs)):
                 cells = [spread([r["threshold_sweep"][name]["sweep"].get(t, {}).get(k) for r in pools]) for k in
                          ("precision", "recall", "f1")]  # fmt: skip
                 lines.append(f"| `{name}` | {float(t):g} | {label} | " + " | ".join(cells) + " |")
@@ -314,7 +345,7 @@ def eval_table(runs: list[dict]) -> list[str]:
 
 
 def render(report: dict) -> str:
-    runs, tune = report["runs"], report.get("tune")
+    runs, tunes = report["runs"], tuning_runs(report)
     seeds = ", ".join(str(r["seed"]) for r in runs)
     info = report["machine"]
     gpu = info["gpu"] or "no GPU"
@@ -337,11 +368,11 @@ def render(report: dict) -> str:
     if "filter" in runs[0]["manifests"]:
         out += ["", "Filters against the planted defects, on the unlabelled 70% (no seed model or head saw it):", ""]
         out += filter_table(runs)
-    if tune is not None:
-        out += ["", radius_line(tune, runs), "", *sweep_table(tune, runs)]
-    if tune is not None and tune.get("threshold_sweep"):
-        out += ["", "Filter thresholds, chosen on the tuning pool by the highest F1 against its planted defects:", ""]
-        out += threshold_lines(tune, runs)
+    if tunes:
+        out += ["", radius_line(tunes, runs), "", *sweep_table(tunes, runs)]
+    if tunes and tunes[0].get("threshold_sweep"):
+        out += ["", f"Filter thresholds, chosen on {pools_named(tunes)} by the highest F1 against the planted defects:"]
+        out += ["", *threshold_lines(tunes, runs)]
     if "evaluate" in runs[0]["manifests"]:
         out += ["", "The model trained on the filtered subset, on the held-out set:", "", *eval_table(runs)]
     return "\n".join(out) + "\n"
@@ -353,29 +384,35 @@ def commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def build(seeds: list[int], tune_seed: int | None, root: Path, extra: list[str]) -> dict:
-    if tune_seed is not None and tune_seed in seeds:
-        raise SystemExit(f"--tune-seed {tune_seed} is also a scoring seed: tune on a pool that is not scored")
+def build(seeds: list[int], tune_seeds: list[int], root: Path, extra: list[str], keep_recipe: bool = False) -> dict:
+    """The tuning pools first, then the scoring runs with what the rules chose on them (or, with
+    `keep_recipe`, the recipe's own radius and thresholds)."""
+    if set(tune_seeds) & set(seeds):
+        raise SystemExit(f"--tune-seeds {tune_seeds} share a seed with --seeds: tune on pools that are not scored")
     root.mkdir(parents=True, exist_ok=True)
+    tunes = []
+    for seed in tune_seeds:
+        settings = [*seed_settings(seed), *extra, f"stages=[{', '.join(TUNE_STAGES)}]"]
+        run_dir, made_at = ensure_run(f"tune-{seed}", root, settings, TUNE_STAGES[-1])
+        tune = {"seed": seed, "commit": made_at, **read_run(run_dir, TUNE_STAGES)}
+        tunes.append({**tune, "radius_sweep": radius_sweep(run_dir), "threshold_sweep": threshold_sweep(run_dir)})
+    chosen = chosen_settings(tunes) if tunes and not keep_recipe else []
     runs = []
     for seed in seeds:
-        run_dir, made_at = ensure_run(f"seed-{seed}", root, [*seed_settings(seed), *extra], DEMO_STAGES[-1])
+        settings = [*seed_settings(seed), *extra, *chosen]
+        run_dir, made_at = ensure_run(f"seed-{seed}", root, settings, DEMO_STAGES[-1])
         runs.append({"seed": seed, "commit": made_at, **read_run(run_dir, DEMO_STAGES)})
         runs[-1]["radius_sweep"] = radius_sweep(run_dir)
         runs[-1]["threshold_sweep"] = threshold_sweep(run_dir)
-    report = {"command": "", "machine": machine(), "runs": runs, "tune": None}
-    if tune_seed is not None:
-        settings = [*seed_settings(tune_seed), *extra, f"stages=[{', '.join(TUNE_STAGES)}]"]
-        run_dir, made_at = ensure_run(f"tune-{tune_seed}", root, settings, TUNE_STAGES[-1])
-        tune = {"seed": tune_seed, "commit": made_at, **read_run(run_dir, TUNE_STAGES)}
-        report["tune"] = {**tune, "radius_sweep": radius_sweep(run_dir), "threshold_sweep": threshold_sweep(run_dir)}
-    return report
+    return {"command": "", "machine": machine(), "runs": runs, "tunes": tunes, "chosen_settings": chosen}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="scoring pools (and model seeds)")
-    parser.add_argument("--tune-seed", type=int, default=100, help="the pool the radius and thresholds are chosen on")
+    parser.add_argument("--tune-seeds", "--tune-seed", dest="tune_seeds", type=int, nargs="*", default=[100, 101, 102],
+                        help="the pools the radius and thresholds are chosen on (none: no tuning)")  # fmt: skip
+    parser.add_argument("--keep-recipe", action="store_true", help="score the recipe's own radius and thresholds")
     parser.add_argument("--dir", default="runs/report", help="where the runs go (finished ones are reused)")
     parser.add_argument("--set", dest="settings", action="append", default=[], help="extra recipe setting")
     parser.add_argument("--out", default=None, help="write the markdown here (else print it)")
@@ -385,7 +422,7 @@ def main() -> None:
     if args.render:
         report = json.loads(Path(args.render).read_text())
     else:
-        report = build(args.seeds, args.tune_seed, Path(args.dir).resolve(), args.settings)
+        report = build(args.seeds, args.tune_seeds, Path(args.dir).resolve(), args.settings, args.keep_recipe)
         report["command"] = shlex.join(["benchmarks/report.py", *sys.argv[1:]])
     markdown = render(report)
     if args.json and not args.render:

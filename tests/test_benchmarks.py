@@ -109,8 +109,8 @@ def test_the_readmes_demo_tables_are_what_the_report_renders_from_its_saved_resu
     report = load_benchmark("report")
     saved = json.loads((root / "benchmarks" / "results" / "2026-12-01-demo-report.json").read_text())
     rendered = report.render(saved)
-    assert rendered.count("\n| ") > 30 and "is 4: the same" in rendered  # the rule picks the recipe's radius
-    assert rendered.count("the highest F1 on the tuning pool") == 3  # dfn, aesthetic, nsfw
+    assert rendered.count("\n| ") > 30 and "k = 4: the same" in rendered  # the rule picked the scoring runs' radius
+    assert rendered.count("the scoring runs used") == 4  # the radius, dfn, aesthetic, nsfw
     assert rendered in (root / "README.md").read_text()
 
 
@@ -136,12 +136,25 @@ def test_the_readmes_three_pool_sweep_table_is_the_one_the_sweep_wrote():
 
 
 def test_the_threshold_rule_takes_the_highest_f1_and_keeps_as_the_filters_do():
-    """benchmarks/report.py's threshold rule on made-up sweeps (no run): the highest F1 wins, a tie
-    goes to the threshold nearest the recipe's; a sample without a score is dropped, nsfw keeps below."""
+    """benchmarks/report.py's rules on made-up sweeps (no run): the highest F1 averaged over the tuning
+    pools wins, a tie goes to the threshold nearest the recipe's; the radius is the largest with mean
+    precision >= 0.9; the chosen values become the scoring runs' settings. A sample without a score
+    is dropped, nsfw keeps below."""
     report = load_benchmark("report")
-    sweep = {"0.1": {"f1": 0.5}, "0.2": {"f1": 0.7}, "0.3": {"f1": 0.7}, "0.4": {"f1": 0.6}}
-    assert report.chosen_threshold({"threshold_sweep": {"dfn": {"used": 0.3, "sweep": sweep}}}, "dfn") == 0.3
-    assert report.chosen_threshold({"threshold_sweep": {"dfn": {"used": 0.1, "sweep": sweep}}}, "dfn") == 0.2
+
+    def pool(used: float, f1s: list[float], precisions: list[float]) -> dict:
+        sweep = {str(t): {"f1": f} for t, f in zip((0.1, 0.2, 0.3, 0.4), f1s, strict=True)}
+        radii = {str(k): {"dedupe_precision": p} for k, p in zip((0, 4, 8), precisions, strict=True)}
+        return {"threshold_sweep": {"dfn": {"used": used, "index": 3, "sweep": sweep}}, "radius_sweep": radii}
+
+    tied = [0.5, 0.7, 0.7, 0.6]
+    assert report.chosen_threshold([pool(0.3, tied, [1, 1, 1])], "dfn") == 0.3
+    assert report.chosen_threshold([pool(0.1, tied, [1, 1, 1])], "dfn") == 0.2
+    # one pool prefers 0.4, the mean of three prefers 0.2; precision at radius 8 averages below 0.9
+    pools = [pool(0.3, [0.5, 0.8, 0.6, 0.9], [1, 0.95, 0.95]), *[pool(0.3, [0.5, 0.8, 0.6, 0.6], [1, 0.9, 0.8])] * 2]
+    assert report.chosen_threshold(pools, "dfn") == 0.2
+    assert report.chosen_radius(pools) == 4
+    assert report.chosen_settings(pools) == ["dedupe.max_distance=4", "filter.strategy.3.threshold=0.2"]
     scores = np.array([0.1, 0.5, np.nan, 0.9])
     assert report.threshold_keep("aesthetic", scores, 0.5).tolist() == [False, True, False, True]
     assert report.threshold_keep("nsfw", scores, 0.5).tolist() == [True, False, False, False]

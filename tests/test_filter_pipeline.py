@@ -190,13 +190,13 @@ def _the_report_tabulates_this_run(run_dir: Path, m: dict) -> None:
     assert dfn_recall == sorted(dfn_recall)  # a higher bar drops more: recall cannot fall
     tune = {**run, "seed": 100}
     info = {"cores": 2, "cpu": "cpu", "gpu": None, "date": "2026-12-01T00:00:00"}
-    markdown = report.render({"command": "report.py", "machine": info, "runs": [run], "tune": tune})
+    markdown = report.render({"command": "report.py", "machine": info, "runs": [run], "tunes": [tune]})
     assert f"[filter] {m['filter'].summary()}" in markdown  # the line the console printed
     dfn = {key: m["filter"].metrics[f"3_dfn.{key}"] for key in ("targets", "precision")}
     assert f"| `dfn` | bad_caption, mismatched_caption | {dfn['targets']:.0f} | {dfn['precision']:.2f} |" in markdown
     assert f"| zero-shot top-1 | {m['evaluate'].metrics['zeroshot_top1']:.3f} |" in markdown
-    assert "the recipe's k, which the scoring runs used, is 4" in markdown and "| 4 | scoring |" in markdown
-    assert "the recipe's threshold, which the scoring runs used, is 0.2" in markdown  # dfn's, in FLOOR_STRATEGY
+    assert "the scoring runs used k = 4: the same" in markdown and "| 4 | scoring |" in markdown
+    assert "the scoring runs used 0.2" in markdown  # dfn's, in FLOOR_STRATEGY
     assert "| `nsfw` | 0.5 | scoring |" in markdown
 
 
