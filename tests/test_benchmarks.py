@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.benchmark_modules import load_benchmark
 
@@ -114,19 +115,29 @@ def test_the_readmes_demo_tables_are_what_the_report_renders_from_its_saved_resu
     assert rendered in (root / "README.md").read_text()
 
 
-def test_the_readmes_three_pool_sweep_table_is_the_one_the_sweep_wrote():
-    """The README prints demo_sweep's results.md over three pools as the sweep wrote it, and the saved
+DATACOMP_BASELINES = ["none", "basic", "clip_l14_top30", "clip_b32_threshold_0.25", "basic_clip_l14_top30", "laion2b",
+                      "text_based", "image_based", "datacomp_1b", "semantic_dedupe", "metaclip_balance"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("saved", "strategies"),
+    [
+        ("2026-12-01-demo-sweep-3-pools", ["none", "dedupe", "clip_score_top70", "dfn_top70", "all_filters"]),
+        ("2026-12-01-datacomp-baselines-3-pools", DATACOMP_BASELINES),
+    ],
+)
+def test_the_readmes_three_pool_sweep_table_is_the_one_the_sweep_wrote(saved: str, strategies: list[str]):
+    """The README prints a sweep's results.md over three pools as the sweep wrote it, and the saved
     per-trial rows give its means: a figure edited by hand, or a table of another run, fails here."""
     import csv
     import statistics
 
     root = Path(__file__).parents[1]
     results = root / "benchmarks" / "results"
-    table = (results / "2026-12-01-demo-sweep-3-pools.md").read_text().strip()
+    table = (results / f"{saved}.md").read_text().strip()
     assert table in (root / "README.md").read_text()
-    with (results / "2026-12-01-demo-sweep-3-pools.csv").open() as handle:
+    with (results / f"{saved}.csv").open() as handle:
         trials = list(csv.DictReader(handle))
-    strategies = ["none", "dedupe", "clip_score_top70", "dfn_top70", "all_filters"]
     expected = sorted((strategy, str(seed)) for strategy in strategies for seed in range(3))
     assert sorted((t["strategy"], t["seed"]) for t in trials) == expected
     for strategy in strategies:
