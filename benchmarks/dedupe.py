@@ -90,7 +90,7 @@ def bench_hashing(args: argparse.Namespace) -> list[dict]:
                 t_kernel = time.perf_counter() - started
                 floor_all = parallel_floor(floor_pool, cores)
                 started = time.perf_counter()
-                run_hash(work, HashConfig(), work / f"stage-{r}", map_fn=make_ray_map())
+                manifest = run_hash(work, HashConfig(), work / f"stage-{r}", map_fn=make_ray_map())
                 t_stage = time.perf_counter() - started
                 table = read_hash_tables(work / f"stage-{r}" / "hashes")
                 stage = {
@@ -106,6 +106,7 @@ def bench_hashing(args: argparse.Namespace) -> list[dict]:
                         "stage": n / t_stage,
                         "differ_kernel": sum(reference[k] != v for k, v in kernel.items()),
                         "differ_stage": sum(reference[k] != stage.get(k) for k in reference),
+                        **stage_shares(manifest.metrics, t_stage * cores),
                     }
                 )
     finally:
@@ -113,6 +114,15 @@ def bench_hashing(args: argparse.Namespace) -> list[dict]:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     return report_hashing(rounds, n, len(shards), cores, args.image_size)
+
+
+def stage_shares(metrics: dict[str, float], core_seconds: float) -> dict[str, float]:
+    """Where the stage's core-seconds (its wall time x the cores) went: each phase its tasks clocked
+    (decoding is the floor's own work), and the rest, outside tasks (Ray, idle cores, the driver)."""
+    from stages.phash import PHASES
+
+    shares = {f"share_{phase}": metrics[f"task_seconds_{phase}"] / core_seconds for phase in PHASES}
+    return shares | {"share_outside_tasks": 1.0 - sum(shares.values())}
 
 
 _PAYLOADS: list[bytes] = []
@@ -156,6 +166,9 @@ def report_hashing(rounds: list[dict[str, float]], n: int, shards: int, cores: i
     print(f"  imagehash.phash loop (1 process):   {median('loop'):8.0f} images/s")
     print(f"  floor (PIL decode, grey, resize):   {median('floor_one_core'):8.0f} images/s on one core")
     print(f"                                      {median('floor_all_cores'):8.0f} images/s on {cores} cores at once")
+    shares = {key.removeprefix("share_"): median(key) for key in rounds[0] if key.startswith("share_")}
+    if shares:
+        print("  phash stage, its core-seconds by phase:  " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
     params = {"images": n, "image_size": image_size, "shards": shards, "rounds": len(rounds)}
     results = []
     sides = (
@@ -175,6 +188,8 @@ def report_hashing(rounds: list[dict[str, float]], n: int, shards: int, cores: i
         )
         extra = {"of_floor_min": low, "of_floor_max": high, "of_one_core_floor_times_cores": per_core}
         extra |= {"differing_hashes": differ, "cores": used, "rounds": rounds}
+        if name == "phash_stage" and shares:
+            extra["core_seconds_by_phase"] = shares  # medians over rounds
         row = result(name, median(key), median("loop"), "images/s", params, floor=median(floor_key), **extra)
         row["ratio"] = of_loop  # within rounds, as the floor's
         results.append(row)

@@ -78,6 +78,17 @@ def test_hash_stage_accounts_for_every_downloaded_sample(demo_hashes):
     assert again.metrics["shards_skipped"] == 3 and again.kept == hashed.kept
 
 
+def test_hash_stage_clocks_its_tasks_phases_within_its_own_time(demo_hashes):
+    """The phases the tasks clock (one process here) add up to no more than the stage took, and
+    decoding, the floor's own work, is the largest; a skipped shard clocks nothing."""
+    _, work, download, hashed = demo_hashes
+    phases = {phase: hashed.metrics[f"task_seconds_{phase}"] for phase in ("read", "decode", "hash", "write")}
+    assert all(seconds > 0 for seconds in phases.values()), phases
+    assert sum(phases.values()) <= hashed.seconds and max(phases, key=phases.get) == "decode"
+    again = run_hash(Path(download.outputs["shards_dir"]), HashConfig(), work / "phash")
+    assert sum(again.metrics[f"task_seconds_{phase}"] for phase in phases) == 0.0
+
+
 def test_hash_stage_records_truncated_and_corrupt_shards(demo_hashes, tmp_path):
     _, work, download, _ = demo_hashes
     shards = tmp_path / "shards"
