@@ -108,7 +108,7 @@ def test_the_readmes_demo_tables_are_what_the_report_renders_from_its_saved_resu
     one block: a figure edited by hand, or a table left over from an older run, fails here."""
     root = Path(__file__).parents[1]
     report = load_benchmark("report")
-    saved = json.loads((root / "benchmarks" / "results" / "2026-12-01-demo-report.json").read_text())
+    saved = json.loads((root / "benchmarks" / "results" / "2026-12-01-demo-report-3-tuning-pools.json").read_text())
     rendered = report.render(saved)
     assert rendered.count("\n| ") > 30 and "k = 4: the same" in rendered  # the rule picked the scoring runs' radius
     assert rendered.count("the scoring runs used") == 4  # the radius, dfn, aesthetic, nsfw
