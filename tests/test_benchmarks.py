@@ -124,6 +124,7 @@ DATACOMP_BASELINES = ["none", "basic", "clip_l14_top30", "clip_b32_threshold_0.2
     [
         ("2026-12-01-demo-sweep-3-pools", ["none", "dedupe", "clip_score_top70", "dfn_top70", "all_filters"]),
         ("2026-12-01-datacomp-baselines-3-pools", DATACOMP_BASELINES),
+        ("2026-12-01-demo-search-3-pools", ["none", "clip_top-top_fraction=0.55", "clip_top-top_fraction=0.853"]),
     ],
 )
 def test_the_readmes_three_pool_sweep_table_is_the_one_the_sweep_wrote(saved: str, strategies: list[str]):
