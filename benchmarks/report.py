@@ -16,8 +16,8 @@ The markdown holds: the command, date, the commit the runs were started at and t
 first scoring run's console lines (rebuilt from its manifests: the `[stage] in= kept= ...` line
 each stage prints when it ends); then, over the scoring runs, mean ± sample std (min-max) of each
 stage's counts, the filters' precision and recall against the planted defects on the split no
-seed model or head was fitted on, the dedupe radius and filter threshold sweeps, and the evaluation. About 11
-minutes a scoring seed and 5 a tuning pool on 2 CPU cores.
+seed model or head was fitted on, the dedupe radius and filter threshold sweeps, and the evaluation. About 9
+minutes a scoring seed and 5 a tuning pool on 2 CPU cores (2026-12-01).
 """
 
 from __future__ import annotations
@@ -244,13 +244,6 @@ def filter_table(runs: list[dict]) -> list[str]:
     return lines
 
 
-def tuning_runs(report: dict) -> list[dict]:
-    """The tuning pools' runs (a report saved before 2026-12-01's second run had one, as `tune`)."""
-    if report.get("tunes"):
-        return report["tunes"]
-    return [report["tune"]] if report.get("tune") else []
-
-
 def pools_named(tunes: list[dict]) -> str:
     seeds = ", ".join(str(t["seed"]) for t in tunes)
     return f"the tuning pool (seed {seeds})" if len(tunes) == 1 else f"the {len(tunes)} tuning pools (seeds {seeds})"
@@ -345,7 +338,7 @@ def eval_table(runs: list[dict]) -> list[str]:
 
 
 def render(report: dict) -> str:
-    runs, tunes = report["runs"], tuning_runs(report)
+    runs, tunes = report["runs"], report.get("tunes", [])
     seeds = ", ".join(str(r["seed"]) for r in runs)
     info = report["machine"]
     gpu = info["gpu"] or "no GPU"
